@@ -1,0 +1,265 @@
+"""The clinical decision: assess(resources, now, settings) → Assessment.
+
+Pure: no I/O, no clock. The worker and the CDS Hooks service both call it. CLINICAL.md is the
+authority for every rule here; the codes and phrases are data (valuesets/, rules/).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from fhir_mappings.facts import Clinical, Evidence, Record, concept_evidence, read_record
+from fhir_mappings.terminology import Rule, Terminology, load_terminology
+from fhir_mappings.text import find_affirmed
+
+TIERS = ("emergency", "urgent", "routine", "none")
+
+# CLINICAL.md "Who is evaluated" 1: a cancer Condition with these verification statuses is no cancer.
+_CANCER_DOES_NOT_COUNT = {"refuted", "entered-in-error", "provisional", "differential"}
+# CLINICAL.md "Recent": evidence with these statuses never counts.
+_VERIFICATION_NEVER_COUNTS = {"refuted", "entered-in-error"}
+_OBSERVATION_NEVER_COUNTS = {"entered-in-error", "cancelled"}
+_CONDITION_INACTIVE = {"resolved", "inactive", "remission"}
+_CONDITION_ACTIVE = {"active", "recurrence", "relapse"}
+# Suppression and pending orders (CLINICAL.md "Suppression and de-duplication").
+_REPORT_DONE = {"final", "amended", "corrected", "appended"}
+_ORDER_PENDING = {"active", "on-hold"}
+_MR_MODALITY = "MR"
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    lookback_days: int = 90  # CLINICAL.md "Recent": default 90 days; a deployment setting
+
+    def __post_init__(self):
+        if self.lookback_days < 1:
+            raise ValueError("lookback_days must be at least 1")
+
+
+@dataclass
+class PendingOrder:
+    reference: str
+    status: str
+    due: datetime | None
+
+    def to_json(self) -> dict:
+        out = {"reference": self.reference, "status": self.status}
+        return out | ({"due": self.due.isoformat()} if self.due else {})
+
+
+@dataclass
+class Assessment:
+    patient: str | None
+    evaluated_at: datetime
+    urgency: str
+    in_scope: bool
+    cancers: list[Evidence]
+    back_pain: list[Evidence]
+    red_flags: list[str]  # flag ids, emergency (Box 2) first, in rule-file order
+    evidence: list[Evidence]  # the evidence for each red flag
+    suppressed_by: list[str]
+    pending_mri: list[PendingOrder]
+    problems: list[str]  # resources that could not be read, by type/id and field
+    rule_versions: dict[str, str]
+    seen: dict[str, str | None] = field(default_factory=dict)  # reference -> versionId read
+
+    @property
+    def box(self) -> int | None:
+        return {"emergency": 2, "urgent": 1}.get(self.urgency)
+
+    def evidence_fingerprint(self) -> list[str]:
+        """What the decision rests on, stable across re-evaluations: for alert de-duplication."""
+        return sorted({f"{e.concept}:{e.reference}@{e.version_id or ''}" for e in self.evidence + self.back_pain})
+
+    def to_json(self) -> dict:
+        return {
+            "patient": self.patient,
+            "evaluated_at": self.evaluated_at.isoformat(),
+            "urgency": self.urgency,
+            "in_scope": self.in_scope,
+            "red_flags": self.red_flags,
+            "evidence": [e.to_json() for e in self.evidence],
+            "cancers": [e.to_json() for e in self.cancers],
+            "back_pain": [e.to_json() for e in self.back_pain],
+            "suppressed_by": self.suppressed_by,
+            "pending_mri": [p.to_json() for p in self.pending_mri],
+            "problems": self.problems,
+            "rule_versions": self.rule_versions,
+        }
+
+
+def _counts_as_evidence(item: Clinical) -> bool:
+    if item.resource_type == "Condition":
+        return item.verification_status not in _VERIFICATION_NEVER_COUNTS
+    if item.resource_type == "Observation":
+        return item.status not in _OBSERVATION_NEVER_COUNTS
+    return False
+
+
+def _is_recent(item: Clinical, window_start: datetime) -> bool:
+    """CLINICAL.md "Recent": own latest clinical date within the lookback; a Condition not closed
+    before the window; an undated Condition counts only while active."""
+    if item.resource_type == "Condition":
+        if item.clinical_status in _CONDITION_INACTIVE and item.abatement is not None and item.abatement < window_start:
+            return False
+        if item.date is None:
+            return item.clinical_status in _CONDITION_ACTIVE
+    return item.date is not None and item.date >= window_start
+
+
+def _flag_evidence(item: Clinical, rule: Rule) -> Evidence | None:
+    for system, code, display, field_name in item.codings:
+        if rule.codes.contains(system, code):
+            return item.evidence(rule.id, field_name, code=f"{system}|{code}", display=display)
+    for text, field_name in item.texts:
+        match = find_affirmed(text, rule.phrases)
+        if match:
+            return item.evidence(rule.id, field_name, quote=match.quote)
+    return None
+
+
+def _is_spinal_site(term: Terminology, codings, texts) -> bool:
+    if any(term.spinal_site.match_coding(s, c) for s, c in codings):
+        return True
+    return any(term.spinal_site.match_text(t) for t in texts)
+
+
+def _pain_reading(term: Terminology, item: Clinical) -> str | None:
+    """'severity' for a spinal pain score, 'location' for a spinal pain location, else None."""
+    if item.resource_type != "Observation":
+        return None
+    keys = {f"{s}|{c}" for s, c, _, _ in item.codings}
+    if keys & term.pain_severity_codes and item.numeric_value is not None:
+        if _is_spinal_site(term, item.body_site_codings, item.body_site_texts):
+            return "severity"
+    if keys & term.pain_location_codes and _is_spinal_site(term, item.value_codings, item.value_texts):
+        return "location"
+    return None
+
+
+def _score_flag(rule: Rule, scores: list[Evidence]) -> list[Evidence]:
+    """Evidence for a score-based flag (CLINICAL.md Box 1 'progressive' and 'severe unremitting')."""
+    spec = rule.score
+    if not spec or not scores:
+        return []
+    readings = sorted((s for s in scores if s.date is not None), key=lambda s: s.date)
+    if spec["kind"] == "rising":
+        if len(readings) >= spec["min_readings"] and readings[-1].value - readings[0].value >= spec["min_rise"]:
+            return [_as_flag(r, rule.id) for r in readings]
+    elif spec["kind"] == "sustained-severe":
+        severe = [r for r in readings if r.value >= spec["threshold"]]
+        if len(severe) >= spec["min_count"] and severe[-1].date - severe[0].date >= timedelta(days=spec["min_days_apart"]):
+            return [_as_flag(r, rule.id) for r in severe]
+    return []
+
+
+def _as_flag(e: Evidence, flag: str) -> Evidence:
+    return Evidence(flag, e.resource_type, e.resource_id, e.version_id, e.date, e.field, e.code, e.display, e.quote, e.value)
+
+
+def _is_spine_mri(term: Terminology, item: Clinical) -> bool:
+    if concept_evidence(item, term.mri_spine):
+        return True
+    if item.resource_type == "ImagingStudy" and _MR_MODALITY in item.modalities:
+        return _is_spinal_site(term, item.body_site_codings, item.body_site_texts + [t for t, _ in item.texts])
+    return False
+
+
+def _completed_mri(item: Clinical) -> bool:
+    return (
+        (item.resource_type == "ImagingStudy" and item.status == "available")
+        or (item.resource_type == "DiagnosticReport" and item.status in _REPORT_DONE)
+        or (item.resource_type == "Procedure" and item.status == "completed")
+    )
+
+
+def assess(resources: list[dict], now: datetime, settings: EvaluationSettings | None = None,
+           terminology: Terminology | None = None) -> Assessment:
+    """Evaluate one patient's resources at time `now` (an aware datetime: never read from a clock)."""
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    term = terminology or load_terminology()
+    return assess_record(read_record(resources, term), now, settings or EvaluationSettings(), term)
+
+
+def assess_record(record: Record, now: datetime, settings: EvaluationSettings, term: Terminology) -> Assessment:
+    window_start = now - timedelta(days=settings.lookback_days)
+    cancers: list[Evidence] = []
+    back_pain: list[Evidence] = []
+    flags: dict[str, list[Evidence]] = {}
+    scores: list[Evidence] = []
+    imaging: list[Clinical] = []
+
+    for item in record.items:
+        if item.resource_type in ("DiagnosticReport", "ImagingStudy", "Procedure", "ServiceRequest"):
+            imaging.append(item)
+            continue
+        if item.resource_type == "Condition" and item.verification_status not in _CANCER_DOES_NOT_COUNT:
+            cancer = concept_evidence(item, term.cancer)
+            if cancer:  # any clinical status, any date: "current or past" (NG234 1.1)
+                cancers.append(cancer)
+        if not _counts_as_evidence(item) or not _is_recent(item, window_start):
+            continue
+        pain = _pain_reading(term, item)
+        if pain == "severity":
+            reading = item.evidence("pain-score", "Observation.valueQuantity", value=item.numeric_value)
+            scores.append(reading)
+            back_pain.append(reading)
+        elif pain == "location":
+            back_pain.append(item.evidence("back-pain", "Observation.value"))
+        else:
+            found = concept_evidence(item, term.back_pain)
+            if found:
+                back_pain.append(found)
+        for rule in term.rules:
+            found = _flag_evidence(item, rule)
+            if found:
+                flags.setdefault(rule.id, []).append(found)
+
+    for rule in term.rules:
+        from_scores = _score_flag(rule, scores)
+        if from_scores:
+            flags.setdefault(rule.id, []).extend(from_scores)
+
+    ordered_rules = sorted(term.rules, key=lambda r: -r.box)  # Box 2 (emergency) first, stable
+    red_flags = [r.id for r in ordered_rules if r.id in flags]
+    evidence = [e for flag in red_flags for e in flags[flag]]
+    box2 = any(term.rule(f).box == 2 for f in red_flags)
+    box1 = any(term.rule(f).box == 1 for f in red_flags)
+    in_scope = bool(cancers) and (bool(back_pain) or box2)
+
+    urgency = "none"
+    if in_scope:
+        urgency = "emergency" if box2 else "urgent" if box1 else "routine"
+
+    # Suppression: a spine MRI completed after the newest evidence answers the question.
+    evidence_dates = [e.date for e in evidence + back_pain if e.date is not None]
+    newest = max(evidence_dates) if evidence_dates else None
+    suppressed_by: list[str] = []
+    pending: list[PendingOrder] = []
+    for item in imaging:
+        if not _is_spine_mri(term, item):
+            continue
+        if _completed_mri(item) and newest is not None and item.date is not None and item.date > newest:
+            suppressed_by.append(f"{item.resource_type}/{item.resource_id}")
+        elif item.resource_type == "ServiceRequest" and item.status in _ORDER_PENDING:
+            pending.append(PendingOrder(f"ServiceRequest/{item.resource_id}", item.status, item.due))
+    if urgency != "none" and suppressed_by:
+        urgency = "none"
+
+    return Assessment(
+        patient=record.patient,
+        evaluated_at=now,
+        urgency=urgency,
+        in_scope=in_scope,
+        cancers=cancers,
+        back_pain=back_pain,
+        red_flags=red_flags,
+        evidence=evidence,
+        suppressed_by=sorted(suppressed_by) if in_scope else [],
+        pending_mri=pending if in_scope and not suppressed_by else [],
+        problems=record.problems,
+        rule_versions=term.versions,
+        seen=record.seen,
+    )

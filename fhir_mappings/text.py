@@ -1,0 +1,71 @@
+"""Phrase matching in clinical free text, with negation in the same clause.
+
+CLINICAL.md "Free text": match case-insensitively and honour negation within the same sentence
+("denies night pain", "no bladder or bowel dysfunction", "without leg weakness"). The approach is
+NegEx-like (Chapman et al., J Biomed Inform 2001): a negation cue before the phrase, in the same
+clause, within a few words, negates it. Clauses end at sentence punctuation and at contrastive
+conjunctions ("denies night pain but reports leg weakness" raises leg weakness).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# Clause boundaries: sentence punctuation, line breaks, and contrastive conjunctions.
+_CLAUSE_SPLIT = re.compile(r"[.;:!?\n]+|\bbut\b|\bhowever\b|\balthough\b|\bthough\b|\bexcept\b", re.I)
+_NEGATION_CUE = re.compile(
+    r"\b(?:no|not|denies|denied|deny|denying|without|negative for|absence of|absent|free of|nil|"
+    r"never|ruled out|rules out|resolved)\b",
+    re.I,
+)
+# How many words may stand between the cue and the phrase ("no bladder or bowel dysfunction").
+_NEGATION_WINDOW_WORDS = 6
+_WORD = re.compile(r"\w+")
+
+
+@dataclass(frozen=True)
+class TextMatch:
+    phrase: str  # the pattern that matched, as written in the rule file
+    quote: str  # the clause that raised it, trimmed, for the card to quote
+
+
+def compile_phrases(phrases: list[str]) -> list[tuple[str, re.Pattern[str]]]:
+    """Each phrase is a reviewed regular-expression fragment; it must start and end at a word edge."""
+    return [(p, re.compile(r"(?<!\w)(?:" + p + r")(?!\w)", re.I)) for p in phrases]
+
+
+def any_phrase_pattern(phrases: list[str]) -> re.Pattern[str] | None:
+    """One alternation of all phrases, for a cheap 'could anything match here?' test."""
+    if not phrases:
+        return None
+    return re.compile(r"(?<!\w)(?:" + "|".join(f"(?:{p})" for p in phrases) + r")(?!\w)", re.I)
+
+
+def _is_negated(clause: str, start: int) -> bool:
+    before = clause[:start]
+    cues = list(_NEGATION_CUE.finditer(before))
+    if not cues:
+        return False
+    words_between = len(_WORD.findall(before[cues[-1].end():]))
+    return words_between <= _NEGATION_WINDOW_WORDS
+
+
+def clauses(text: str) -> list[str]:
+    return [c.strip() for c in _CLAUSE_SPLIT.split(text) if c and c.strip()]
+
+
+def find_affirmed(
+    text: str,
+    patterns: list[tuple[str, re.Pattern[str]]],
+    exclude: list[tuple[str, re.Pattern[str]]] | None = None,
+) -> TextMatch | None:
+    """The first phrase affirmed (not negated, not in an excluded clause) in `text`, or None."""
+    for clause in clauses(text):
+        if exclude and any(p.search(clause) for _, p in exclude):
+            continue
+        for phrase, pattern in patterns:
+            for m in pattern.finditer(clause):
+                if not _is_negated(clause, m.start()):
+                    return TextMatch(phrase=phrase, quote=clause[:200])
+    return None

@@ -1,0 +1,33 @@
+"""The FastAPI application: settings, routers and error handlers assembled in one place."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.errors import SpineWatchError, outcome_response, spinewatch_error_handler
+from service.settings import Settings, get_settings
+
+
+async def _validation_handler(request, exc: RequestValidationError):
+    # Name the fields, never echo the input (it may hold patient data).
+    fields = sorted({".".join(str(p) for p in e.get("loc", ())) for e in exc.errors()})
+    return outcome_response(400, "invalid request: " + ", ".join(fields[:5]), "invalid")
+
+
+async def _http_handler(request, exc: StarletteHTTPException):
+    code = {404: "not-found", 405: "not-supported", 413: "too-costly"}.get(exc.status_code, "processing")
+    return outcome_response(exc.status_code, str(exc.detail), code, headers=getattr(exc, "headers", None))
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(title="SpineWatch", version="0.1.0",
+                  description="CDS Hooks service and FHIR subscriber for spinal metastasis red flags")
+    app.state.settings = settings
+    app.add_exception_handler(SpineWatchError, spinewatch_error_handler)
+    app.add_exception_handler(RequestValidationError, _validation_handler)
+    app.add_exception_handler(StarletteHTTPException, _http_handler)
+    # Routers: each area registers its own (see service/routes/).
+    return app
