@@ -1,0 +1,15 @@
+"""Prometheus metrics (exposed at /metrics). Labels carry kinds and outcomes, never patient data."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+NOTIFICATIONS = Counter("spinewatch_notifications_total", "Subscription notifications received",
+                        ["kind", "outcome"])  # kind: event|handshake|heartbeat|query-status|rest-hook|ping
+EVALUATIONS = Counter("spinewatch_evaluations_total", "Patient evaluations", ["tier", "origin"])  # origin: worker|hook
+EVALUATION_SECONDS = Histogram("spinewatch_evaluation_seconds", "Time to evaluate one patient", ["origin"])
+CARDS_SERVED = Counter("spinewatch_cards_served_total", "CDS Hooks cards returned", ["hook", "indicator"])
+ALERTS = Counter("spinewatch_alerts_total", "Care-team alerts", ["channel", "outcome"])
+AUTH_FAILURES = Counter("spinewatch_auth_failures_total", "Rejected callers", ["surface", "reason"])
+DEAD_LETTERS = Counter("spinewatch_dead_letters_total", "Tasks moved to the dead-letter list", ["task"])
+QUEUE_DEPTH = Gauge("spinewatch_queue_depth", "Messages waiting in the Celery queue", ["queue"])
