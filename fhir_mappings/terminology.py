@@ -135,7 +135,7 @@ def _rule(data: dict) -> Rule:
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity hash: a loaded terminology is a cache key
 class Terminology:
     cancer: Concept
     back_pain: Concept

@@ -12,4 +12,5 @@ CARDS_SERVED = Counter("spinewatch_cards_served_total", "CDS Hooks cards returne
 ALERTS = Counter("spinewatch_alerts_total", "Care-team alerts", ["channel", "outcome"])
 AUTH_FAILURES = Counter("spinewatch_auth_failures_total", "Rejected callers", ["surface", "reason"])
 DEAD_LETTERS = Counter("spinewatch_dead_letters_total", "Tasks moved to the dead-letter list", ["task"])
+AUDIT_WRITES = Counter("spinewatch_audit_writes_total", "Audit log writes", ["kind", "outcome"])  # outcome: ok|error
 QUEUE_DEPTH = Gauge("spinewatch_queue_depth", "Messages waiting in the Celery queue", ["queue"])

@@ -17,9 +17,36 @@ PLACEHOLDER_SECRET = "dev-only-change-me"
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SPINEWATCH_", extra="ignore")
 
-    environment: str = Field("development", pattern="^(development|test|production)$")
+    environment: str = Field("development", pattern="^(development|test|production)$",
+                             description="development, test or production; production refuses placeholder secrets")
     # Clinical
-    lookback_days: int = Field(90, ge=1, le=3650)
+    lookback_days: int = Field(90, ge=1, le=3650,
+                               description="how far back (days) back-pain and red-flag evidence counts as recent")
+    # Operations (service/logging.py, service/routes/ops.py, spinewatch demo)
+    log_level: str = Field("INFO", pattern="(?i)^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$",
+                           description="log level: DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    log_format: str = Field("json", pattern="^(json|console)$",
+                            description="json (one JSON object a line, for log platforms) or console (for people)")
+    readiness_timeout_seconds: float = Field(2.0, gt=0, le=30,
+                                             description="time limit for each /readyz check (Redis, audit store, FHIR server)")
+    demo_install: bool = Field(True, description="let `spinewatch demo` install redis-server with apt-get when it is "
+                                                 "missing (only as root); false: print how to install it instead")
+    # Alerts and audit (service/audit.py, service/routes/audit.py, workers/alerts.py)
+    audit_enabled: bool = Field(True, description="record the audit log (switch off only for benchmark comparisons)")
+    audit_db_url: str = Field("sqlite:///./var/audit.sqlite",
+                              description="SQLAlchemy URL of the audit log: a SQLite file (its directory is created) "
+                                          "or postgresql://user:pass@host/db")
+    reviewer_token: str = Field(PLACEHOLDER_SECRET,
+                                description="bearer token for GET /audit/events and the review page /audit")
+    alert_default_recipient: str | None = Field(
+        None, description="FHIR reference alerted when a patient has no active CareTeam and no generalPractitioner, "
+                          "e.g. Organization/acute-oncology (no default: alerts with no recipient are dead-lettered)")
+    alert_webhook_url: str | None = Field(None, description="optional webhook that also receives each alert (JSON)")
+    alert_webhook_secret: str | None = Field(
+        None, description="HMAC-SHA256 key for the webhook's X-SpineWatch-Signature header; required with alert_webhook_url")
+    alert_dedup_days: int = Field(90, ge=1, le=3650,
+                                  description="how long an alert for the same patient, tier and evidence is remembered")
+    alert_timeout_seconds: float = Field(10.0, gt=0, le=120, description="HTTP timeout (seconds) for the alert webhook")
 
     @model_validator(mode="after")
     def _refuse_placeholders_in_production(self) -> "Settings":

@@ -1,0 +1,336 @@
+"""The audit log store: append-only, hash-chained, SQLAlchemy (SQLite file by default, PostgreSQL by URL).
+
+Why a hash chain: HIPAA 45 CFR 164.312(b) asks for audit controls and 164.312(c)(1) for protection
+against improper alteration; IHE ATNA expects a tamper-evident repository. Each record stores the
+SHA-256 of the previous record and a hash over its own canonical content *including its sequence
+number*, so editing a record, deleting one, or reordering records (swapping contents or sequence
+numbers) breaks the chain at a nameable record. A separate one-row `audit_head` table holds the
+last sequence number and hash: it is the row appends lock, and it makes removing the newest
+records detectable too (unless the attacker also rewrites the head, see docs/audit.md).
+
+Concurrency: several API and worker processes append. Appends are serialised so two writers never
+read the same "previous hash":
+  - SQLite: `BEGIN IMMEDIATE` takes the database write lock before the head is read (WAL journal,
+    so readers are not blocked; a busy timeout makes writers wait instead of failing).
+  - PostgreSQL: `SELECT ... FOR UPDATE` on the head row, inside the append transaction.
+
+Records hold references, codes and versions, never free text, tokens or request bodies
+(`sanitise_detail` enforces a conservative version of that).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy import (Column, Integer, MetaData, String, Table, Text, create_engine, event, func, insert,
+                        select, update)
+from sqlalchemy.engine import Engine
+
+GENESIS_HASH = "0" * 64
+HASH_VERSION = "1"  # bump if the canonical form below ever changes
+
+metadata = MetaData()
+
+audit_log = Table(
+    "audit_log", metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=False),  # 1, 2, 3 ... with no gaps
+    Column("recorded", String(32), nullable=False, index=True),  # UTC ISO-8601, microseconds, "Z"
+    Column("kind", String(40), nullable=False, index=True),
+    Column("outcome", String(40), nullable=False, index=True),
+    Column("actor", String(200), nullable=False),
+    Column("patient", String(200), nullable=True, index=True),  # "Patient/id"
+    Column("detail", Text, nullable=False),  # canonical JSON, exactly the text that was hashed
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+)
+
+audit_head = Table(
+    "audit_head", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),  # always 1
+    Column("seq", Integer, nullable=False),
+    Column("hash", String(64), nullable=False),
+)
+
+# Keys whose values are secrets or bodies: dropped, never stored (ATNA: no PHI/secrets beyond need).
+_FORBIDDEN_KEYS = {"token", "access_token", "authorization", "password", "secret", "body", "payload",
+                   "text", "note", "narrative", "comment", "jwt", "bearer", "fhirauthorization"}
+MAX_STRING = 256  # longer strings are not references or codes: replaced, never stored
+
+
+def canonical_json(value) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def sanitise_detail(detail: dict | None) -> dict:
+    """Keep references, codes, versions, counts; drop secret-looking keys and long strings."""
+    def clean(value, depth=0):
+        if depth > 6:
+            return "[dropped: too deep]"
+        if isinstance(value, dict):
+            return {str(k): clean(v, depth + 1) for k, v in value.items()
+                    if str(k).lower().replace("-", "_") not in _FORBIDDEN_KEYS}
+        if isinstance(value, (list, tuple, set, frozenset)):
+            items = sorted(value, key=str) if isinstance(value, (set, frozenset)) else value
+            return [clean(v, depth + 1) for v in items]
+        if isinstance(value, str):
+            return value if len(value) <= MAX_STRING else "[dropped: too long]"
+        if value is None or isinstance(value, (bool, int, float)):
+            return value
+        return clean(str(value), depth + 1)
+    return clean(dict(detail or {}))
+
+
+def record_hash(*, seq: int, recorded: str, kind: str, outcome: str, actor: str, patient: str | None,
+                detail: str, prev_hash: str) -> str:
+    body = canonical_json({"v": HASH_VERSION, "seq": seq, "recorded": recorded, "kind": kind,
+                           "outcome": outcome, "actor": actor, "patient": patient, "detail": detail,
+                           "prev": prev_hash})
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+
+def utc_iso(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    seq: int
+    recorded: str
+    kind: str
+    outcome: str
+    actor: str
+    patient: str | None
+    detail: dict
+    prev_hash: str
+    hash: str
+
+    @classmethod
+    def from_row(cls, row) -> "AuditRecord":
+        m = row._mapping
+        try:
+            detail = json.loads(m["detail"])
+        except ValueError:
+            detail = {"_unreadable": True}
+        return cls(m["seq"], m["recorded"], m["kind"], m["outcome"], m["actor"], m["patient"], detail,
+                   m["prev_hash"], m["hash"])
+
+    def to_json(self) -> dict:
+        return {"seq": self.seq, "recorded": self.recorded, "kind": self.kind, "outcome": self.outcome,
+                "actor": self.actor, "patient": self.patient, "detail": self.detail,
+                "prev_hash": self.prev_hash, "hash": self.hash}
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    ok: bool
+    checked: int
+    broken_seq: int | None = None
+    reason: str | None = None
+
+    def message(self) -> str:
+        if self.ok:
+            return f"audit log intact: {self.checked} records verified"
+        return f"audit log BROKEN at record {self.broken_seq}: {self.reason}"
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a sqlite:/// URL (None for memory databases and other dialects)."""
+    if not url.startswith("sqlite:///"):
+        return None
+    path = url[len("sqlite:///"):].split("?", 1)[0]
+    return None if path in ("", ":memory:") else Path(path)
+
+
+class AuditStore:
+    def __init__(self, url: str):
+        self.url = url
+        self.dialect = url.split(":", 1)[0].split("+", 1)[0]
+        if self.dialect == "postgres":  # Heroku-style URL
+            url = "postgresql" + url[len("postgres"):]
+        if url.startswith("postgresql://"):
+            url = "postgresql+psycopg://" + url[len("postgresql://"):]  # psycopg 3 (the test extra)
+        if self.dialect == "sqlite":
+            path = sqlite_path(url)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: the driver issues no implicit BEGIN, we send BEGIN IMMEDIATE.
+            self.engine: Engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False,
+                                                                   "isolation_level": None})
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        else:
+            self.engine = create_engine(url, pool_pre_ping=True)
+        self._ready = False
+        self._ready_lock = threading.Lock()
+
+    # -- schema -------------------------------------------------------------------------------
+    def ensure_schema(self) -> None:
+        if self._ready:
+            return
+        with self._ready_lock:
+            if self._ready:
+                return
+            with self.engine.connect() as conn:
+                if self.dialect == "sqlite":
+                    conn.exec_driver_sql("BEGIN IMMEDIATE")
+                    metadata.create_all(conn)
+                    self._ensure_head(conn)
+                    conn.exec_driver_sql("COMMIT")
+                else:
+                    with conn.begin():
+                        # Two processes creating the tables at once would collide: take a
+                        # transaction-scoped advisory lock first (key: "SW-AUDIT").
+                        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(5357415544)")
+                        metadata.create_all(conn)
+                        self._ensure_head(conn)
+            self._ready = True
+
+    @staticmethod
+    def _ensure_head(conn) -> None:
+        if conn.execute(select(audit_head.c.id).where(audit_head.c.id == 1)).first() is None:
+            conn.execute(insert(audit_head).values(id=1, seq=0, hash=GENESIS_HASH))
+
+    # -- append -------------------------------------------------------------------------------
+    def append(self, kind: str, outcome: str, *, actor: str, patient: str | None = None,
+               detail: dict | None = None, at: datetime | None = None) -> AuditRecord:
+        self.ensure_schema()
+        detail_text = canonical_json(sanitise_detail(detail))
+        with self.engine.connect() as conn:
+            if self.dialect == "sqlite":
+                conn.exec_driver_sql("BEGIN IMMEDIATE")  # the write lock, before the head is read
+                try:
+                    record = self._append_locked(conn, kind, outcome, actor, patient, detail_text, at,
+                                                 lock_query=select(audit_head).where(audit_head.c.id == 1))
+                    conn.exec_driver_sql("COMMIT")
+                except BaseException:
+                    conn.exec_driver_sql("ROLLBACK")
+                    raise
+            else:
+                with conn.begin():
+                    record = self._append_locked(
+                        conn, kind, outcome, actor, patient, detail_text, at,
+                        lock_query=select(audit_head).where(audit_head.c.id == 1).with_for_update())
+        return record
+
+    def _append_locked(self, conn, kind, outcome, actor, patient, detail_text, at, lock_query) -> AuditRecord:
+        head = conn.execute(lock_query).one()
+        seq, prev = head.seq + 1, head.hash
+        # The time is taken under the lock, so record times never go backwards along the chain.
+        recorded = utc_iso(at or datetime.now(timezone.utc))
+        digest = record_hash(seq=seq, recorded=recorded, kind=kind, outcome=outcome, actor=actor,
+                             patient=patient, detail=detail_text, prev_hash=prev)
+        conn.execute(insert(audit_log).values(seq=seq, recorded=recorded, kind=kind, outcome=outcome,
+                                              actor=actor, patient=patient, detail=detail_text,
+                                              prev_hash=prev, hash=digest))
+        conn.execute(update(audit_head).where(audit_head.c.id == 1).values(seq=seq, hash=digest))
+        return AuditRecord(seq, recorded, kind, outcome, actor, patient, json.loads(detail_text), prev, digest)
+
+    # -- read ---------------------------------------------------------------------------------
+    def query(self, *, patient: str | None = None, kinds: list[str] | None = None, outcome: str | None = None,
+              since: str | None = None, until: str | None = None, limit: int = 100, offset: int = 0,
+              newest_first: bool = True) -> tuple[list[AuditRecord], int]:
+        """Records matching the filters, and the total count (for paging). Times: ISO-8601 UTC strings."""
+        self.ensure_schema()
+        conditions = []
+        if patient:
+            conditions.append(audit_log.c.patient == patient)
+        if kinds:
+            conditions.append(audit_log.c.kind.in_(kinds))
+        if outcome:
+            conditions.append(audit_log.c.outcome == outcome)
+        if since:
+            conditions.append(audit_log.c.recorded >= since)
+        if until:
+            conditions.append(audit_log.c.recorded < until)
+        order = audit_log.c.seq.desc() if newest_first else audit_log.c.seq.asc()
+        with self.engine.connect() as conn:
+            total = conn.execute(select(func.count()).select_from(audit_log).where(*conditions)).scalar_one()
+            rows = conn.execute(select(audit_log).where(*conditions).order_by(order).limit(limit).offset(offset))
+            return [AuditRecord.from_row(r) for r in rows], total
+
+    def iter_all(self, batch: int = 1000) -> Iterator[AuditRecord]:
+        """Every record in chain order, read in batches (the log can be large)."""
+        self.ensure_schema()
+        last = 0
+        while True:
+            with self.engine.connect() as conn:
+                rows = conn.execute(select(audit_log).where(audit_log.c.seq > last)
+                                    .order_by(audit_log.c.seq).limit(batch)).fetchall()
+            if not rows:
+                return
+            for row in rows:
+                yield AuditRecord.from_row(row)
+            last = rows[-1].seq
+
+    def head(self) -> tuple[int, str]:
+        self.ensure_schema()
+        with self.engine.connect() as conn:
+            row = conn.execute(select(audit_head).where(audit_head.c.id == 1)).one()
+            return row.seq, row.hash
+
+    # -- verify -------------------------------------------------------------------------------
+    def verify(self) -> VerifyResult:
+        """Walk the chain from the first record; name the first record that does not hold."""
+        self.ensure_schema()
+        expected_seq, prev, checked = 1, GENESIS_HASH, 0
+        with self.engine.connect() as conn:
+            for row in conn.execute(select(audit_log).order_by(audit_log.c.seq)).yield_per(1000):
+                m = row._mapping
+                if m["seq"] != expected_seq:  # ordered by seq (the primary key): only a gap is possible
+                    missing = (f"record {expected_seq} is missing" if m["seq"] == expected_seq + 1
+                               else f"records {expected_seq}..{m['seq'] - 1} are missing")
+                    return VerifyResult(False, checked, m["seq"], f"{missing} before it (deleted)")
+                if m["prev_hash"] != prev:
+                    return VerifyResult(False, checked, m["seq"], "previous-hash does not match the record "
+                                        "before it (a record was deleted, inserted or reordered)")
+                digest = record_hash(seq=m["seq"], recorded=m["recorded"], kind=m["kind"], outcome=m["outcome"],
+                                     actor=m["actor"], patient=m["patient"], detail=m["detail"],
+                                     prev_hash=m["prev_hash"])
+                if digest != m["hash"]:
+                    return VerifyResult(False, checked, m["seq"], "content does not match its hash "
+                                        "(the record was edited)")
+                prev, expected_seq, checked = m["hash"], expected_seq + 1, checked + 1
+            head = conn.execute(select(audit_head).where(audit_head.c.id == 1)).one()
+        if head.seq != checked or head.hash != prev:
+            if head.seq > checked:
+                return VerifyResult(False, checked, checked + 1,
+                                    f"records {checked + 1}..{head.seq} are missing (the log head says "
+                                    f"{head.seq} records)")
+            return VerifyResult(False, checked, head.seq or None, "the log head does not match the last record")
+        return VerifyResult(True, checked)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    # WAL: readers (the review page) never block appends. synchronous=NORMAL in WAL mode survives
+    # a process crash (a power loss may lose the newest commits, never corrupt the chain): it keeps
+    # an append cheap on the CDS Hooks hot path.
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+_stores: dict[tuple[int, str], AuditStore] = {}
+_stores_lock = threading.Lock()
+
+
+def store_for(url: str) -> AuditStore:
+    """One store per URL per process (keyed by pid: a forked worker must not share pooled connections)."""
+    key = (os.getpid(), url)
+    store = _stores.get(key)
+    if store is None:
+        with _stores_lock:
+            store = _stores.get(key)
+            if store is None:
+                store = _stores[key] = AuditStore(url)
+    return store
