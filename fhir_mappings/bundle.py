@@ -68,7 +68,8 @@ def resources_from_json(obj: object, name: str = "input") -> list[dict]:
         raise InputError(f"{name}: not a FHIR resource (no resourceType)")
     if obj["resourceType"] != "Bundle":
         return [obj]
-    entries = obj.get("entry") or []
+    entries = obj.get("entry")
+    entries = [] if entries is None else entries
     if not isinstance(entries, list):
         raise InputError(f"{name}: Bundle.entry must be a list")
     resources: list[dict] = []

@@ -63,11 +63,13 @@ def record_event(kind: str, outcome: str, *, actor: str, patient: str | None = N
 
     if _override is None and not get_settings().audit_enabled:
         return None
-    try:
-        return current_store().append(kind, outcome, actor=actor or "unknown", patient=patient, detail=detail)
-    except Exception as exc:  # never let the audit log take clinical care down with it
-        from service.metrics import AUDIT_WRITES
+    from service.metrics import AUDIT_WRITES
 
+    try:
+        record = current_store().append(kind, outcome, actor=actor or "unknown", patient=patient, detail=detail)
+    except Exception as exc:  # never let the audit log take clinical care down with it
         AUDIT_WRITES.labels(kind=kind, outcome="error").inc()
         log.error("audit.write_failed", kind=kind, error=type(exc).__name__)
         return None
+    AUDIT_WRITES.labels(kind=kind, outcome="ok").inc()
+    return record

@@ -4,23 +4,15 @@ docs/sekmet.md documents; if sekmet changes them, this file says where."""
 from __future__ import annotations
 
 import json
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Callable, Iterator
 
 import httpx
 import pytest
 
-try:
-    from tests.support.sekmet_fixture import sekmet_server  # noqa: F401  (fixture)
-    from tests.support.sekmet_server import SekmetServer
-except ImportError:  # run without the repository root on sys.path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tests.support.sekmet_fixture import sekmet_server  # noqa: F401
-    from tests.support.sekmet_server import SekmetServer
+from tests.support.sekmet_server import SekmetServer  # fixture `sekmet_server`: tests/conftest.py plugin
 
 FHIR_JSON = "application/fhir+json"
 BP = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition"
@@ -131,6 +123,14 @@ def condition(pid: str, text: str = "Low back pain") -> dict:
 
 def subscription_status(fhir: httpx.Client, sid: str) -> dict:
     return fhir.get(f"/Subscription/{sid}").json()
+
+
+def wait_status(fhir: httpx.Client, sid: str, status: str, timeout: float = 3.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while (sub := subscription_status(fhir, sid))["status"] != status and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sub["status"] == status, sub
+    return sub
 
 
 # ---------------- server basics ----------------
@@ -273,10 +273,8 @@ def test_backport_handshake_event_heartbeat_and_status(sekmet_server: SekmetServ
     assert bundle_params(hs) == {
         "subscription": {"reference": f"{sekmet_server.base_url}/Subscription/{sid}"},
         "topic": topic, "status": "requested", "type": "handshake", "events-since-subscription-start": "0"}
-    deadline = time.monotonic() + 3
-    while subscription_status(fhir, sid)["status"] != "active" and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert subscription_status(fhir, sid)["status"] == "active"
+    # active only once the handshake POST has returned 2xx; events before that are dropped, not queued
+    wait_status(fhir, sid, "active")
 
     pat = fhir.post("/Patient", json={"resourceType": "Patient"}).json()
     (ev,) = receiver.wait_for(is_backport("event-notification"))
@@ -306,8 +304,9 @@ def test_backport_custom_condition_topic_full_resource(sekmet_server: SekmetServ
     pid = patient["id"]
     sub = backport_subscription(topic, f"{receiver.url}/bp", "full-resource", _criteria={"extension": [
         {"url": f"{BP}/backport-filter-criteria", "valueString": f"Condition?patient=Patient/{pid}"}]})
-    fhir.post("/Subscription", json=sub).raise_for_status()
+    sid = fhir.post("/Subscription", json=sub).json()["id"]
     receiver.wait_for(is_backport("handshake"))
+    wait_status(fhir, sid, "active")
 
     fhir.post("/Condition", json=condition("someone-else")).raise_for_status()  # filtered out
     cond = fhir.post("/Condition", json=condition(pid)).json()
@@ -334,13 +333,9 @@ def test_failed_delivery_is_retried_then_subscription_goes_to_error(fhir: httpx.
         "resourceType": "Subscription", "status": "requested", "reason": "harness",
         "criteria": f"Condition?patient=Patient/{pid}",
         "channel": {"type": "rest-hook", "endpoint": f"{receiver.url}/down", "payload": FHIR_JSON}}).json()["id"]
-    start = time.monotonic()
     cond = fhir.post("/Condition", json=condition(pid)).json()
     receiver.wait_for(lambda q: True, count=3, timeout=6)  # attempts at ~0, 1, 3 s
-    while subscription_status(fhir, sid)["status"] == "active" and time.monotonic() - start < 12:
-        time.sleep(0.2)
-    sub = subscription_status(fhir, sid)
-    assert sub["status"] == "error"  # after a further 4 s back-off: ~7 s in all
+    sub = wait_status(fhir, sid, "error", timeout=8)  # after a further 4 s back-off: ~7 s in all
     assert sub["error"] == f"Delivery to {receiver.url}/down/Condition/{cond['id']} failed: HTTP 503"
     assert len(receiver.requests) == 3
     fhir.post("/Condition", json=condition(pid)).raise_for_status()

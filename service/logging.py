@@ -1,0 +1,218 @@
+"""Structured logs: one JSON object a line, with request and task ids, and no patient data or tokens.
+
+    configure_logging(settings)        once per process (API app factory, worker, CLI)
+    RequestIdMiddleware                X-Request-ID in and out; binds `request_id` for every log line
+    connect_celery_signals()           binds `task_id` / `task` while a Celery task runs
+    PatientDataGuard                   the last processor before rendering: see below
+
+Every log line, from structlog or from the standard library (uvicorn, celery, httpx), passes through
+one formatter, so the guard sees all of them. The guard replaces the value of any key that names
+patient data (name, birthDate, address, free text, a FHIR resource, a request body ...) or a secret
+(token, JWT, Authorization, password ...), any FHIR resource wherever it is nested, and any string
+that holds a JWT or a bearer token, and lists the keys it redacted in `redacted`. References and ids
+("Patient/123") are allowed: they are what an operator needs to follow one patient's path.
+`strict=True` refuses instead (raises SensitiveLogData): tests use it to find offending call sites.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+import uuid
+from typing import Any
+
+import structlog
+from starlette.datastructures import MutableHeaders
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")  # anything else could forge log lines
+_QUIET_PATHS = {"/healthz", "/readyz", "/metrics"}  # probes: DEBUG, not INFO
+
+# Keys whose values are patient data (FHIR element names and the usual spellings), compared after
+# lower-casing and dropping "_" and "-": "birth_date", "birthDate" and "birth-date" are one key.
+PATIENT_KEYS = {
+    "name", "given", "family", "fullname", "firstname", "lastname", "patientname", "birthdate", "dob",
+    "address", "phone", "telecom", "email", "ssn", "mrn", "identifier", "gender",
+    "text", "note", "notes", "narrative", "comment", "valuestring", "display", "quote", "evidencetext",
+    "body", "payload", "resource", "resources", "prefetch", "bundle", "entry", "draftorders",
+}
+# Key fragments that mark a secret wherever they appear in a key ("fhir_access_token", "X-Api-Key").
+SECRET_KEY_PARTS = ("token", "jwt", "secret", "password", "passwd", "authorization", "bearer", "cookie",
+                    "apikey", "credential", "privatekey")
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]*")
+_BEARER = re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]+")
+REDACTED = "[redacted]"
+_LOG_KEYS = {"event", "level", "timestamp", "logger", "request_id", "task_id", "task", "redacted",
+             "exception", "stack"}
+_OUR_HANDLER = "_spinewatch_handler"
+
+
+class SensitiveLogData(ValueError):
+    """A log call tried to write patient data or a secret (raised only by a strict guard)."""
+
+
+def _norm(key: Any) -> str:
+    return str(key).lower().replace("_", "").replace("-", "")
+
+
+def is_sensitive_key(key: Any) -> bool:
+    k = _norm(key)
+    return k in PATIENT_KEYS or any(part in k for part in SECRET_KEY_PARTS)
+
+
+class PatientDataGuard:
+    """structlog processor: redact (or, strict, refuse) patient data and secrets in an event dict."""
+
+    def __init__(self, strict: bool = False):
+        self.strict = strict
+
+    def __call__(self, logger: Any, method: str, event: dict) -> dict:
+        found: list[str] = []
+        clean = {key: (value if key in _LOG_KEYS and not isinstance(value, str)
+                       else self._clean(key, value, str(key), found, top=True))
+                 for key, value in event.items()}
+        if not found:
+            return event
+        if self.strict:
+            raise SensitiveLogData(f"log event {event.get('event')!r} carries patient data or secrets in: "
+                                   + ", ".join(found))
+        clean["redacted"] = sorted(set(found))
+        return clean
+
+    def _clean(self, key: Any, value: Any, path: str, found: list[str], top: bool = False) -> Any:
+        if not (top and key in _LOG_KEYS) and is_sensitive_key(key):
+            found.append(path)
+            return REDACTED
+        if isinstance(value, str):
+            if _JWT.search(value) or _BEARER.search(value):
+                found.append(path)
+                return _BEARER.sub(REDACTED, _JWT.sub(REDACTED, value))
+            return value
+        if isinstance(value, dict):
+            if "resourceType" in value:  # a FHIR resource: whatever it holds, it is clinical data
+                found.append(path)
+                return f"{REDACTED} {value.get('resourceType')}"
+            return {k: self._clean(k, v, f"{path}.{k}", found) for k, v in value.items()}
+        if isinstance(value, (list, tuple, set, frozenset)):
+            return [self._clean("", v, f"{path}[{i}]", found) for i, v in enumerate(value)]
+        return value
+
+
+def _shared_processors() -> list:
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+
+
+def configure_logging(settings: Any = None, *, strict: bool = False, stream: Any = None) -> None:
+    """Send structlog and standard-library logs through one guarded formatter to stderr.
+
+    Safe to call more than once (it replaces only the handler it installed before)."""
+    level_name = str(getattr(settings, "log_level", "INFO")).upper()
+    fmt = getattr(settings, "log_format", "json")
+    renderer = (structlog.processors.JSONRenderer() if fmt == "json"
+                else structlog.dev.ConsoleRenderer(colors=False))
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=_shared_processors(),
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,  # before the guard: tracebacks get scrubbed too
+            PatientDataGuard(strict=strict),
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(formatter)
+    setattr(handler, _OUR_HANDLER, True)
+
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, _OUR_HANDLER, False)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level_name)
+    # uvicorn and celery install handlers of their own; route them through ours instead. uvicorn's
+    # access log prints query strings (patient=...): RequestIdMiddleware writes a safer one.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "celery", "celery.task"):
+        lg = logging.getLogger(name)
+        lg.handlers.clear()
+        lg.propagate = True
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # its INFO lines carry full URLs
+
+    structlog.configure(
+        processors=[*_shared_processors(), structlog.processors.StackInfoRenderer(),
+                    structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,  # module-level loggers made before configure must follow it
+    )
+
+
+# ---------------- request ids ----------------
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+class RequestIdMiddleware:
+    """ASGI middleware: take a well-formed incoming X-Request-ID or make one, bind it to the log
+    context for the request, return it on the response, and log one line per request (route
+    template, never the query string)."""
+
+    def __init__(self, app: Any):
+        self.app = app
+        self.log = structlog.get_logger("spinewatch.http")
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = dict(scope.get("headers") or []).get(REQUEST_ID_HEADER.lower().encode(), b"").decode("latin-1")
+        request_id = incoming if _REQUEST_ID_OK.match(incoming) else new_request_id()
+        tokens = structlog.contextvars.bind_contextvars(request_id=request_id)
+        status = 500
+        started = time.perf_counter()
+
+        async def send_with_id(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message).append(REQUEST_ID_HEADER, request_id)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or scope.get("path", "")
+            level = logging.DEBUG if scope.get("path") in _QUIET_PATHS else logging.INFO
+            self.log.log(level, "http.request", method=scope.get("method"), route=route, status=status,
+                         duration_ms=round((time.perf_counter() - started) * 1000, 1))
+            structlog.contextvars.reset_contextvars(**tokens)
+
+
+# ---------------- Celery task ids ----------------
+
+def _bind_task(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    structlog.contextvars.bind_contextvars(task_id=task_id, task=getattr(task, "name", None))
+
+
+def _unbind_task(**_: Any) -> None:
+    structlog.contextvars.unbind_contextvars("task_id", "task")
+
+
+def connect_celery_signals(settings: Any = None) -> None:
+    """Call once where the Celery app is made: task ids in every log line of a task, and Celery's own
+    logging set up by configure_logging instead of Celery's (which is not JSON and not guarded)."""
+    from celery import signals
+
+    def _setup_logging(**_: Any) -> None:
+        configure_logging(settings)
+
+    signals.setup_logging.connect(_setup_logging, weak=False)
+    signals.task_prerun.connect(_bind_task, weak=False)
+    signals.task_postrun.connect(_unbind_task, weak=False)
