@@ -30,4 +30,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(StarletteHTTPException, _http_handler)
     # Routers: each area registers its own (see service/routes/).
+    from service.logging import RequestIdMiddleware, configure_logging
+    from service.routes import ops
+
+    configure_logging(settings)
+    app.add_middleware(RequestIdMiddleware)
+    app.include_router(ops.router)
     return app

@@ -7,8 +7,9 @@ development-only switches. Every setting is documented in the README with its de
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PLACEHOLDER_SECRET = "dev-only-change-me"
@@ -17,16 +18,16 @@ PLACEHOLDER_SECRET = "dev-only-change-me"
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SPINEWATCH_", extra="ignore")
 
-    environment: str = Field("development", pattern="^(development|test|production)$",
-                             description="development, test or production; production refuses placeholder secrets")
+    environment: Literal["development", "test", "production"] = Field(
+        "development", description="development, test or production; production refuses placeholder secrets")
     # Clinical
     lookback_days: int = Field(90, ge=1, le=3650,
                                description="how far back (days) back-pain and red-flag evidence counts as recent")
     # Operations (service/logging.py, service/routes/ops.py, spinewatch demo)
-    log_level: str = Field("INFO", pattern="(?i)^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$",
-                           description="log level: DEBUG, INFO, WARNING, ERROR or CRITICAL")
-    log_format: str = Field("json", pattern="^(json|console)$",
-                            description="json (one JSON object a line, for log platforms) or console (for people)")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", description="log level: DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    log_format: Literal["json", "console"] = Field(
+        "json", description="json (one JSON object a line, for log platforms) or console (for people)")
     readiness_timeout_seconds: float = Field(2.0, gt=0, le=30,
                                              description="time limit for each /readyz check (Redis, audit store, FHIR server)")
     demo_install: bool = Field(True, description="let `spinewatch demo` install redis-server with apt-get when it is "
@@ -61,4 +62,11 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    return Settings()
+    """The process's settings; invalid ones stop the process with one line per problem
+    (service/config_check.py), before it serves or works."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        from service.config_check import InvalidSettings
+
+        raise InvalidSettings(exc) from None

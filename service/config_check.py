@@ -1,0 +1,66 @@
+"""Refuse invalid settings at start-up with one line per problem, naming the variable and the reason.
+
+    spinewatch: invalid setting SPINEWATCH_LOOKBACK_DAYS='0': Input should be greater than or equal to 1
+
+`get_settings()` raises InvalidSettings (a SystemExit), so the API, the workers and every command stop
+before doing anything, with that message and no traceback. Values of settings that can hold a secret
+(URLs may carry passwords) are never echoed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+PREFIX = "SPINEWATCH_"
+_SECRET_PARTS = ("secret", "token", "password", "key", "url", "dsn", "jwks", "credential")
+
+
+def env_name(field: str) -> str:
+    return PREFIX + field.upper()
+
+
+def may_hold_secret(field: str) -> bool:
+    return any(part in field.lower() for part in _SECRET_PARTS)
+
+
+def describe(exc: ValidationError) -> list[str]:
+    """One line per error: which setting, (its value when harmless), and why."""
+    lines = []
+    for err in exc.errors():
+        reason = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        loc = err.get("loc") or ()
+        if not loc:  # a model-level rule (e.g. placeholder secrets in production) names its settings itself
+            lines.append(f"invalid settings: {reason}")
+            continue
+        field = str(loc[0])
+        shown = ""
+        value = err.get("input")
+        if err.get("type") != "missing" and not may_hold_secret(field) and isinstance(value, (str, int, float)):
+            shown = f"={str(value)[:60]!r}"
+        lines.append(f"invalid setting {env_name(field)}{shown}: {reason}")
+    return lines
+
+
+class InvalidSettings(SystemExit):
+    """Raised by get_settings(): exits the process with the message (one line per problem)."""
+
+    def __init__(self, exc: ValidationError):
+        self.lines = describe(exc)
+        super().__init__("\n".join(f"spinewatch: {line}" for line in self.lines))
+
+
+def shown_value(field: str, value: Any) -> str:
+    """A value for `spinewatch check-config`: secrets masked, URLs without their password."""
+    if value is None:
+        return "(unset)"
+    text = str(value)
+    if any(part in field.lower() for part in ("secret", "token", "password", "credential")):
+        return "****" if text else "(empty)"
+    if "://" in text and "@" in text:  # scheme://user:password@host -> scheme://user:****@host
+        scheme, rest = text.split("://", 1)
+        userinfo, host = rest.rsplit("@", 1)
+        user = userinfo.split(":", 1)[0]
+        return f"{scheme}://{user}:****@{host}"
+    return text
