@@ -16,7 +16,8 @@ from fhir_mappings.text import find_affirmed
 TIERS = ("emergency", "urgent", "routine", "none")
 
 # CLINICAL.md "Who is evaluated" 1: a cancer Condition with these verification statuses is no cancer.
-_CANCER_DOES_NOT_COUNT = {"refuted", "entered-in-error", "provisional", "differential"}
+# "unconfirmed" is the parent of provisional and differential in the R4 condition-ver-status codes.
+_CANCER_DOES_NOT_COUNT = {"refuted", "entered-in-error", "provisional", "differential", "unconfirmed"}
 # CLINICAL.md "Recent": evidence with these statuses never counts.
 _VERIFICATION_NEVER_COUNTS = {"refuted", "entered-in-error"}
 _OBSERVATION_NEVER_COUNTS = {"entered-in-error", "cancelled"}
@@ -97,12 +98,18 @@ def _counts_as_evidence(item: Clinical) -> bool:
     return False
 
 
+def _closed_before(item: Clinical, window_start: datetime) -> bool:
+    """A Condition resolved, inactive or in remission, with its abatement before the window."""
+    return (item.resource_type == "Condition" and item.clinical_status in _CONDITION_INACTIVE
+            and item.abatement is not None and item.abatement < window_start)
+
+
 def _is_recent(item: Clinical, window_start: datetime) -> bool:
     """CLINICAL.md "Recent": own latest clinical date within the lookback; a Condition not closed
     before the window; an undated Condition counts only while active."""
+    if _closed_before(item, window_start):
+        return False
     if item.resource_type == "Condition":
-        if item.clinical_status in _CONDITION_INACTIVE and item.abatement is not None and item.abatement < window_start:
-            return False
         if item.date is None:
             return item.clinical_status in _CONDITION_ACTIVE
     return item.date is not None and item.date >= window_start
@@ -123,6 +130,22 @@ def _is_spinal_site(term: Terminology, codings, texts) -> bool:
     if any(term.spinal_site.match_coding(s, c) for s, c in codings):
         return True
     return any(term.spinal_site.match_text(t) for t in texts)
+
+
+def _pain_site_flag(rule: Rule, item: Clinical, reading: str) -> Evidence | None:
+    """A flag raised by where a spinal pain reading is (e.g. thoracic spine for Box 1)."""
+    if reading == "severity":
+        codings, texts, field_name = item.body_site_codings, item.body_site_texts, "Observation.bodySite"
+    else:
+        codings, texts, field_name = item.value_codings, item.value_texts, "Observation.value"
+    for system, code in codings:
+        if rule.pain_site_codes.contains(system, code):
+            return item.evidence(rule.id, field_name, code=f"{system}|{code}")
+    for text in texts:
+        match = find_affirmed(text, rule.pain_site_phrases) if rule.pain_site_phrases else None
+        if match:
+            return item.evidence(rule.id, field_name, quote=match.quote)
+    return None
 
 
 def _pain_reading(term: Terminology, item: Clinical) -> str | None:
@@ -199,21 +222,24 @@ def assess_record(record: Record, now: datetime, settings: EvaluationSettings, t
             cancer = concept_evidence(item, term.cancer)
             if cancer:  # any clinical status, any date: "current or past" (NG234 1.1)
                 cancers.append(cancer)
-        if not _counts_as_evidence(item) or not _is_recent(item, window_start):
+        if not _counts_as_evidence(item):
             continue
-        pain = _pain_reading(term, item)
+        recent = _is_recent(item, window_start)
+        pain = _pain_reading(term, item) if recent else None
         if pain == "severity":
             reading = item.evidence("pain-score", "Observation.valueQuantity", value=item.numeric_value)
             scores.append(reading)
             back_pain.append(reading)
         elif pain == "location":
             back_pain.append(item.evidence("back-pain", "Observation.value"))
-        else:
+        elif recent:
             found = concept_evidence(item, term.back_pain)
             if found:
                 back_pain.append(found)
         for rule in term.rules:
-            found = _flag_evidence(item, rule)
+            if not (recent or (rule.counts_history and not _closed_before(item, window_start))):
+                continue
+            found = _flag_evidence(item, rule) or (_pain_site_flag(rule, item, pain) if pain else None)
             if found:
                 flags.setdefault(rule.id, []).append(found)
 

@@ -346,6 +346,8 @@ def concept_evidence(item: Clinical, concept: Concept, label: str | None = None)
     """Evidence that `item` is an instance of `concept`: a coding first, the text fallback only when
     no coding in a known system says anything about it (CLINICAL.md "Codes")."""
     label = label or concept.id
+    if concept.overriding_phrases and any(concept.vetoed_by_text(text) for text, _ in item.texts):
+        return None
     said_no = False
     for system, code, display, field_name in item.codings:
         verdict = concept.match_coding(system, code)

@@ -65,6 +65,10 @@ class Concept:
     exclude: CodeSet
     phrases: list = field(default_factory=list)
     exclude_phrases: list = field(default_factory=list)
+    overriding_phrases: list = field(default_factory=list)  # text that vetoes even a coded match
+
+    def vetoed_by_text(self, text: str) -> bool:
+        return any(p.search(text) for _, p in self.overriding_phrases)
 
     def match_coding(self, system: str | None, code: str | None) -> bool | None:
         """True: included; False: explicitly excluded; None: says nothing about this concept."""
@@ -94,6 +98,9 @@ class Rule:
     codes: CodeSet
     phrases: list
     score: dict | None
+    counts_history: bool = False  # true: counts whatever the evidence's date (recency: history)
+    pain_site_codes: CodeSet = CodeSet()  # sites of a spinal pain reading that raise this flag
+    pain_site_phrases: list = field(default_factory=list)
 
     @property
     def source_labels(self) -> list[str]:
@@ -115,6 +122,7 @@ def _concept(data: dict) -> Concept:
         exclude=CodeSet.from_data(data.get("exclude")),
         phrases=compile_phrases(text.get("phrases", [])),
         exclude_phrases=compile_phrases(text.get("exclude_phrases", [])),
+        overriding_phrases=compile_phrases(text.get("overrides_codes", [])),
     )
 
 
@@ -132,6 +140,9 @@ def _rule(data: dict) -> Rule:
         codes=CodeSet.from_data(data.get("codes")),
         phrases=compile_phrases(data.get("phrases", [])),
         score=data.get("score"),
+        counts_history=data.get("recency", "lookback") == "history",
+        pain_site_codes=CodeSet.from_data(data.get("pain_sites")),
+        pain_site_phrases=compile_phrases((data.get("pain_sites") or {}).get("phrases", [])),
     )
 
 

@@ -19,7 +19,21 @@ _NEGATION_CUE = re.compile(
     r"never|ruled out|rules out|resolved)\b",
     re.I,
 )
-# How many words may stand between the cue and the phrase ("no bladder or bowel dysfunction").
+# Words that end a negation's scope inside a clause ("No fever ... and now night pain").
+_SCOPE_END = re.compile(
+    r"\b(?:reports?|reporting|presents?|presenting|complains?|complaining|endorses?|endorsing|admits?|"
+    r"now|new|describes?|developed|states?|says|notes?)\b",
+    re.I,
+)
+# Negation written right after the finding ("Babinski sign negative", "ankle clonus absent"); not
+# across a comma ("leg weakness, negative straight-leg raise" still raises leg weakness).
+_POST_NEGATION = re.compile(
+    r"^[ \t]+(?:\w+[ \t]+)?(?:negative|absent|not (?:present|seen|elicited|demonstrated|found)|ruled out|"
+    r"denied|downgoing|flexor)\b",
+    re.I,
+)
+# How many words may stand between a cue and the phrase, unless what stands between is a list
+# ("Denies fever, chills, night sweats, bowel or bladder dysfunction or saddle anaesthesia").
 _NEGATION_WINDOW_WORDS = 6
 _WORD = re.compile(r"\w+")
 
@@ -35,20 +49,18 @@ def compile_phrases(phrases: list[str]) -> list[tuple[str, re.Pattern[str]]]:
     return [(p, re.compile(r"(?<!\w)(?:" + p + r")(?!\w)", re.I)) for p in phrases]
 
 
-def any_phrase_pattern(phrases: list[str]) -> re.Pattern[str] | None:
-    """One alternation of all phrases, for a cheap 'could anything match here?' test."""
-    if not phrases:
-        return None
-    return re.compile(r"(?<!\w)(?:" + "|".join(f"(?:{p})" for p in phrases) + r")(?!\w)", re.I)
-
-
-def _is_negated(clause: str, start: int) -> bool:
+def _is_negated(clause: str, start: int, end: int) -> bool:
+    if _POST_NEGATION.match(clause[end:]):
+        return True
     before = clause[:start]
     cues = list(_NEGATION_CUE.finditer(before))
     if not cues:
         return False
-    words_between = len(_WORD.findall(before[cues[-1].end():]))
-    return words_between <= _NEGATION_WINDOW_WORDS
+    between = before[cues[-1].end():]
+    if _SCOPE_END.search(between):
+        return False
+    is_list = "," in between or re.search(r"\b(?:or|and|nor)\b", between, re.I) is not None
+    return is_list or len(_WORD.findall(between)) <= _NEGATION_WINDOW_WORDS
 
 
 def clauses(text: str) -> list[str]:
@@ -66,6 +78,6 @@ def find_affirmed(
             continue
         for phrase, pattern in patterns:
             for m in pattern.finditer(clause):
-                if not _is_negated(clause, m.start()):
+                if not _is_negated(clause, m.start(), m.end()):
                     return TextMatch(phrase=phrase, quote=clause[:200])
     return None

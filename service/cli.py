@@ -75,6 +75,14 @@ def evaluate(
     sys.stdout.write("\n")
 
 
+# Commands that live in modules of their own.
+from service.cli_demo import demo  # noqa: E402
+from service.cli_ops import check_config  # noqa: E402
+
+app.command()(demo)
+app.command("check-config")(check_config)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

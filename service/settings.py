@@ -48,6 +48,41 @@ class Settings(BaseSettings):
     alert_dedup_days: int = Field(90, ge=1, le=3650,
                                   description="how long an alert for the same patient, tier and evidence is remembered")
     alert_timeout_seconds: float = Field(10.0, gt=0, le=120, description="HTTP timeout (seconds) for the alert webhook")
+    # CDS Hooks (service/routes/cds_hooks.py, service/security.py, service/fhir_fetch.py; docs/cds-hooks.md)
+    cds_trusted_issuers: str | None = Field(
+        None, description='JSON object: each trusted CDS client `iss` -> its JWKS (URL or file path), or -> '
+                          '{"jwks": URL-or-path, "jku": [allowed jku URLs]}. Unset: in development only, the public '
+                          'CDS Hooks sandbox (https://sandbox.cds-hooks.org); elsewhere nobody')
+    cds_verify_jwt: bool = Field(True, description="verify the CDS client's bearer JWT; false is a development "
+                                                   "switch that production refuses")
+    public_base_url: str | None = Field(None, description="the service's external base URL, e.g. https://cds.example.org "
+                                                          "(behind a proxy): JWT `aud` must equal it + the path called")
+    jwt_clock_skew_seconds: int = Field(30, ge=0, le=300, description="clock skew allowed on JWT exp / iat")
+    cds_jwks_cache_seconds: int = Field(300, ge=0, le=86400, description="how long a fetched JWKS is reused")
+    cds_jti_redis_url: str | None = Field(None, description="Redis URL for the JWT jti replay cache (shared by all "
+                                                            "processes); unset: in-memory, per process")
+    fhir_allowed_hosts: str = Field("", description="comma-separated host[:port] list the service may fetch FHIR data "
+                                                    "from (fhirServer, next links); empty: none (SSRF guard)")
+    max_body_bytes: int = Field(10_485_760, ge=1024, description="largest CDS Hooks request body accepted (bytes); "
+                                                                 "larger: 413")
+    stored_assessment_max_age_seconds: int = Field(
+        3600, ge=0, description="a stored assessment (workers) this young may answer a hook call that has neither "
+                                "prefetch nor fhirServer; 0: never")
+    cors_origins: str = Field("https://sandbox.cds-hooks.org",
+                              description="comma-separated origins allowed to call /cds-services from a browser "
+                                          "(CORS); * for any")
+    card_intent: Literal["proposal", "plan", "order"] = Field(
+        "proposal", description="intent of the MRI ServiceRequest a patient-view card suggests")
+    hook_timeout_seconds: float = Field(2.0, gt=0, le=30, description="time budget for fetching missing data from "
+                                                                      "fhirServer; over it: 412, never a hang")
+
+    @model_validator(mode="after")
+    def _cds_hooks_production_rules(self) -> "Settings":
+        # CDS Hooks 2.0 "Trusting CDS Clients": every call carries a signed JWT. Not verifying it is
+        # for development only.
+        if self.environment == "production" and not self.cds_verify_jwt:
+            raise ValueError("production refuses SPINEWATCH_CDS_VERIFY_JWT=false")
+        return self
 
     @model_validator(mode="after")
     def _refuse_placeholders_in_production(self) -> "Settings":

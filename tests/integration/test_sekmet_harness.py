@@ -14,6 +14,8 @@ import pytest
 
 from tests.support.sekmet_server import SekmetServer  # fixture `sekmet_server`: tests/conftest.py plugin
 
+pytestmark = pytest.mark.integration
+
 FHIR_JSON = "application/fhir+json"
 BP = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition"
 BUILTIN_TOPICS = {f"http://sekmet.dev/fhir/SubscriptionTopic/{n}" for n in (

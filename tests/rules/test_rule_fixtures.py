@@ -108,11 +108,12 @@ def test_every_flag_has_raises_and_quiet(flag):
 def test_fixture_names_follow_the_layout():
     stray = [p for p in FIXTURES.rglob("*") if p.is_file() and p.suffix != ".json"]
     assert not stray, f"non-JSON files in fixtures: {stray}"
-    bad = [
-        rel
-        for rel in IDS
-        if rel.count("/") != 1 or not NAME_RULES.get(rel.split("/")[0], re.compile("$^")).fullmatch(rel.split("/")[1])
-    ]
+    bad = []
+    for rel in IDS:
+        directory, _, name = rel.partition("/")
+        rule = NAME_RULES.get(directory)
+        if "/" in name or rule is None or not rule.fullmatch(name):
+            bad.append(rel)
     assert not bad, f"fixture paths not matching the layout in README.md: {bad}"
 
 
@@ -148,7 +149,8 @@ def test_fixture_is_a_valid_r4_collection_for_one_patient(path):
     for e in entries:
         res = e["resource"]
         if res["resourceType"] != "Patient":
-            assert res.get("subject", {}).get("reference") == ref, f"{res['resourceType']}/{res['id']} subject"
+            where = f"{res['resourceType']}/{res['id']}"
+            assert res.get("subject", {}).get("reference") == ref, f"{where}: subject is not {ref}"
 
 
 # --------------------------------------------------------------------------- rules

@@ -289,6 +289,7 @@ class SekmetServer:
         add_topic("http://spinewatch.test/SubscriptionTopic/condition", "Condition"). It then shows in
         the CapabilityStatement and can be used as Subscription.criteria. fhirpath is evaluated with
         %current / %previous (previous is empty on create)."""
+        interactions, filters = tuple(interactions), tuple(filters)
         trigger = [{"url": "description", "valueMarkdown": f"{resource_type} {'/'.join(interactions)}"},
                    {"url": "resource", "valueUri": f"http://hl7.org/fhir/StructureDefinition/{resource_type}"},
                    *[{"url": "supportedInteraction", "valueCode": i} for i in interactions],

@@ -16,6 +16,7 @@ PHRASES = compile_phrases(["night pain", "leg weakness", "(?:bladder|bowel)(?: o
     "Pain worse on coughing",
     "Reports saddle anaesthesia since this morning",
     "saddle anesthesia",
+    "Leg weakness, negative straight-leg raise",
 ])
 def test_affirmed_phrases_match(text):
     assert find_affirmed(text, PHRASES) is not None
@@ -29,6 +30,8 @@ def test_affirmed_phrases_match(text):
     "negative for night pain",
     "No cough",
     "nightpain",  # not a word-bounded phrase
+    "Denies fever, chills, night sweats, weight loss, bowel or bladder dysfunction or saddle anaesthesia.",
+    "Leg weakness absent",
 ])
 def test_negated_or_absent_phrases_do_not_match(text):
     assert find_affirmed(text, PHRASES) is None
