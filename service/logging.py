@@ -88,7 +88,7 @@ class PatientDataGuard:
         if isinstance(value, str):
             if _JWT.search(value) or _BEARER.search(value):
                 found.append(path)
-                return _BEARER.sub(REDACTED, _JWT.sub(REDACTED, value))
+                return _JWT.sub(REDACTED, _BEARER.sub(REDACTED, value))
             return value
         if isinstance(value, dict):
             if "resourceType" in value:  # a FHIR resource: whatever it holds, it is clinical data
