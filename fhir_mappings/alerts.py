@@ -107,11 +107,23 @@ def _recipient_ref(reference: dict | None) -> str | None:
     return ref if kind in _RECIPIENT_TYPES else None
 
 
-def care_team_members(care_teams: list[dict], now: datetime) -> list[str]:
-    """Members of active CareTeams whose participation period covers now, in the order given."""
+def _same_reference(a: str | None, b: str) -> bool:
+    if not a:
+        return False
+    return a == b or a.split("/_history/")[0].endswith("/" + b)
+
+
+def care_team_members(care_teams: list[dict], now: datetime, patient: str | None = None) -> list[str]:
+    """Members of active CareTeams (of `patient`, when given) whose participation covers now.
+
+    The subject is checked here even though the search asked for it: FHIR R4 §3.1.1.4 lets a
+    server ignore a search parameter it does not support (sekmet ignores CareTeam?patient=), and
+    another patient's team must never be alerted."""
     out: list[str] = []
     for team in care_teams:
         if team.get("resourceType") != "CareTeam" or team.get("status") != "active":
+            continue
+        if patient and not _same_reference((team.get("subject") or {}).get("reference"), patient):
             continue
         if not _period_covers(team.get("period"), now):
             continue
@@ -130,9 +142,9 @@ def general_practitioners(patient: dict | None) -> list[str]:
 
 
 def resolve_recipients(care_teams: list[dict], patient: dict | None, default: str | None,
-                       now: datetime) -> tuple[list[str], str]:
+                       now: datetime, patient_ref: str | None = None) -> tuple[list[str], str]:
     """(recipients, source) in the stated order; source: care-team | general-practitioner | default | none."""
-    members = care_team_members(care_teams, now)
+    members = care_team_members(care_teams, now, patient_ref)
     if members:
         return members, "care-team"
     gps = general_practitioners(patient)

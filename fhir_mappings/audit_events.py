@@ -172,7 +172,8 @@ def _data_entity(kind: str, record: dict) -> tuple[dict | None, list[str]]:
         card = d.get("card") or d.get("card_uuid")
         what = {"identifier": {"system": FEEDBACK_SYSTEM, "value": str(card)}} if card else {"display": "feedback"}
         entity = {"what": what, "type": SYSTEM_OBJECT, "role": DOMAIN_RESOURCE,
-                  "detail": _details({"outcome": d.get("outcome"), "overrideReason": d.get("overrideReason")
+                  "detail": _details({"outcome": d.get("outcome") or record.get("outcome"),
+                                      "overrideReason": d.get("overrideReason")
                                       or d.get("override_reason"), "hook": d.get("hook"),
                                       "service": d.get("service")})}
         return entity, []
@@ -184,11 +185,11 @@ def _data_entity(kind: str, record: dict) -> tuple[dict | None, list[str]]:
                                                              "recipient_source", "error")})}
         return entity, [ref] if ref else []
     if kind == "notification":
-        ref = d.get("subscription")
+        ref = d.get("subscription") or (record.get("actor") if is_reference(record.get("actor")) else None)
         what = {"reference": ref} if is_reference(ref) else {"display": "subscription notification"}
         entity = {"what": what, "type": SYSTEM_OBJECT, "role": DOMAIN_RESOURCE,
-                  "detail": _details({k: d.get(k) for k in ("type", "notification_type", "event", "events",
-                                                             "topic", "status")})}
+                  "detail": _details({k: d.get(k) for k in ("kind", "type", "event", "events", "topic", "status",
+                                                             "outcome")})}
         return entity, [ref] if ref else []
     if kind == "audit-access":
         query = d.get("query") or json.dumps(d.get("filters") or {}, sort_keys=True)
@@ -271,7 +272,8 @@ def audit_event(record: dict, ctx: ExportContext | None = None) -> dict:
         {"url": "previousHash", "valueString": record["prev_hash"]},
         {"url": "hash", "valueString": record["hash"]},
     ]}]
-    return event
+    head = {k: event.pop(k) for k in ("resourceType", "id", "meta") if k in event}
+    return head | event
 
 
 def _drop_empty(entity: dict) -> dict:

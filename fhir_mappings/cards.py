@@ -131,7 +131,8 @@ def mri_service_request(a: Assessment, now: datetime, intent: str = "proposal") 
 
 def _mri_suggestion(a: Assessment, now: datetime, intent: str, new_id: NewId, replacing: list[str] = ()) -> dict:
     when = {"emergency": " within 24 h", "urgent": " within 1 week"}.get(a.urgency, "")
-    actions = [{"type": "delete", "description": "Remove the draft spine X-ray order", "resourceId": [ref]}
+    # CDS Hooks 2.0 §Action: `resourceId` is a *string*, "a relative reference to the relevant resource".
+    actions = [{"type": "delete", "description": "Remove the draft spine X-ray order", "resourceId": ref}
                for ref in replacing]
     actions.append({"type": "create", "description": f"Order whole-spine MRI{when}",
                     "resource": mri_service_request(a, now, intent)})

@@ -31,15 +31,33 @@ from service.audit_store import AuditRecord, AuditStore, store_for
 log = structlog.get_logger("spinewatch.audit")
 
 _override: AuditStore | None = None
+_configured = None  # the settings of the app this process serves (see `configure`)
 
 
-def current_store() -> AuditStore:
-    """The store for SPINEWATCH_AUDIT_DB_URL (or the one installed with `use_store`)."""
-    if _override is not None:
-        return _override
+def configure(settings) -> None:
+    """Use these settings for `audit_event` in this process: create_app calls it with the app's own
+    settings, so an app built with explicit Settings (tests, the benchmark) audits where it says.
+    Processes without an app (workers, the CLI) use the environment (get_settings)."""
+    global _configured
+    _configured = settings
+
+
+def _settings(settings=None):
+    if settings is not None:
+        return settings
+    if _configured is not None:
+        return _configured
     from service.settings import get_settings
 
-    return store_for(get_settings().audit_db_url)
+    return get_settings()
+
+
+def current_store(settings=None) -> AuditStore:
+    """The store for SPINEWATCH_AUDIT_DB_URL of `settings` (default: the configured or process
+    settings), or the one installed with `use_store`."""
+    if _override is not None:
+        return _override
+    return store_for(_settings(settings).audit_db_url)
 
 
 def use_store(store: AuditStore | None) -> None:
@@ -57,16 +75,16 @@ def audit_event(kind: str, outcome: str, *, actor: str, patient: str | None = No
 
 
 def record_event(kind: str, outcome: str, *, actor: str, patient: str | None = None,
-                 detail: dict | None = None) -> AuditRecord | None:
-    """As `audit_event`, returning the stored record (None when switched off or on failure)."""
-    from service.settings import get_settings
-
-    if _override is None and not get_settings().audit_enabled:
+                 detail: dict | None = None, settings=None) -> AuditRecord | None:
+    """As `audit_event`, returning the stored record (None when switched off or on failure).
+    `settings`: the app's own settings (default: the process settings)."""
+    settings = _settings(settings)
+    if _override is None and not settings.audit_enabled:
         return None
     from service.metrics import AUDIT_WRITES
 
     try:
-        record = current_store().append(kind, outcome, actor=actor or "unknown", patient=patient, detail=detail)
+        record = current_store(settings).append(kind, outcome, actor=actor or "unknown", patient=patient, detail=detail)
     except Exception as exc:  # never let the audit log take clinical care down with it
         AUDIT_WRITES.labels(kind=kind, outcome="error").inc()
         log.error("audit.write_failed", kind=kind, error=type(exc).__name__)

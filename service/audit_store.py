@@ -133,10 +133,11 @@ class VerifyResult:
     checked: int
     broken_seq: int | None = None
     reason: str | None = None
+    head_hash: str | None = None  # the last record's hash: note it elsewhere to anchor the chain
 
     def message(self) -> str:
         if self.ok:
-            return f"audit log intact: {self.checked} records verified"
+            return f"audit log intact: {self.checked} records verified; head hash {self.head_hash}"
         return f"audit log BROKEN at record {self.broken_seq}: {self.reason}"
 
 
@@ -303,7 +304,7 @@ class AuditStore:
                                     f"records {checked + 1}..{head.seq} are missing (the log head says "
                                     f"{head.seq} records)")
             return VerifyResult(False, checked, head.seq or None, "the log head does not match the last record")
-        return VerifyResult(True, checked)
+        return VerifyResult(True, checked, head_hash=prev)
 
     def dispose(self) -> None:
         self.engine.dispose()

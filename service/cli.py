@@ -81,6 +81,9 @@ from service.cli_ops import check_config  # noqa: E402
 
 app.command()(demo)
 app.command("check-config")(check_config)
+app.command()(__import__("service.cli_serve", fromlist=["serve"]).serve)  # spinewatch serve (issue 3)
+app.add_typer(__import__("service.cli_audit", fromlist=["app"]).app, name="audit")  # audit list|verify|export
+app.add_typer(__import__("service.cli_workers", fromlist=["app"]).app)  # worker, subscribe, dead-letters (issue 4)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -93,7 +93,7 @@ def export(db: DbOption = None,
            since: SinceOption = None, until: UntilOption = None) -> None:
     """Export records in chain order as NDJSON (or a FHIR Bundle)."""
     from fhir_mappings.audit_events import ExportContext, audit_event, bundle
-    from service.audit import record_event
+    from service.settings import get_settings
 
     if format not in ("fhir", "json"):
         typer.echo(f"spinewatch: --format: fhir or json, not {format!r}", err=True)
@@ -123,15 +123,19 @@ def export(db: DbOption = None,
         finally:
             if out:
                 stream.close()
+    except BrokenPipeError:  # the reader (e.g. `head`) closed the pipe: nothing to report
+        sys.stderr.close()
+        raise typer.Exit(0)
     except OSError as exc:
-        typer.echo(f"spinewatch: cannot write {out}: {exc.strerror}", err=True)
+        typer.echo(f"spinewatch: cannot write {out or 'stdout'}: {exc.strerror}", err=True)
         raise typer.Exit(2)
     except Exception as exc:  # noqa: BLE001
         _fail_unreadable(exc)
     filters = {k: v for k, v in {"patient": patient, "kind": kind, "outcome": outcome, "since": since_t,
                                  "until": until_t}.items() if v}
-    if store is not None and not db:
-        record_event("audit-access", "success", actor=f"cli:{_user()}", patient=patient,
+    # The export is recorded in the log it was read from.
+    if get_settings().audit_enabled:
+        store.append("audit-access", "success", actor=f"cli:{_user()}", patient=patient,
                      detail={"action": "export", "format": format, "count": count, "filters": filters})
     typer.echo(f"exported {count} records", err=True)
 

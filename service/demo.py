@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -234,39 +235,80 @@ def start_sekmet(procs: Processes, run_dir: Path) -> str:
 
 # ---------------- the SpineWatch API and worker ----------------
 
-def demo_environment(run_dir: Path, redis_url: str, fhir_base: str, api_base: str) -> dict[str, str]:
+class DemoEhrIssuer:
+    """The demo EHR as a CDS client: an ES384 key, its JWK Set in a file the service is told to trust
+    (SPINEWATCH_CDS_TRUSTED_ISSUERS), and a fresh signed JWT per call (CDS Hooks 2.0, "Trusting CDS
+    Clients"), so the demo runs with JWT verification on, as production does."""
+
+    iss = "https://ehr.demo.spinewatch.invalid"
+
+    def __init__(self, run_dir: Path):
+        import jwt
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        self._jwt = jwt
+        self.key = ec.generate_private_key(ec.SECP384R1())
+        self.kid = uuid.uuid4().hex[:12]
+        public = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(self.key.public_key()))
+        self.jwks_path = run_dir / "demo-ehr-jwks.json"
+        self.jwks_path.write_text(json.dumps({"keys": [public | {"kid": self.kid, "alg": "ES384", "use": "sig"}]}))
+
+    def trusted_issuers(self) -> str:
+        return json.dumps({self.iss: str(self.jwks_path)})
+
+    def authorization(self, audience: str) -> dict[str, str]:
+        now = int(time.time())
+        token = self._jwt.encode({"iss": self.iss, "aud": audience, "iat": now, "exp": now + 300,
+                                  "jti": uuid.uuid4().hex}, self.key, algorithm="ES384",
+                                 headers={"kid": self.kid, "typ": "JWT"})
+        return {"Authorization": f"Bearer {token}"}
+
+
+def demo_environment(run_dir: Path, redis_url: str, fhir_base: str, api_base: str,
+                     issuer: DemoEhrIssuer) -> dict[str, str]:
     """The child processes' environment: the caller's, minus its SPINEWATCH_ settings, plus the
     demo's development settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPINEWATCH_")}
+    fhir_host = fhir_base.split("://", 1)[1].split("/", 1)[0]
     env.update({
         "SPINEWATCH_ENVIRONMENT": "development",
         "SPINEWATCH_LOG_FORMAT": "json",
         "SPINEWATCH_REDIS_URL": redis_url,
         "SPINEWATCH_FHIR_BASE_URL": fhir_base,
+        "SPINEWATCH_FHIR_ALLOWED_HOSTS": fhir_host,
         "SPINEWATCH_PUBLIC_BASE_URL": api_base,
+        "SPINEWATCH_SUBSCRIPTION_ENDPOINT": f"{api_base}/fhir/notifications",
+        "SPINEWATCH_NOTIFICATION_TOKEN": uuid.uuid4().hex,
+        "SPINEWATCH_CDS_TRUSTED_ISSUERS": issuer.trusted_issuers(),
         "SPINEWATCH_AUDIT_DB_URL": f"sqlite:///{run_dir / 'audit.sqlite'}",
         "PYTHONUNBUFFERED": "1",
     })
     return env
 
 
+def cli_has(command: str) -> bool:
+    """Whether `spinewatch COMMAND` exists yet (the demo wires each part in as it lands)."""
+    import typer.main
+
+    from service.cli import app
+
+    return command in typer.main.get_command(app).commands
+
+
+def spinewatch_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "service.cli", *args]
+
+
 def start_api(procs: Processes, env: dict[str, str], port: int) -> str:
     base = f"http://{HOST}:{port}"
-    procs.start("api", [sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory",
-                        "--host", HOST, "--port", str(port), "--no-access-log"], env=env)
+    procs.start("api", spinewatch_cmd("serve", "--host", HOST, "--port", str(port)), env=env)
     wait_until(f"the API at {base}/healthz", lambda: http_ok(f"{base}/healthz"), procs, timeout=60)
     wait_until(f"the API's dependencies ({base}/readyz)", lambda: http_ok(f"{base}/readyz"), procs, timeout=30)
     return base
 
 
-def worker_available() -> bool:
-    return _module_exists("workers.celery_app")
-
-
 def start_worker(procs: Processes, env: dict[str, str]) -> Managed:
-    worker = procs.start("worker", [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
-                                    "--loglevel", "INFO", "--concurrency", "2", "--without-gossip",
-                                    "--without-mingle"], env=env)
+    worker = procs.start("worker", spinewatch_cmd("worker", "--concurrency", "2"), env=env)
     # Celery logs "celery@host ready." once it consumes from the queue.
     wait_until("the worker to be ready", lambda: re.search(r"ready\.", worker.log_path.read_text(errors="replace")),
                procs, timeout=60)
@@ -335,6 +377,64 @@ def post_transaction(fhir: httpx.Client, bundle: dict) -> None:
         raise DemoError(f"the FHIR server refused a demo transaction: HTTP {r.status_code}")
 
 
+# ---------------- what the demo shows ----------------
+
+PATIENT_VIEW_SERVICE = "spinewatch-patient-view"
+
+
+def patient_view(api: str, fhir_base: str, issuer: DemoEhrIssuer, patient: DemoPatient) -> list[dict]:
+    """The CDS Hooks call an EHR makes when a clinician opens the chart (CDS Hooks 2.0 patient-view),
+    with fhirServer so the service reads the record itself."""
+    url = f"{api}/cds-services/{PATIENT_VIEW_SERVICE}"
+    body = {"hook": "patient-view", "hookInstance": str(uuid.uuid4()), "fhirServer": fhir_base,
+            "context": {"userId": "Practitioner/sw-demo-gp", "patientId": patient.patient_id}}
+    r = httpx.post(url, json=body, headers=issuer.authorization(url), timeout=10.0)
+    if r.status_code != 200:
+        raise DemoError(f"patient-view for {patient.reference} answered HTTP {r.status_code}")
+    return r.json()["cards"]
+
+
+def communications(fhir: httpx.Client, patient: DemoPatient) -> list[dict]:
+    r = fhir.get("/Communication", params={"subject": patient.reference, "_count": "100"})
+    r.raise_for_status()
+    return [e["resource"] for e in r.json().get("entry", []) if e.get("search", {}).get("mode", "match") == "match"]
+
+
+def describe_communication(c: dict) -> str:
+    to = ", ".join(r.get("reference", "?") for r in c.get("recipient", [])) or "nobody"
+    text = next((p.get("contentString") for p in c.get("payload", []) if p.get("contentString")), "")
+    text = text if len(text) <= 120 else text[:119] + "…"
+    return f"Communication/{c.get('id')} to {to}, priority {c.get('priority', 'routine')}: {text}"
+
+
+def stored_tier(redis_url: str, patient: DemoPatient) -> str | None:
+    """The tier the worker stored for the patient (service/assessment_store.py) once its evaluation
+    has read every resource of the new report (an earlier one may have seen only part of it)."""
+    from service.assessment_store import AssessmentStore
+    from service.queue import redis_client
+
+    client = redis_client(redis_url)
+    try:
+        stored = AssessmentStore(client).get(patient.reference) or {}
+    finally:
+        client.close()
+    report = {f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in patient.report["entry"]}
+    return stored.get("urgency") if report <= set(stored.get("seen") or {}) else None
+
+
+def audit_summary(db_url: str) -> dict:
+    from service.audit_store import store_for
+
+    store = store_for(db_url)
+    counts: dict[str, int] = {}
+    for record in store.iter_all():
+        counts[record.kind] = counts.get(record.kind, 0) + 1
+    result = store.verify()
+    store.dispose()
+    return {"count": sum(counts.values()), "kinds": ", ".join(f"{k} {n}" for k, n in sorted(counts.items())),
+            "ok": result.ok, "verification": f"{'verified' if result.ok else 'BROKEN'} ({result.message()})"}
+
+
 # ---------------- the run ----------------
 
 STEPS = 12
@@ -351,6 +451,7 @@ class Demo:
     urls: dict[str, str] = field(default_factory=dict)
     patients: list[DemoPatient] = field(default_factory=list)
     pending: list[str] = field(default_factory=list)  # steps that could not run yet, and why
+    results: dict = field(default_factory=dict)
 
     def run(self) -> int:
         temp = self.run_dir is None
@@ -358,7 +459,9 @@ class Demo:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.procs = Processes(run_dir / "logs")
         out = Progress(STEPS, self.write)
-        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        # Ctrl-C and SIGTERM both end the demo through the `finally` below (SIGINT explicitly: a shell
+        # starts background jobs with it ignored).
+        previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             self._run(out, run_dir)
             ok = self._report(out)
@@ -367,7 +470,8 @@ class Demo:
             return 0 if ok else 1
         except DemoError as exc:
             out.say(f"\nspinewatch demo failed: {exc}")
-            out.say(f"logs: {self.procs.log_dir}" if not temp else "")
+            if not temp:
+                out.say(f"logs: {self.procs.log_dir}")
             return 1
         except KeyboardInterrupt:
             out.say("\ninterrupted")
@@ -375,7 +479,8 @@ class Demo:
         finally:
             out.say("stopping the demo's processes ...")
             self.procs.stop_all()
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             if temp:
                 shutil.rmtree(run_dir, ignore_errors=True)
             out.say("stopped.")
@@ -389,17 +494,19 @@ class Demo:
             self.urls["fhir"] = start_sekmet(self.procs, run_dir)
             s["detail"] = self.urls["fhir"]
         api_port = free_port()
-        env = demo_environment(run_dir, self.urls["redis"], self.urls["fhir"], f"http://{HOST}:{api_port}")
-        with out.step("SpineWatch API (uvicorn)") as s:
+        issuer = DemoEhrIssuer(run_dir)
+        env = demo_environment(run_dir, self.urls["redis"], self.urls["fhir"], f"http://{HOST}:{api_port}", issuer)
+        self.urls["audit"] = env["SPINEWATCH_AUDIT_DB_URL"]
+        with out.step("SpineWatch API (spinewatch serve)") as s:
             self.urls["api"] = start_api(self.procs, env, api_port)
             s["detail"] = self.urls["api"]
-        with out.step("SpineWatch worker (Celery)") as s:
-            if worker_available():
+        with out.step("SpineWatch worker (spinewatch worker)") as s:
+            if cli_has("worker"):
                 start_worker(self.procs, env)
             else:
-                s["skipped"] = self._pending("worker", "workers/celery_app.py (issue 4) has not landed")
+                s["skipped"] = self._pending("worker", "`spinewatch worker` (issue 4) has not landed")
         with out.step("audit log (SQLite)") as s:
-            s["detail"] = env["SPINEWATCH_AUDIT_DB_URL"]
+            s["detail"] = self.urls["audit"]
         self.patients = load_demo_patients()
         fhir = httpx.Client(base_url=self.urls["fhir"], timeout=10.0,
                             headers={"Accept": FHIR_JSON, "Content-Type": FHIR_JSON})
@@ -409,57 +516,98 @@ class Demo:
                     post_transaction(fhir, p.chart)
                 s["detail"] = ", ".join(p.reference for p in self.patients)
             with out.step("registering the subscriptions (spinewatch subscribe)") as s:
-                s["skipped"] = self._pending("subscriptions", "service/subscriptions.py (issue 4) has not landed")
+                if cli_has("subscribe"):
+                    s["detail"] = self._subscribe(env)
+                else:
+                    s["skipped"] = self._pending("subscriptions", "`spinewatch subscribe` (issue 4) has not landed")
             with out.step("the EHR records new back-pain reports (Conditions, Observations)") as s:
                 for p in self.patients:
                     post_transaction(fhir, p.report)
                 s["detail"] = f"{sum(len(p.report['entry']) for p in self.patients)} resources"
-            with out.step("waiting for the worker's assessments") as s:
-                s["skipped"] = self._pending("assessments", "no worker and assessment store yet (issue 4)")
+            with out.step("the worker evaluates each patient") as s:
+                if cli_has("worker") and cli_has("subscribe"):
+                    self._wait_for_tiers()
+                    s["detail"] = ", ".join(f"{p.patient_id}: {p.results['tier']}" for p in self.patients)
+                else:
+                    s["skipped"] = self._pending("tiers", "needs the worker and the subscriptions (issue 4)")
             with out.step("patient-view cards from the CDS Hooks service") as s:
-                s["skipped"] = self._pending("cards", "service/routes/cds_hooks.py (issue 3) has not landed")
-            with out.step("care-team alerts (Communication) on the EHR") as s:
                 for p in self.patients:
-                    r = fhir.get("/Communication", params={"subject": p.reference})
-                    p.results["alerts"] = [e["resource"] for e in r.json().get("entry", [])
-                                           if e.get("search", {}).get("mode", "match") == "match"]
+                    cards = patient_view(self.urls["api"], self.urls["fhir"], issuer, p)
+                    p.results["card"] = (cards[0]["indicator"], cards[0]["summary"]) if cards else None
+                s["detail"] = f"{sum(1 for p in self.patients if p.results['card'])} card(s)"
+            with out.step("care-team alerts (Communication) on the EHR") as s:
+                self._wait_for_alerts(fhir)
                 s["detail"] = f"{sum(len(p.results['alerts']) for p in self.patients)} Communication(s)"
-        with out.step("audit summary and verification") as s:
-            s["skipped"] = self._pending("audit", "`spinewatch audit` (issue 5) has not landed")
+        with out.step("audit summary and verification (spinewatch audit verify)") as s:
+            self.results["audit"] = audit_summary(self.urls["audit"])
+            s["detail"] = self.results["audit"]["verification"]
+
+    def _subscribe(self, env: dict[str, str]) -> str:
+        done = subprocess.run(spinewatch_cmd("subscribe", "--json"), env=env, capture_output=True, text=True,
+                              timeout=60)
+        if done.returncode != 0:
+            raise DemoError(f"`spinewatch subscribe` failed: {(done.stderr or done.stdout).strip()[-300:]}")
+        subs = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+        return ", ".join(f"{s['resource_type']} ({s['mode']}, {s['status']})" for s in subs)
+
+    def _wait_for_tiers(self) -> None:
+        def all_evaluated() -> bool:
+            for p in self.patients:
+                p.results["tier"] = stored_tier(self.urls["redis"], p)
+            return all(p.results["tier"] for p in self.patients)
+        wait_until("the worker's assessments", all_evaluated, self.procs, timeout=self.timeout, interval=0.5)
+
+    def _wait_for_alerts(self, fhir: httpx.Client) -> None:
+        """Alerts are written in the background: wait for those the tiers call for, then list all."""
+        expecting = [p for p in self.patients if p.results.get("tier") in ("emergency", "urgent")]
+        if expecting:
+            wait_until("the care-team alerts", lambda: all(communications(fhir, p) for p in expecting),
+                       self.procs, timeout=self.timeout, interval=0.5)
+        for p in self.patients:
+            p.results["alerts"] = [describe_communication(c) for c in communications(fhir, p)]
 
     def _pending(self, name: str, why: str) -> str:
         self.pending.append(f"{name}: {why}")
         return why
 
     def _report(self, out: Progress) -> bool:
+        """The results, one block per patient; True when each patient reached its expected tier."""
         out.say("")
         out.say("Results")
         ok = True
         for p in self.patients:
             tier = p.results.get("tier")
-            out.say(f"  {p.reference}  ({p.title})")
-            out.say(f"    expected tier: {p.expected_tier}; tier: {tier or 'not evaluated'}")
-            if tier is not None and tier != p.expected_tier:
-                ok = False
+            ok = ok and tier == p.expected_tier
+            out.say(f"  {p.reference}: {p.title}")
+            out.say(f"    tier: {tier or 'not evaluated'} (expected {p.expected_tier})")
             card = p.results.get("card")
-            if card:
-                out.say(f"    card: [{card['indicator']}] {card['summary']}")
-            elif "card" in p.results:
-                out.say("    card: none")
-            out.say(f"    alerts on the EHR: {len(p.results.get('alerts', []))} Communication(s)")
+            out.say(f"    patient-view card: {f'[{card[0]}] {card[1]}' if card else 'none'}")
+            alerts = p.results.get("alerts", [])
+            out.say(f"    care-team alerts on the EHR: {len(alerts)}")
+            for line in alerts:
+                out.say(f"      - {line}")
+        audit = self.results.get("audit")
+        if audit:
+            out.say(f"Audit log: {audit['count']} records ({audit['kinds']}); hash chain: {audit['verification']}")
+            if self.run_dir is not None or self.serve:
+                out.say(f"  check it yourself: spinewatch audit verify --db {self.urls['audit']}")
+            ok = ok and audit["ok"]
         if self.pending:
             out.say("")
             out.say("Not shown yet (parts still being built):")
             for line in self.pending:
                 out.say(f"  - {line}")
+        out.say("")
+        out.say("Demo OK: every patient reached its expected tier." if ok else "Demo NOT OK: see above.")
         return ok
 
     def _serve(self, out: Progress) -> None:
         out.say("")
         out.say("Serving until Ctrl-C:")
-        out.say(f"  SpineWatch API   {self.urls['api']}  (/healthz, /readyz, /metrics, /docs)")
+        out.say(f"  SpineWatch API   {self.urls['api']}  (/cds-services, /healthz, /readyz, /metrics, /docs)")
         out.say(f"  demo EHR (FHIR)  {self.urls['fhir']}")
         out.say(f"  Redis            {self.urls['redis']}")
+        out.say(f"  audit log        {self.urls['audit']}")
         out.say(f"  logs             {self.procs.log_dir}")
         while True:
             self.procs.check_alive()

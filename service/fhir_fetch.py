@@ -115,6 +115,9 @@ class FhirClient:
         return self
 
     async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
         await self._client.aclose()
 
     async def fetch(self, key: PrefetchKey, patient_id: str) -> list[dict]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PLACEHOLDER_SECRET = "dev-only-change-me"
@@ -75,6 +75,75 @@ class Settings(BaseSettings):
         "proposal", description="intent of the MRI ServiceRequest a patient-view card suggests")
     hook_timeout_seconds: float = Field(2.0, gt=0, le=30, description="time budget for fetching missing data from "
                                                                       "fhirServer; over it: 412, never a hang")
+    # Subscriptions, queue and FHIR client (service/routes/notifications.py, service/queue.py,
+    # service/fhir_client.py, service/subscriptions.py, workers/; docs/subscriptions.md)
+    redis_url: str = Field("redis://127.0.0.1:6379/0",
+                           description="Redis: Celery broker, notification de-duplication, stored assessments, "
+                                       "dead letters (run it with appendonly yes: a queued event must survive a restart)")
+    notification_token: str = Field(PLACEHOLDER_SECRET,
+                                    description="secret the FHIR server sends with every notification "
+                                                "(channel.header `Authorization: Bearer <it>`); compared in constant time")
+    notification_max_bytes: int = Field(5_000_000, ge=1024, description="largest notification body accepted (bytes); "
+                                                                        "larger: 413")
+    fhir_base_url: str = Field("http://127.0.0.1:8080/fhir",
+                               description="the EHR's FHIR R4 base the workers read from and `spinewatch subscribe` "
+                                           "registers on")
+    fhir_auth: Literal["none", "bearer", "smart-backend"] = Field(
+        "none", description="how the workers authenticate to the FHIR server: none, bearer (a static token) or "
+                            "smart-backend (SMART Backend Services, client_credentials + private_key_jwt)")
+    fhir_bearer_token: str | None = Field(None, description="the static token for fhir_auth=bearer")
+    smart_client_id: str | None = Field(None, description="SMART Backend Services client_id (fhir_auth=smart-backend)")
+    smart_token_url: str | None = Field(None, description="token endpoint; unset: read from "
+                                                          "{fhir_base_url}/.well-known/smart-configuration")
+    smart_private_key_path: str | None = Field(None, description="PEM private key that signs the client assertion")
+    smart_alg: Literal["RS384", "ES384"] = Field("RS384", description="client assertion algorithm: RS384 or ES384")
+    smart_key_id: str | None = Field(None, description="`kid` of the signing key in the JWKS registered with the server")
+    smart_scope: str = Field("system/*.read system/Subscription.write",
+                             description="scopes requested with the SMART Backend Services token")
+    fhir_timeout_seconds: float = Field(10.0, gt=0, le=120, description="HTTP timeout (seconds) for each FHIR request")
+    fhir_max_pages: int = Field(50, ge=1, le=10_000, description="most search pages followed for one search")
+    subscription_endpoint: str = Field("http://127.0.0.1:8000/fhir/notifications",
+                                       description="the public URL of POST /fhir/notifications, as the FHIR server "
+                                                   "reaches it (channel.endpoint of the Subscriptions we create)")
+    coalesce_seconds: float = Field(0.5, ge=0, le=300, description="events for one patient this close together "
+                                                                   "are evaluated once (the evaluation waits this long)")
+    task_max_retries: int = Field(5, ge=0, le=100, description="retries of a task after a transient FHIR error, "
+                                                               "then the dead-letter list")
+    task_retry_backoff_seconds: float = Field(2.0, gt=0, le=3600, description="first retry delay; doubles per retry, "
+                                                                              "with jitter")
+    task_time_limit_seconds: int = Field(300, ge=5, description="hard time limit of one task (the soft limit is 80 % "
+                                                                "of it); must stay below the visibility timeout")
+    broker_visibility_timeout_seconds: int = Field(3600, ge=10, description="Redis broker: an unacknowledged task is "
+                                                                            "redelivered after this long")
+    heartbeat_watchdog_seconds: int = Field(600, ge=1, description="no notification nor heartbeat from a "
+                                                                   "Subscription for this long: ask its $status")
+    reconciliation_interval_seconds: int = Field(900, ge=0, description="every so often, look for Conditions and "
+                                                                        "Observations changed since the last sweep "
+                                                                        "(_lastUpdated), as a safety net; 0 = off")
+    dedup_ttl_seconds: int = Field(7 * 86400, ge=60, description="how long a seen event number or resource version "
+                                                                 "is remembered for de-duplication")
+
+    # URLs are plain strings above; refuse a wrong scheme here, at start-up, rather than at first use.
+    @field_validator("redis_url", "cds_jti_redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a Redis URL: redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("fhir_base_url", "subscription_endpoint", "public_base_url", "alert_webhook_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value and not (value.startswith(("http://", "https://")) and value.split("://", 1)[1].strip("/")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("audit_db_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        if not value.startswith(("sqlite:///", "postgresql://", "postgresql+psycopg://", "postgres://")):
+            raise ValueError("must be sqlite:///PATH or postgresql://user:password@host/database")
+        return value
 
     @model_validator(mode="after")
     def _cds_hooks_production_rules(self) -> "Settings":

@@ -20,7 +20,7 @@ from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from service.audit import current_store, record_event
+from service.audit import configure, current_store, record_event
 from service.errors import InvalidRequest, Unauthorized
 from service.metrics import AUTH_FAILURES
 
@@ -52,10 +52,18 @@ def _client(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
+def _store(request: Request):
+    return current_store(request.app.state.settings)
+
+
+def _record(request: Request, kind: str, outcome: str, **kwargs) -> None:
+    record_event(kind, outcome, settings=request.app.state.settings, **kwargs)
+
+
 def _refuse(request: Request, reason: str) -> None:
     AUTH_FAILURES.labels(surface="audit", reason=reason).inc()
-    record_event("auth-failure", "failure", actor=_client(request),
-                 detail={"surface": "audit", "reason": reason, "path": request.url.path})
+    _record(request, "auth-failure", "failure", actor=_client(request),
+            detail={"surface": "audit", "reason": reason, "path": request.url.path})
 
 
 def _authorised(request: Request) -> bool:
@@ -129,8 +137,8 @@ AuditFilters = Annotated[Filters, Depends(_filters)]
 def list_events(request: Request, reviewer: Reviewer, filters: AuditFilters,
                 format: Annotated[str, Query(pattern="^(json|fhir)$")] = "json"):
     """Audit records matching the filters, newest first, with paging (total, limit, offset)."""
-    records, total = current_store().query(**filters.query(), limit=filters.limit, offset=filters.offset)
-    record_event("audit-access", "success", actor=reviewer, patient=filters.patient,
+    records, total = _store(request).query(**filters.query(), limit=filters.limit, offset=filters.offset)
+    _record(request, "audit-access", "success", actor=reviewer, patient=filters.patient,
                  detail={"action": "list", "filters": filters.audit_detail(), "count": len(records)})
     if format == "fhir":
         from fhir_mappings.audit_events import ExportContext, audit_event
@@ -158,21 +166,38 @@ def feedback_counts(records) -> dict:
 
 
 def _reason_label(detail: dict) -> str:
-    # CDS Hooks 2.0 feedback: overrideReason.reason is a Coding; the free-text userComment is never stored.
+    # CDS Hooks 2.0 feedback: overrideReason.reason is a Coding (stored as system and code); the
+    # free-text userComment is never stored. Our own codes are shown with their display.
+    from fhir_mappings.cards import OVERRIDE_REASONS
+
     reason = detail.get("overrideReason") or detail.get("override_reason") or detail.get("reason")
     if isinstance(reason, dict):
         reason = reason.get("reason", reason)
         if isinstance(reason, dict):
-            return str(reason.get("display") or reason.get("code") or "unspecified")
+            code = reason.get("code")
+            known = next((r["display"] for r in OVERRIDE_REASONS
+                          if r["code"] == code and reason.get("system") in (None, r["system"])), None)
+            return str(reason.get("display") or known or code or "unspecified")
     return str(reason) if reason else "unspecified"
+
+
+def _patient_feedback(store, filters: Filters, cards) -> list:
+    """Feedback on this patient's cards. CDS Hooks feedback names the card, not the patient, so it
+    is matched to the patient through the card uuids of the patient's `card` records."""
+    uuids = {u for r in cards for u in (r.detail or {}).get("cards") or []}
+    if not uuids:
+        return []
+    q = filters.query() | {"patient": None, "kinds": ["feedback"]}
+    records, _ = store.query(**q, limit=20000, newest_first=False)
+    return [r for r in records if (r.detail or {}).get("card") in uuids]
 
 
 def summarise(record) -> str:
     """One line for the timeline: codes and references only."""
     d = record.detail or {}
     if record.kind == "notification":
-        parts = [d.get("subscription"), d.get("type") or d.get("notification_type"),
-                 _n(d.get("focus"), "resource")]
+        parts = [d.get("kind") or d.get("type"), _n(d.get("events"), "event"), _n(d.get("focus"), "resource"),
+                 d.get("outcome")]
     elif record.kind == "evaluation":
         flags = d.get("flags") or d.get("red_flags") or []
         parts = [f"tier {d.get('tier')}" if d.get("tier") else None, ", ".join(flags) if flags else None,
@@ -181,7 +206,8 @@ def summarise(record) -> str:
         parts = [d.get("hook"), _n(d.get("cards"), "card"), d.get("indicator")]
     elif record.kind == "feedback":
         outcome = d.get("outcome") or record.outcome
-        parts = [outcome, _reason_label(d) if outcome == "overridden" else None]
+        parts = [f"card {str(d.get('card'))[:8]}" if d.get("card") else None,
+                 _reason_label(d) if outcome == "overridden" else None]
     elif record.kind == "alert":
         parts = [d.get("tier"), d.get("communication"), d.get("channel") or ", ".join(d.get("channels") or []),
                  d.get("error")]
@@ -209,11 +235,16 @@ def review_page(request: Request, filters: AuditFilters):
     if not _authorised(request):  # a browser without a session gets the token form
         html = _templates.get_template("audit_login.html").render(failed=request.query_params.get("failed") == "1")
         return HTMLResponse(html, status_code=401)
-    store = current_store()
+    store = _store(request)
     records, total = store.query(**filters.query(), limit=filters.limit, offset=filters.offset)
-    timeline = _page_records(store, list(TIMELINE_KINDS), filters) if filters.patient else []
-    feedback = feedback_counts(_page_records(store, ["feedback"], filters))
-    record_event("audit-access", "success", actor="reviewer", patient=filters.patient,
+    if filters.patient:
+        timeline = _page_records(store, list(TIMELINE_KINDS), filters)
+        feedback_records = _patient_feedback(store, filters, [r for r in timeline if r.kind == "card"])
+        timeline = sorted([r for r in timeline if r.kind != "feedback"] + feedback_records, key=lambda r: r.seq)
+    else:
+        timeline, feedback_records = [], _page_records(store, ["feedback"], filters)
+    feedback = feedback_counts(feedback_records)
+    _record(request, "audit-access", "success", actor="reviewer", patient=filters.patient,
                  detail={"action": "page", "filters": filters.audit_detail(), "count": len(records)})
     base = {k: v for k, v in {"patient": filters.patient, "outcome": filters.outcome,
                               "since": request.query_params.get("since"),
@@ -251,8 +282,15 @@ def logout():
 
 
 @router.get("/audit/verify")
-def verify_chain(reviewer: Reviewer):
+def verify_chain(request: Request, reviewer: Reviewer):
     """Walk the hash chain: {"ok": true, "checked": n} or the first broken record."""
-    result = current_store().verify()
-    record_event("audit-access", "success", actor=reviewer, detail={"action": "verify", "ok": result.ok})
-    return {"ok": result.ok, "checked": result.checked, "broken_seq": result.broken_seq, "reason": result.reason}
+    result = _store(request).verify()
+    _record(request, "audit-access", "success", actor=reviewer, detail={"action": "verify", "ok": result.ok})
+    return {"ok": result.ok, "checked": result.checked, "broken_seq": result.broken_seq, "reason": result.reason,
+            "head_hash": result.head_hash}
+
+
+def install(app) -> None:
+    """Register the audit routes and point `audit_event` at this app's settings (service/app.py)."""
+    configure(app.state.settings)
+    app.include_router(router)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from functools import lru_cache
 from typing import Any
 
 import httpx
@@ -55,19 +54,15 @@ def fhir_check(base_url: str, timeout: float) -> Check:
     return check
 
 
-@lru_cache(maxsize=4)
-def _engine(url: str):
-    from sqlalchemy import create_engine
-
-    return create_engine(url, pool_pre_ping=True)
-
-
-def database_check(url: str) -> Check:
-    """The audit store's database accepts a connection and `SELECT 1`."""
+def audit_store_check(url: str) -> Check:
+    """The audit store's database accepts a connection and `SELECT 1` (through the store's own engine,
+    which picks the driver for the URL)."""
     def ping() -> None:
         from sqlalchemy import text
 
-        with _engine(url).connect() as conn:
+        from service.audit_store import store_for
+
+        with store_for(url).engine.connect() as conn:
             conn.execute(text("SELECT 1"))
 
     async def check() -> None:
@@ -85,7 +80,7 @@ def default_checks(settings: Any) -> dict[str, Check]:
         checks["redis"] = redis_check(redis_url, timeout)
     audit_url = getattr(settings, "audit_db_url", None)
     if audit_url and getattr(settings, "audit_enabled", True):
-        checks["audit_store"] = database_check(audit_url)
+        checks["audit_store"] = audit_store_check(audit_url)
     fhir_url = getattr(settings, "fhir_base_url", None)
     if fhir_url:
         checks["fhir"] = fhir_check(fhir_url, timeout)

@@ -1,0 +1,324 @@
+"""Work queue: Celery on Redis, addressed by task name, plus the Redis bookkeeping that makes
+"at least once, maybe never" delivery safe: de-duplication, per-patient coalescing and per
+subscription event numbers.
+
+The service never imports the worker's task modules (DESIGN.md); it sends by name. The workers
+use the same class to schedule follow-up work.
+
+Redis keys (prefix `spinewatch:`):
+    dedup:event:Subscription/<id>:<n>   an event number seen          "claimed" | "queued"
+    dedup:version:<Type>/<id>:<v>       a resource version seen       "claimed" | "queued"
+    pending:Patient/<id>                an evaluation is queued and not started ("queued"), or
+                                        being queued right now ("claimed:<token>")
+    pending-focus:Patient/<id>          references the queued evaluation must re-read
+    subscription:Subscription/<id>      hash: highest event number, last event / heartbeat times,
+                                        status, kind
+    subscriptions                       set of the Subscriptions the watchdog looks after
+    reconcile:since                     the _lastUpdated lower bound of the next sweep
+
+De-duplication is two-phase: a key is "claimed" while its work is being queued and "queued" once it
+is. A repeat that finds "queued" is a duplicate (200, nothing done); one that finds "claimed" is a
+concurrent delivery of the same event and is told to come back (503), because the first may yet
+fail; a failed enqueue deletes its claims so the server's retry is not mistaken for a duplicate.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import redis
+import structlog
+from celery import Celery
+from kombu.exceptions import OperationalError
+
+QUEUE = "celery"  # Celery's default queue name; /metrics reports its depth (service/routes/ops.py)
+PREFIX = "spinewatch:"
+TASK_EVALUATE = "spinewatch.evaluate_patient"
+TASK_RESOLVE = "spinewatch.resolve_focus"
+TASK_CATCH_UP = "spinewatch.catch_up"
+TASK_RECONCILE = "spinewatch.reconcile"
+TASK_WATCHDOG = "spinewatch.heartbeat_watchdog"
+# Notifications arrive out of order (sekmet, like most servers, delivers from a thread pool): a
+# number missing now often arrives a moment later, so recovery waits this long before it looks.
+GAP_GRACE_SECONDS = 3.0
+# A "claimed" key outlives a crashed request by this long at most.
+CLAIM_SECONDS = 30
+PENDING_SECONDS = 300
+BUSY_WAITS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0)  # ~90 ms in all
+
+log = structlog.get_logger("spinewatch.queue")
+
+
+class QueueUnavailable(Exception):
+    """Redis (the broker and the bookkeeping) cannot be reached: nothing was queued."""
+
+
+_CLAIM = """
+local state = 'new'
+for _, k in ipairs(KEYS) do
+  local v = redis.call('GET', k)
+  if v == 'queued' then state = 'duplicate'
+  elseif v and state == 'new' then state = 'busy' end
+end
+if state == 'new' then
+  for _, k in ipairs(KEYS) do redis.call('SET', k, 'claimed', 'EX', ARGV[1]) end
+elseif state == 'duplicate' then
+  for _, k in ipairs(KEYS) do redis.call('SET', k, 'queued', 'EX', ARGV[2], 'NX') end
+end
+return state
+"""
+
+# KEYS: marker, focus set. ARGV: token, ttl, focus refs... Returns coalesced | claimed | busy.
+_PENDING = """
+local state = redis.call('GET', KEYS[1])
+if state and state ~= 'queued' then return 'busy' end
+if not state then redis.call('SET', KEYS[1], 'claimed:' .. ARGV[1], 'EX', ARGV[2]) end
+if #ARGV > 2 then
+  redis.call('SADD', KEYS[2], unpack(ARGV, 3))
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+end
+if state then return 'coalesced' end
+return 'claimed'
+"""
+
+# Set the marker to "queued" only if it is still our claim: had the task already started (and
+# deleted the marker), a new "queued" marker would swallow later events.
+_PENDING_QUEUED = """
+if redis.call('GET', KEYS[1]) == 'claimed:' .. ARGV[1] then
+  redis.call('SET', KEYS[1], 'queued', 'EX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+_PENDING_RELEASE = """
+if redis.call('GET', KEYS[1]) == 'claimed:' .. ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# KEYS[1] subscription hash. ARGV: highest number in this notification (-1: none), now, field to stamp.
+_ADVANCE = """
+local prev = redis.call('HGET', KEYS[1], 'highest')
+local top = tonumber(ARGV[1])
+if top >= 0 and (not prev or top > tonumber(prev)) then redis.call('HSET', KEYS[1], 'highest', top) end
+redis.call('HSET', KEYS[1], 'last_seen_at', ARGV[2], ARGV[3], ARGV[2])
+return prev
+"""
+
+
+def redis_client(url: str, timeout: float = 2.0) -> redis.Redis:
+    # Short timeouts: when Redis is down the notifier must hear 503 quickly, not hang.
+    return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                health_check_interval=30, decode_responses=True)
+
+
+def producer(settings) -> Celery:
+    """A Celery app that only sends (no task modules imported): broker and queue as the worker's."""
+    app = Celery("spinewatch-producer", broker=settings.redis_url, set_as_current=False)
+    app.conf.update(
+        task_default_queue=QUEUE,
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        broker_connection_timeout=2,
+        broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout_seconds,
+                                  "socket_timeout": 2, "socket_connect_timeout": 2},
+    )
+    return app
+
+
+@dataclass(frozen=True)
+class SubscriptionState:
+    highest: int | None  # highest event number seen; None: never heard of it
+    last_event_at: str | None
+    status: str | None
+    kind: str | None
+    last_seen_at: str | None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+class WorkQueue:
+    def __init__(self, settings, redis_conn: redis.Redis | None = None, celery_app: Celery | None = None):
+        self.settings = settings
+        self.redis = redis_conn or redis_client(settings.redis_url)
+        self.celery = celery_app or producer(settings)
+        self._claim = self.redis.register_script(_CLAIM)
+        self._pending = self.redis.register_script(_PENDING)
+        self._pending_queued = self.redis.register_script(_PENDING_QUEUED)
+        self._pending_release = self.redis.register_script(_PENDING_RELEASE)
+        self._advance = self.redis.register_script(_ADVANCE)
+
+    # ---------------- sending ----------------
+
+    def send(self, name: str, args: tuple | list = (), kwargs: dict | None = None,
+             countdown: float | None = None) -> str:
+        """Put one task on the queue by name; returns its id. QueueUnavailable if Redis refused."""
+        try:
+            result = self.celery.send_task(name, args=list(args), kwargs=kwargs or {}, queue=QUEUE,
+                                           countdown=countdown or None, retry=False)
+        except (OperationalError, redis.RedisError, OSError) as exc:
+            raise QueueUnavailable(f"cannot queue {name}: {type(exc).__name__}") from None
+        return result.id
+
+    # ---------------- de-duplication ----------------
+
+    def claim(self, keys: tuple[str, ...] | list[str]) -> str:
+        """"new" (keys claimed: queue the work, then confirm or release), "duplicate" or "busy"."""
+        if not keys:
+            return "new"
+        return self._redis(self._claim, keys=[PREFIX + "dedup:" + k for k in keys],
+                           args=[CLAIM_SECONDS, self.settings.dedup_ttl_seconds])
+
+    def confirm(self, keys) -> None:
+        if keys:
+            pipe = self.redis.pipeline(transaction=False)
+            for k in keys:
+                pipe.set(PREFIX + "dedup:" + k, "queued", ex=self.settings.dedup_ttl_seconds)
+            self._redis(pipe.execute)
+
+    def release(self, keys) -> None:
+        """Best effort: when Redis is down the claims expire by themselves (CLAIM_SECONDS)."""
+        if keys:
+            try:
+                self.redis.delete(*[PREFIX + "dedup:" + k for k in keys])
+            except redis.RedisError:
+                pass
+
+    def seen(self, key: str) -> bool:
+        return bool(self._redis(self.redis.exists, PREFIX + "dedup:" + key))
+
+    def mark_seen(self, keys) -> None:
+        self.confirm(keys)
+
+    # ---------------- per-patient coalescing ----------------
+
+    def schedule_evaluation(self, patient: str, focus: tuple[str, ...] | list[str] = (),
+                            trigger: dict | None = None) -> str:
+        """Queue an evaluation of `patient`, unless one is queued and not yet started: that one will
+        read the record after this event, so it is enough ("coalesced"; the focus references are
+        handed to it). The first event waits `coalesce_seconds`, so a burst is evaluated once."""
+        token = uuid.uuid4().hex
+        marker, focus_set = PREFIX + "pending:" + patient, PREFIX + "pending-focus:" + patient
+        for wait in BUSY_WAITS:
+            state = self._redis(self._pending, keys=[marker, focus_set], args=[token, PENDING_SECONDS, *focus])
+            if state != "busy":
+                break
+            # Another delivery is queueing this patient's evaluation right now (a millisecond's
+            # work): wait for it rather than queue a second one. If it stays busy (that request
+            # died), queue our own: an extra evaluation is harmless, a lost one is not.
+            time.sleep(wait)
+        if state == "coalesced":
+            return "coalesced"
+        try:
+            self.send(TASK_EVALUATE, kwargs={"patient": patient, "focus": list(focus), "trigger": trigger or {}},
+                      countdown=self.settings.coalesce_seconds)
+        except QueueUnavailable:
+            if state == "claimed":
+                try:
+                    self._pending_release(keys=[marker], args=[token])
+                except redis.RedisError:
+                    pass  # expires by itself; meanwhile "claimed" makes others queue their own task
+            raise
+        if state == "claimed":
+            self._redis(self._pending_queued, keys=[marker], args=[token, PENDING_SECONDS])
+        return "queued"
+
+    def take_pending(self, patient: str) -> list[str]:
+        """Called by the evaluation as it starts: from now on, new events queue a new evaluation.
+        Returns the focus references of the events it absorbed."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.smembers(PREFIX + "pending-focus:" + patient)
+        pipe.delete(PREFIX + "pending-focus:" + patient, PREFIX + "pending:" + patient)
+        members, _ = self._redis(pipe.execute)
+        return sorted(members or [])
+
+    # ---------------- subscriptions ----------------
+
+    def subscription_state(self, subscription: str) -> SubscriptionState:
+        data = self._redis(self.redis.hgetall, PREFIX + "subscription:" + subscription) or {}
+        highest = data.get("highest")
+        return SubscriptionState(int(highest) if highest is not None else None, data.get("last_event_at"),
+                                 data.get("status"), data.get("kind"), data.get("last_seen_at"))
+
+    def advance_subscription(self, subscription: str, *, kind: str, status: str | None, top: int | None,
+                             event: bool) -> None:
+        """Record a notification: highest event number (never lowered), when it was heard from,
+        the status the server reported. Called after the work is queued (see the route)."""
+        key = PREFIX + "subscription:" + subscription
+        now = _now()
+        self._redis(self._advance, keys=[key],
+                    args=[top if top is not None else -1, now, "last_event_at" if event else f"last_{kind}_at"])
+        fields = {"kind": "backport"} | ({"status": status} if status else {})
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(key, mapping=fields)
+        pipe.sadd(PREFIX + "subscriptions", subscription)
+        self._redis(pipe.execute)
+
+    def track_subscription(self, subscription: str, *, kind: str, status: str | None = None,
+                           reset: bool = False) -> None:
+        """`spinewatch subscribe` registers what it created, so the watchdog looks after it. A new
+        backport Subscription starts at event 0 (reset), so event 1 is not mistaken for a first
+        contact."""
+        key = PREFIX + "subscription:" + subscription
+        fields = {"kind": kind, "last_seen_at": _now()} | ({"status": status} if status else {})
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(key, mapping=fields)
+        if reset:
+            pipe.hsetnx(key, "highest", 0)
+        pipe.sadd(PREFIX + "subscriptions", subscription)
+        self._redis(pipe.execute)
+
+    def untrack_subscription(self, subscription: str) -> None:
+        self._redis(self.redis.srem, PREFIX + "subscriptions", subscription)
+
+    def tracked_subscriptions(self) -> list[str]:
+        return sorted(self._redis(self.redis.smembers, PREFIX + "subscriptions") or [])
+
+    def set_subscription_fields(self, subscription: str, **fields) -> None:
+        self._redis(self.redis.hset, PREFIX + "subscription:" + subscription,
+                    mapping={k: (json.dumps(v) if isinstance(v, (dict, list)) else str(v)) for k, v in fields.items()})
+
+    # ---------------- reconciliation ----------------
+
+    def reconcile_since(self) -> str | None:
+        return self._redis(self.redis.get, PREFIX + "reconcile:since")
+
+    def set_reconcile_since(self, instant: str) -> None:
+        self._redis(self.redis.set, PREFIX + "reconcile:since", instant)
+
+    def request_reconcile(self, reason: str) -> str:
+        """One sweep at a time is enough: a ping while one is queued adds nothing."""
+        if not self._redis(self.redis.set, PREFIX + "reconcile:pending", reason, nx=True,
+                           ex=max(60, int(self.settings.coalesce_seconds) + 60)):
+            return "coalesced"
+        try:
+            self.send(TASK_RECONCILE, kwargs={"reason": reason}, countdown=self.settings.coalesce_seconds)
+        except QueueUnavailable:
+            try:
+                self.redis.delete(PREFIX + "reconcile:pending")
+            except redis.RedisError:
+                pass
+            raise
+        return "queued"
+
+    def reconcile_started(self) -> None:
+        self._redis(self.redis.delete, PREFIX + "reconcile:pending")
+
+    def depth(self) -> int:
+        return int(self._redis(self.redis.llen, QUEUE))
+
+    # ---------------- plumbing ----------------
+
+    @staticmethod
+    def _redis(call, *args, **kwargs):
+        try:
+            return call(*args, **kwargs)
+        except redis.RedisError as exc:
+            raise QueueUnavailable(f"Redis: {type(exc).__name__}") from None

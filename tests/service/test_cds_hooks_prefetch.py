@@ -1,0 +1,291 @@
+"""patient-view data: the prefetch cases of CDS Hooks 2.0 and the fhirServer fallback (respx plays
+the EHR's FHIR server). Missing data is a 412 with an OperationOutcome, never "no cards"."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+import respx
+
+from service.audit import use_store
+from tests.support.cds_hooks import (PATIENT_VIEW, PREFETCH_TYPES, hook_request, make_env, prefetch_for, record,
+                                     searchset, validate_cds_response)
+
+FHIR = "https://fhir.example.org/r4"
+ACCESS = "opaque-fhir-access-token-42"
+AUTHZ = {"access_token": ACCESS, "token_type": "Bearer", "expires_in": 300, "scope": "user/*.read",
+         "subject": "spinewatch"}
+
+
+@pytest.fixture
+def env(tmp_path):
+    env = make_env(tmp_path)
+    yield env
+    use_store(None)
+
+
+@pytest.fixture
+def fhir():
+    with respx.mock(base_url=FHIR, assert_all_called=False) as mock:
+        yield mock
+
+
+def serve_record(fhir, resources: list[dict], pid: str = "p1") -> dict:
+    """Routes for every prefetch template on the mock FHIR server; returns them by resource type."""
+    routes = {}
+    for rtype in PREFETCH_TYPES.values():
+        found = [r for r in resources if r["resourceType"] == rtype]
+        if rtype == "Patient":
+            routes[rtype] = fhir.get(f"/Patient/{pid}").respond(200, json=found[0]) if found else \
+                fhir.get(f"/Patient/{pid}").respond(404, json={"resourceType": "OperationOutcome", "issue": []})
+        else:
+            routes[rtype] = fhir.get(f"/{rtype}", params={"patient": pid}).respond(200, json=searchset(found))
+    return routes
+
+
+def call(env, prefetch=None, *, server: str | None = FHIR, authz: dict | None = AUTHZ, pid: str = "p1"):
+    extra = {}
+    if server:
+        extra["fhirServer"] = server
+    if authz:
+        extra["fhirAuthorization"] = authz
+    return env.call(PATIENT_VIEW, hook_request("patient-view", pid, prefetch, **extra))
+
+
+def assert_412(response, text: str | None = None):
+    assert response.status_code == 412, response.text
+    body = response.json()
+    assert body["resourceType"] == "OperationOutcome" and body["issue"][0]["code"] == "incomplete"
+    if text:
+        assert text in body["issue"][0]["diagnostics"]
+
+
+def one_card(response) -> dict:
+    assert response.status_code == 200, response.text
+    [card] = validate_cds_response(response.json())
+    return card
+
+
+# ---------------------------------------------------------------- complete prefetch
+
+
+def test_complete_prefetch_needs_no_fhir_server(env, fhir):
+    card = one_card(call(env, prefetch_for(record("emergency")), server=None, authz=None))
+    assert card["indicator"] == "critical"
+    assert not fhir.calls
+
+
+def test_null_means_no_data_and_is_not_fetched(env, fhir):
+    prefetch = prefetch_for(record("urgent"))
+    assert prefetch["observations"] is None and prefetch["procedures"] is None  # none of either
+    card = one_card(call(env, prefetch))
+    assert card["indicator"] == "warning"
+    assert not fhir.calls
+
+
+def test_null_for_conditions_means_no_cancer(env, fhir):
+    prefetch = prefetch_for(record("emergency"))
+    prefetch["conditions"] = None
+    response = call(env, prefetch)
+    assert response.status_code == 200 and validate_cds_response(response.json()) == []
+
+
+# ---------------------------------------------------------------- missing keys: fetched
+
+
+def test_missing_key_is_fetched_with_the_bearer_token(env, fhir):
+    resources = record("emergency")
+    routes = serve_record(fhir, resources)
+    prefetch = prefetch_for(resources)
+    del prefetch["observations"]  # the leg weakness note lives here
+    card = one_card(call(env, prefetch))
+    assert card["indicator"] == "critical"
+    assert routes["Observation"].call_count == 1
+    assert [c.request.url.path for c in fhir.calls] == ["/r4/Observation"]  # only what was missing
+    request = routes["Observation"].calls.last.request
+    assert request.headers["authorization"] == f"Bearer {ACCESS}"
+    assert request.headers["accept"] == "application/fhir+json"
+
+
+def test_no_prefetch_at_all_fetches_everything(env, fhir):
+    routes = serve_record(fhir, record("urgent"))
+    card = one_card(call(env, None))
+    assert card["indicator"] == "warning"
+    assert all(route.call_count == 1 for route in routes.values())
+    [audited] = env.audit_records("card")
+    assert audited.detail["source"] == "fhir"
+
+
+def test_fhir_server_without_authorization_is_called_without_a_token(env, fhir):
+    routes = serve_record(fhir, record("routine"))
+    one_card(call(env, None, authz=None))
+    assert "authorization" not in routes["Condition"].calls.last.request.headers
+
+
+def test_unknown_patient_read_404_is_no_patient_resource(env, fhir):
+    resources = [r for r in record("urgent") if r["resourceType"] != "Patient"]
+    serve_record(fhir, resources)
+    card = one_card(call(env, None))  # the context names the patient; the card still orders for them
+    assert card["suggestions"][0]["actions"][0]["resource"]["subject"] == {"reference": "Patient/p1"}
+
+
+def test_token_is_never_logged(env, fhir, caplog):
+    serve_record(fhir, record("urgent"))
+    one_card(call(env, None))
+    assert ACCESS not in caplog.text
+
+
+# ---------------------------------------------------------------- OperationOutcome
+
+
+def test_operation_outcome_value_is_412_without_a_follow_up_query(env, fhir):
+    serve_record(fhir, record("urgent"))
+    prefetch = prefetch_for(record("urgent"))
+    prefetch["conditions"] = {"resourceType": "OperationOutcome",
+                              "issue": [{"severity": "error", "code": "timeout", "diagnostics": "upstream timeout"}]}
+    assert_412(call(env, prefetch), "conditions")
+    assert not fhir.calls  # 2.0: the OperationOutcome is sent "to prevent ... an unneeded follow-up query"
+
+
+def test_error_outcome_inside_a_searchset_is_412(env, fhir):
+    prefetch = prefetch_for(record("urgent"))
+    prefetch["observations"] = {"resourceType": "Bundle", "type": "searchset", "entry": [
+        {"resource": {"resourceType": "OperationOutcome", "issue": [{"severity": "fatal", "code": "exception"}]},
+         "search": {"mode": "outcome"}}]}
+    assert_412(call(env, prefetch, server=None, authz=None), "observations")
+
+
+def test_warning_outcome_inside_a_searchset_is_ignored(env, fhir):
+    prefetch = prefetch_for(record("urgent"))
+    prefetch["conditions"]["entry"].append(
+        {"resource": {"resourceType": "OperationOutcome", "issue": [{"severity": "warning", "code": "informational"}]},
+         "search": {"mode": "outcome"}})
+    assert one_card(call(env, prefetch, server=None, authz=None))["indicator"] == "warning"
+
+
+# ---------------------------------------------------------------- pagination
+
+
+def test_paginated_prefetch_follows_next_on_the_fhir_server(env, fhir):
+    resources = record("emergency")
+    notes = [r for r in resources if r["resourceType"] == "Observation"]
+    prefetch = prefetch_for(resources)
+    # Page 1 holds nothing relevant; the leg weakness is on page 2.
+    prefetch["observations"] = searchset([], next_url=f"{FHIR}/Observation?patient=p1&_page=2")
+    page2 = fhir.get("/Observation", params={"_page": "2"}).respond(200, json=searchset(notes))
+    card = one_card(call(env, prefetch))
+    assert card["indicator"] == "critical"
+    assert page2.call_count == 1
+    assert page2.calls.last.request.headers["authorization"] == f"Bearer {ACCESS}"
+
+
+def test_paginated_fallback_search_follows_next(env, fhir):
+    resources = record("emergency")
+    notes = [r for r in resources if r["resourceType"] == "Observation"]
+    page2 = fhir.get("/Observation", params={"page": "2"}).respond(200, json=searchset(notes))  # first match wins
+    fhir.get("/Observation", params={"patient": "p1"}).respond(
+        200, json=searchset([], next_url="Observation?patient=p1&page=2"))  # a relative next link
+    prefetch = prefetch_for(resources)
+    del prefetch["observations"]
+    assert one_card(call(env, prefetch))["indicator"] == "critical"
+    assert page2.call_count == 1
+    assert {c.request.url.path for c in fhir.calls} == {"/r4/Observation"}  # the rest came prefetched
+
+
+def test_next_link_to_another_origin_is_412_and_never_called(env, fhir):
+    prefetch = prefetch_for(record("emergency"))
+    prefetch["observations"] = searchset([], next_url="https://evil.example.com/steal?patient=p1")
+    with respx.mock(assert_all_called=False) as outside:
+        evil = outside.get("https://evil.example.com/steal").respond(200, json=searchset([]))
+        assert_412(call(env, prefetch), "outside fhirServer")
+        assert evil.call_count == 0
+
+
+def test_paginated_prefetch_without_fhir_server_is_412(env, fhir):
+    prefetch = prefetch_for(record("emergency"))
+    prefetch["observations"] = searchset([], next_url=f"{FHIR}/Observation?patient=p1&_page=2")
+    assert_412(call(env, prefetch, server=None, authz=None), "observations (next page)")
+    assert not fhir.calls
+
+
+def test_endless_pagination_is_bounded(env, fhir):
+    fhir.get("/Observation").respond(200, json=searchset([], next_url=f"{FHIR}/Observation?patient=p1&_page=n"))
+    prefetch = prefetch_for(record("urgent"))
+    del prefetch["observations"]
+    assert_412(call(env, prefetch), "pages")
+
+
+# ---------------------------------------------------------------- 412: the data cannot be had
+
+
+def test_missing_key_without_fhir_server_is_412(env, fhir):
+    prefetch = prefetch_for(record("urgent"))
+    del prefetch["imagingStudies"]
+    assert_412(call(env, prefetch, server=None, authz=None), "imagingStudies")
+
+
+@pytest.mark.parametrize("status", [401, 403, 500, 503])
+def test_fhir_server_error_is_412(env, fhir, status):
+    fhir.get("/Condition").respond(status, json={"resourceType": "OperationOutcome", "issue": []})
+    serve_record(fhir, record("urgent"))
+    assert_412(call(env, None), f"HTTP {status}")
+
+
+def test_fhir_server_unreachable_is_412(env, fhir):
+    fhir.route().mock(side_effect=httpx.ConnectError("refused"))
+    assert_412(call(env, None), "unreachable")
+
+
+def test_fhir_server_answering_garbage_is_412(env, fhir):
+    fhir.route().respond(200, text="<html>login</html>")
+    assert_412(call(env, None), "JSON")
+
+
+def test_slow_fhir_server_is_412_within_the_time_budget(tmp_path):
+    env = make_env(tmp_path, hook_timeout_seconds=0.3)
+
+    async def slow(request):
+        await asyncio.sleep(3)
+        return httpx.Response(200, json=searchset([]))
+
+    try:
+        with respx.mock(base_url=FHIR, assert_all_called=False) as fhir:
+            fhir.route().mock(side_effect=slow)
+            import time
+
+            started = time.monotonic()
+            assert_412(call(env, None), "did not answer within 0.3 s")
+            assert time.monotonic() - started < 2
+    finally:
+        use_store(None)
+
+
+def test_fhir_server_host_not_allowlisted_is_412_and_never_called(env):
+    with respx.mock(assert_all_called=False) as mock:
+        internal = mock.route(host="169.254.169.254").respond(200, json=searchset([]))
+        assert_412(call(env, None, server="http://169.254.169.254/latest"), "SPINEWATCH_FHIR_ALLOWED_HOSTS")
+        prefetch = prefetch_for(record("urgent"))
+        del prefetch["conditions"]
+        assert_412(call(env, prefetch, server="https://fhir.example.org.evil.com/r4"), "ALLOWED_HOSTS")
+        assert internal.call_count == 0 and not mock.calls
+
+
+def test_unusable_fhir_server_does_not_matter_when_prefetch_is_complete(env):
+    card = one_card(call(env, prefetch_for(record("urgent")), server="https://not-allowed.example.com"))
+    assert card["indicator"] == "warning"
+
+
+def test_https_is_required_in_production():
+    from service.fhir_fetch import FhirAccessError, FhirClient
+
+    hosts = frozenset({"fhir.example.org"})
+    with pytest.raises(FhirAccessError, match="https"):
+        FhirClient("http://fhir.example.org/r4", None, hosts, require_https=True)
+    with pytest.raises(FhirAccessError, match="credentials"):
+        FhirClient("https://user:pw@fhir.example.org/r4", None, hosts, require_https=True)
+    FhirClient("https://fhir.example.org/r4", None, hosts, require_https=True)
+    FhirClient("https://fhir.example.org:8443/r4", None, frozenset({"fhir.example.org:8443"}), require_https=True)
+    with pytest.raises(FhirAccessError):
+        FhirClient("https://fhir.example.org:9999/r4", None, frozenset({"fhir.example.org:8443"}), require_https=True)

@@ -1,0 +1,91 @@
+"""Invalid settings are refused at start-up with one line per problem: which setting and why."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.config_check import InvalidSettings, shown_value
+from service.settings import Settings, get_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def fresh_settings():
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+def refusal(monkeypatch, **env) -> list[str]:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(InvalidSettings) as info:
+        get_settings()
+    return info.value.lines
+
+
+def test_defaults_are_valid_for_development(fresh_settings):
+    assert get_settings().environment == "development"
+
+
+def test_each_invalid_setting_is_named_with_its_reason(monkeypatch, fresh_settings):
+    lines = refusal(monkeypatch, SPINEWATCH_LOOKBACK_DAYS="0", SPINEWATCH_LOG_FORMAT="xml")
+    assert lines == [
+        "invalid setting SPINEWATCH_LOOKBACK_DAYS='0': Input should be greater than or equal to 1",
+        "invalid setting SPINEWATCH_LOG_FORMAT='xml': Input should be 'json' or 'console'",
+    ]
+
+
+def test_production_refuses_placeholder_secrets(monkeypatch, fresh_settings):
+    (line,) = refusal(monkeypatch, SPINEWATCH_ENVIRONMENT="production")
+    assert line.startswith("invalid settings: production refuses placeholder secrets in: SPINEWATCH_")
+
+
+def test_values_of_secret_settings_are_never_echoed(monkeypatch, fresh_settings):
+    monkeypatch.setenv("SPINEWATCH_AUDIT_DB_URL", "postgresql://u:hunter2@db/x")
+    monkeypatch.setenv("SPINEWATCH_READINESS_TIMEOUT_SECONDS", "-1")
+    for line in refusal(monkeypatch, SPINEWATCH_AUDIT_ENABLED="perhaps"):
+        assert "hunter2" not in line
+
+
+def test_the_process_stops_with_the_message_and_no_traceback():
+    env = {"SPINEWATCH_LOOKBACK_DAYS": "ninety", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-c", "from service.app import create_app; create_app()"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == ("spinewatch: invalid setting SPINEWATCH_LOOKBACK_DAYS='ninety': "
+                                   "Input should be a valid integer, unable to parse string as an integer")
+
+
+def check_config(**env):
+    return subprocess.run([sys.executable, "-m", "service.cli", "check-config"], capture_output=True,
+                          text=True, cwd=ROOT, env={"PATH": "/usr/bin:/bin", **env}, timeout=60)
+
+
+def test_check_config_lists_every_setting_with_secrets_masked():
+    proc = check_config(SPINEWATCH_AUDIT_DB_URL="postgresql://audit:hunter2@db/audit")
+    assert proc.returncode == 0, proc.stderr
+    names = [line.split("=", 1)[0] for line in proc.stdout.splitlines()]
+    assert names == ["SPINEWATCH_" + f.upper() for f in Settings.model_fields]
+    assert "SPINEWATCH_AUDIT_DB_URL=postgresql://audit:****@db/audit" in proc.stdout
+    assert "hunter2" not in proc.stdout
+    assert "configuration OK" in proc.stderr
+
+
+def test_check_config_refuses_with_exit_2():
+    proc = check_config(SPINEWATCH_LOG_LEVEL="loud")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("spinewatch: invalid setting SPINEWATCH_LOG_LEVEL='loud': ")
+
+
+@pytest.mark.parametrize("field,value,shown", [
+    ("reviewer_token", "abc", "****"),
+    ("redis_url", "redis://:pw@host:6379/0", "redis://:****@host:6379/0"),
+    ("lookback_days", 90, "90"),
+    ("alert_webhook_url", None, "(unset)"),
+])
+def test_shown_value(field, value, shown):
+    assert shown_value(field, value) == shown
