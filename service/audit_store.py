@@ -29,8 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import (Column, Integer, MetaData, String, Table, Text, create_engine, event, func, insert,
-                        select, update)
+from sqlalchemy import Column, Integer, MetaData, String, Table, Text, create_engine, event, func, insert, select
 from sqlalchemy.engine import Engine
 
 GENESIS_HASH = "0" * 64
@@ -162,8 +161,11 @@ class AuditStore:
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
             # isolation_level=None: the driver issues no implicit BEGIN, we send BEGIN IMMEDIATE.
+            # pool_reset_on_return=None: every append ends in its own COMMIT or ROLLBACK, so the
+            # pool's rollback-on-return would be a wasted round trip per record.
             self.engine: Engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False,
-                                                                   "isolation_level": None})
+                                                                   "isolation_level": None},
+                                                pool_reset_on_return=None)
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
             self.engine = create_engine(url, pool_pre_ping=True)
@@ -198,39 +200,59 @@ class AuditStore:
             conn.execute(insert(audit_head).values(id=1, seq=0, hash=GENESIS_HASH))
 
     # -- append -------------------------------------------------------------------------------
+    # Plain driver SQL on the append path: it runs on every audited request, and building SQLAlchemy
+    # Core statements cost several times more CPU than the write itself.
+    _COLUMNS = ("seq", "recorded", "kind", "outcome", "actor", "patient", "detail", "prev_hash", "hash")
+
+    def _sql(self) -> tuple[str, str, str]:
+        mark = (lambda c: f":{c}") if self.dialect == "sqlite" else (lambda c: f"%({c})s")
+        head = "SELECT seq, hash FROM audit_head WHERE id = 1" + ("" if self.dialect == "sqlite" else " FOR UPDATE")
+        insert_sql = (f"INSERT INTO audit_log ({', '.join(self._COLUMNS)}) "
+                      f"VALUES ({', '.join(mark(c) for c in self._COLUMNS)})")
+        update_sql = f"UPDATE audit_head SET seq = {mark('seq')}, hash = {mark('hash')} WHERE id = 1"
+        return head, insert_sql, update_sql
+
     def append(self, kind: str, outcome: str, *, actor: str, patient: str | None = None,
                detail: dict | None = None, at: datetime | None = None) -> AuditRecord:
+        return self.append_many([(kind, outcome, actor, patient, detail)], at=at)[0]
+
+    def append_many(self, events: list[tuple], at: datetime | None = None) -> list[AuditRecord]:
+        """Append (kind, outcome, actor, patient, detail) tuples in order, in one transaction."""
         self.ensure_schema()
-        detail_text = canonical_json(sanitise_detail(detail))
+        prepared = [(kind, outcome, actor, patient, canonical_json(sanitise_detail(detail)))
+                    for kind, outcome, actor, patient, detail in events]
         with self.engine.connect() as conn:
             if self.dialect == "sqlite":
                 conn.exec_driver_sql("BEGIN IMMEDIATE")  # the write lock, before the head is read
                 try:
-                    record = self._append_locked(conn, kind, outcome, actor, patient, detail_text, at,
-                                                 lock_query=select(audit_head).where(audit_head.c.id == 1))
+                    records = self._append_locked(conn, prepared, at)
                     conn.exec_driver_sql("COMMIT")
                 except BaseException:
                     conn.exec_driver_sql("ROLLBACK")
                     raise
             else:
-                with conn.begin():
-                    record = self._append_locked(
-                        conn, kind, outcome, actor, patient, detail_text, at,
-                        lock_query=select(audit_head).where(audit_head.c.id == 1).with_for_update())
-        return record
+                with conn.begin():  # the head row is locked FOR UPDATE until this commits
+                    records = self._append_locked(conn, prepared, at)
+        return records
 
-    def _append_locked(self, conn, kind, outcome, actor, patient, detail_text, at, lock_query) -> AuditRecord:
-        head = conn.execute(lock_query).one()
-        seq, prev = head.seq + 1, head.hash
+    def _append_locked(self, conn, prepared, at) -> list[AuditRecord]:
+        head_sql, insert_sql, update_sql = self._sql()
+        seq, prev = conn.exec_driver_sql(head_sql).one()
         # The time is taken under the lock, so record times never go backwards along the chain.
         recorded = utc_iso(at or datetime.now(timezone.utc))
-        digest = record_hash(seq=seq, recorded=recorded, kind=kind, outcome=outcome, actor=actor,
-                             patient=patient, detail=detail_text, prev_hash=prev)
-        conn.execute(insert(audit_log).values(seq=seq, recorded=recorded, kind=kind, outcome=outcome,
-                                              actor=actor, patient=patient, detail=detail_text,
-                                              prev_hash=prev, hash=digest))
-        conn.execute(update(audit_head).where(audit_head.c.id == 1).values(seq=seq, hash=digest))
-        return AuditRecord(seq, recorded, kind, outcome, actor, patient, json.loads(detail_text), prev, digest)
+        records = []
+        for kind, outcome, actor, patient, detail_text in prepared:
+            seq += 1
+            digest = record_hash(seq=seq, recorded=recorded, kind=kind, outcome=outcome, actor=actor,
+                                 patient=patient, detail=detail_text, prev_hash=prev)
+            conn.exec_driver_sql(insert_sql, {"seq": seq, "recorded": recorded, "kind": kind, "outcome": outcome,
+                                              "actor": actor, "patient": patient, "detail": detail_text,
+                                              "prev_hash": prev, "hash": digest})
+            records.append(AuditRecord(seq, recorded, kind, outcome, actor, patient, json.loads(detail_text), prev,
+                                       digest))
+            prev = digest
+        conn.exec_driver_sql(update_sql, {"seq": seq, "hash": prev})
+        return records
 
     # -- read ---------------------------------------------------------------------------------
     def query(self, *, patient: str | None = None, kinds: list[str] | None = None, outcome: str | None = None,

@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 PREFIX = "SPINEWATCH_"
-_SECRET_PARTS = ("secret", "token", "password", "key", "url", "dsn", "jwks", "credential")
+_SECRET_PARTS = ("secret", "token", "password", "key", "url", "uri", "endpoint", "dsn", "jwks", "credential")
 
 
 def env_name(field: str) -> str:

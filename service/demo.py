@@ -14,6 +14,7 @@ are ignored so that a production setting cannot leak into it.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -37,8 +38,6 @@ import httpx
 DATA_DIR = Path(__file__).parent / "demo_data"
 FHIR_JSON = "application/fhir+json"
 HOST = "127.0.0.1"
-TIERS = ("emergency", "urgent", "routine", "none")
-INDICATOR = {"emergency": "critical", "urgent": "warning", "routine": "info"}
 
 
 class DemoError(RuntimeError):
@@ -180,7 +179,10 @@ def find_or_install_redis(allow_install: bool, say: Callable[[str], None]) -> st
     for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "redis-server"]):
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode != 0:
-            raise DemoError(f"`{' '.join(cmd)}` failed ({done.stderr.strip().splitlines()[-1:]}); {how}")
+            last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+            raise DemoError(f"`{' '.join(cmd)}` failed ({last}); {how}")
+    # If the package's scripts start a system redis-server (port 6379), it is the system's: the demo
+    # runs its own on a free port and leaves that one alone.
     found = shutil.which("redis-server")
     if not found:
         raise DemoError(f"apt-get installed redis-server but it is not on PATH; {how}")
@@ -209,11 +211,9 @@ def start_redis(procs: Processes, binary: str, run_dir: Path) -> str:
 def start_sekmet(procs: Processes, run_dir: Path) -> str:
     """sekmet serves its FHIR base at /fhir; base_url in its settings file must match the port,
     since it writes that base into Location headers and notifications (docs/sekmet.md)."""
-    try:
-        import sekmet  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("sekmet") is None:
         raise DemoError("sekmet-fhir (the demo EHR) is not installed: run `bash scripts/bootstrap.sh` "
-                        "or `.venv/bin/pip install sekmet-fhir`") from None
+                        "or `.venv/bin/pip install sekmet-fhir`")
     port = free_port()
     home = run_dir / "sekmet"
     home.mkdir(parents=True, exist_ok=True)
@@ -313,15 +313,6 @@ def start_worker(procs: Processes, env: dict[str, str]) -> Managed:
     wait_until("the worker to be ready", lambda: re.search(r"ready\.", worker.log_path.read_text(errors="replace")),
                procs, timeout=60)
     return worker
-
-
-def _module_exists(name: str) -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:
-        return False
 
 
 # ---------------- demo data ----------------

@@ -64,6 +64,11 @@ class FHIRResponseError(FHIRError):
         self.status = status
         self.outcome = outcome  # the server's OperationOutcome, when it sent one
 
+    def __reduce__(self):
+        # Pickleable as itself: Celery pickles a failed task's exception, and would otherwise fall
+        # back to the nearest base class that pickles (FHIRError), losing the type.
+        return type(self), (self.message, self.status, self.outcome)
+
     @property
     def issue_codes(self) -> list[str]:
         return [i.get("code") for i in (self.outcome or {}).get("issue", []) if isinstance(i, dict)]

@@ -100,12 +100,15 @@ if redis.call('GET', KEYS[1]) == 'claimed:' .. ARGV[1] then redis.call('DEL', KE
 return 0
 """
 
-# KEYS[1] subscription hash. ARGV: highest number in this notification (-1: none), now, field to stamp.
+# KEYS: subscription hash, set of subscriptions. ARGV: highest number in this notification (-1:
+# none), now, field to stamp, status ('' to keep), subscription reference.
 _ADVANCE = """
 local prev = redis.call('HGET', KEYS[1], 'highest')
 local top = tonumber(ARGV[1])
 if top >= 0 and (not prev or top > tonumber(prev)) then redis.call('HSET', KEYS[1], 'highest', top) end
-redis.call('HSET', KEYS[1], 'last_seen_at', ARGV[2], ARGV[3], ARGV[2])
+redis.call('HSET', KEYS[1], 'last_seen_at', ARGV[2], ARGV[3], ARGV[2], 'kind', 'backport')
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'status', ARGV[4]) end
+redis.call('SADD', KEYS[2], ARGV[5])
 return prev
 """
 
@@ -251,15 +254,9 @@ class WorkQueue:
                              event: bool) -> None:
         """Record a notification: highest event number (never lowered), when it was heard from,
         the status the server reported. Called after the work is queued (see the route)."""
-        key = PREFIX + "subscription:" + subscription
-        now = _now()
-        self._redis(self._advance, keys=[key],
-                    args=[top if top is not None else -1, now, "last_event_at" if event else f"last_{kind}_at"])
-        fields = {"kind": "backport"} | ({"status": status} if status else {})
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(key, mapping=fields)
-        pipe.sadd(PREFIX + "subscriptions", subscription)
-        self._redis(pipe.execute)
+        self._redis(self._advance, keys=[PREFIX + "subscription:" + subscription, PREFIX + "subscriptions"],
+                    args=[top if top is not None else -1, _now(), "last_event_at" if event else f"last_{kind}_at",
+                          status or "", subscription])
 
     def track_subscription(self, subscription: str, *, kind: str, status: str | None = None,
                            reset: bool = False) -> None:

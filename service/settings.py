@@ -145,6 +145,24 @@ class Settings(BaseSettings):
             raise ValueError("must be sqlite:///PATH or postgresql://user:password@host/database")
         return value
 
+    @field_validator("cds_trusted_issuers")
+    @classmethod
+    def _trusted_issuers(cls, value: str | None) -> str | None:
+        if value and value.strip():
+            from service.security import parse_trusted_issuers
+
+            parse_trusted_issuers(value, "production")  # its ValueError names what is wrong
+        return value
+
+    @model_validator(mode="after")
+    def _fhir_auth_complete(self) -> "Settings":
+        # Refused at start-up rather than at the first FHIR request, minutes or hours later.
+        needs = {"bearer": ["fhir_bearer_token"], "smart-backend": ["smart_client_id", "smart_private_key_path"]}
+        missing = ["SPINEWATCH_" + name.upper() for name in needs.get(self.fhir_auth, []) if not getattr(self, name)]
+        if missing:
+            raise ValueError(f"SPINEWATCH_FHIR_AUTH={self.fhir_auth} needs {' and '.join(missing)}")
+        return self
+
     @model_validator(mode="after")
     def _cds_hooks_production_rules(self) -> "Settings":
         # CDS Hooks 2.0 "Trusting CDS Clients": every call carries a signed JWT. Not verifying it is

@@ -32,8 +32,8 @@ from fhir_mappings.notifications import (BACKPORT_KINDS, Notification, Notificat
 from service.audit import audit_event
 from service.errors import FHIR_JSON, InvalidRequest, PayloadTooLarge, ServiceUnavailable, Unauthorized, \
     operation_outcome
-from service.metrics import AUTH_FAILURES, NOTIFICATIONS, QUEUE_DEPTH
-from service.queue import GAP_GRACE_SECONDS, QUEUE, TASK_CATCH_UP, TASK_RESOLVE, QueueUnavailable, WorkQueue
+from service.metrics import AUTH_FAILURES, NOTIFICATIONS
+from service.queue import GAP_GRACE_SECONDS, TASK_CATCH_UP, TASK_RESOLVE, QueueUnavailable, WorkQueue
 
 router = APIRouter(prefix="/fhir/notifications", tags=["notifications"])
 MAX_NUMBERED_RECOVERY = 500
@@ -190,10 +190,6 @@ def _events(note: Notification, queue: WorkQueue, received_at: str) -> Intake:
         for keys in claimed:
             queue.release(keys)
         raise
-    try:
-        QUEUE_DEPTH.labels(queue=QUEUE).set(queue.depth())
-    except QueueUnavailable:
-        pass
     if not fresh and items:
         return Intake("duplicate", "duplicate: already queued")
     return Intake("queued", f"{len(fresh)} event(s) queued", patients)

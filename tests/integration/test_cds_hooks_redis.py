@@ -10,9 +10,8 @@ import redis
 
 from fhir_mappings.evaluate import assess
 from service.assessment_store import AssessmentStore
-from service.audit import use_store
 from service.stored_assessment import default_source
-from tests.support.cds_hooks import PATIENT_VIEW, hook_request, make_env, record, validate_cds_response
+from tests.support.cds_hooks import PATIENT_VIEW, hook_request, make_env, record, reset_audit, validate_cds_response
 
 pytestmark = pytest.mark.integration
 
@@ -38,4 +37,4 @@ def test_stored_assessment_from_redis_answers_patient_view(tmp_path, redis_url):
         unknown = env.call(PATIENT_VIEW, hook_request("patient-view", "p9"))
         assert unknown.status_code == 412
     finally:
-        use_store(None)
+        reset_audit()

@@ -9,16 +9,16 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from fhir_mappings.evaluate import assess
-from service.audit import use_store
 from tests.support.cds_hooks import (ORDER_IMAGING, PATIENT_VIEW, PREFETCH_TYPES, FakeStoredAssessments, hook_request,
-                                     make_env, prefetch_for, record, validate_cds_response, validate_discovery)
+                                     make_env, prefetch_for, record, reset_audit, validate_cds_response,
+                                     validate_discovery)
 
 
 @pytest.fixture
 def env(tmp_path):
     env = make_env(tmp_path)
     yield env
-    use_store(None)
+    reset_audit()
 
 
 def patient_view(env, tier: str, pid: str = "p1", **extra):
@@ -102,7 +102,7 @@ def test_card_intent_setting(tmp_path):
         [card] = validate_cds_response(patient_view(env, "urgent").json())
         assert card["suggestions"][0]["actions"][0]["resource"]["intent"] == "order"
     finally:
-        use_store(None)
+        reset_audit()
 
 
 def test_pending_mri_order_removes_the_suggestion(env):
@@ -224,7 +224,7 @@ def test_body_over_the_limit_is_413(tmp_path):
         small = hook_request("patient-view", prefetch=prefetch_for(record("urgent")))
         assert env.call(PATIENT_VIEW, small).status_code == 200
     finally:
-        use_store(None)
+        reset_audit()
 
 
 # ---------------------------------------------------------------- CORS
@@ -250,7 +250,7 @@ def test_cors_preflight_for_browser_clients(tmp_path):
         other = env.client.get("/healthz", headers={"Origin": "https://sandbox.cds-hooks.org"})
         assert "access-control-allow-origin" not in other.headers
     finally:
-        use_store(None)
+        reset_audit()
 
 
 # ---------------------------------------------------------------- feedback
@@ -318,7 +318,7 @@ def test_no_prefetch_no_fhir_server_answers_from_a_young_stored_assessment(tmp_p
         [audited] = env.audit_records("card")
         assert audited.detail["source"] == "stored"
     finally:
-        use_store(None)
+        reset_audit()
 
 
 def test_stored_assessment_too_old_or_missing_is_412(tmp_path):
@@ -328,7 +328,7 @@ def test_stored_assessment_too_old_or_missing_is_412(tmp_path):
         assert_outcome(env.call(PATIENT_VIEW, hook_request("patient-view")), 412, "stored assessment")
         assert_outcome(env.call(PATIENT_VIEW, hook_request("patient-view", "p9")), 412)
     finally:
-        use_store(None)
+        reset_audit()
 
 
 def test_stored_tier_none_gives_no_card(tmp_path):
@@ -338,7 +338,7 @@ def test_stored_tier_none_gives_no_card(tmp_path):
         response = env.call(PATIENT_VIEW, hook_request("patient-view"))
         assert response.status_code == 200 and validate_cds_response(response.json()) == []
     finally:
-        use_store(None)
+        reset_audit()
 
 
 def test_a_failing_store_is_412_not_500(tmp_path):
@@ -351,7 +351,7 @@ def test_a_failing_store_is_412_not_500(tmp_path):
     try:
         assert_outcome(env.call(PATIENT_VIEW, hook_request("patient-view")), 412)
     finally:
-        use_store(None)
+        reset_audit()
 
 
 def test_stored_assessment_is_not_used_when_prefetch_is_partial(tmp_path):
@@ -363,4 +363,4 @@ def test_stored_assessment_is_not_used_when_prefetch_is_partial(tmp_path):
         assert_outcome(env.call(PATIENT_VIEW, hook_request("patient-view", prefetch=prefetch)), 412, "observations")
         assert store.calls == []
     finally:
-        use_store(None)
+        reset_audit()

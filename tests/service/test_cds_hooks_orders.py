@@ -7,16 +7,15 @@ from __future__ import annotations
 import pytest
 import respx
 
-from service.audit import use_store
 from tests.support.cds_hooks import (ORDER_IMAGING, draft_bundle, hook_request, make_env, mri_order, prefetch_for,
-                                     record, unrelated_order, validate_cds_response, xray_order)
+                                     record, reset_audit, unrelated_order, validate_cds_response, xray_order)
 
 
 @pytest.fixture
 def env(tmp_path):
     env = make_env(tmp_path)
     yield env
-    use_store(None)
+    reset_audit()
 
 
 def order_call(env, hook: str, drafts: list[dict], tier: str = "routine", selections: list[str] | None = None,

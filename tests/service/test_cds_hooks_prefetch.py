@@ -9,9 +9,8 @@ import httpx
 import pytest
 import respx
 
-from service.audit import use_store
 from tests.support.cds_hooks import (PATIENT_VIEW, PREFETCH_TYPES, hook_request, make_env, prefetch_for, record,
-                                     searchset, validate_cds_response)
+                                     reset_audit, searchset, validate_cds_response)
 
 FHIR = "https://fhir.example.org/r4"
 ACCESS = "opaque-fhir-access-token-42"
@@ -23,7 +22,7 @@ AUTHZ = {"access_token": ACCESS, "token_type": "Bearer", "expires_in": 300, "sco
 def env(tmp_path):
     env = make_env(tmp_path)
     yield env
-    use_store(None)
+    reset_audit()
 
 
 @pytest.fixture
@@ -259,7 +258,7 @@ def test_slow_fhir_server_is_412_within_the_time_budget(tmp_path):
             assert_412(call(env, None), "did not answer within 0.3 s")
             assert time.monotonic() - started < 2
     finally:
-        use_store(None)
+        reset_audit()
 
 
 def test_fhir_server_host_not_allowlisted_is_412_and_never_called(env):

@@ -14,9 +14,8 @@ import jwt
 import pytest
 import respx
 
-from service.audit import use_store
-from tests.support.cds_hooks import (PATIENT_VIEW, Issuer, hook_request, make_env, prefetch_for, record, url,
-                                     validate_cds_response, validate_discovery)
+from tests.support.cds_hooks import (PATIENT_VIEW, Issuer, hook_request, make_env, prefetch_for, record, reset_audit,
+                                     url, validate_cds_response, validate_discovery)
 
 SERVICE_PATH = f"/cds-services/{PATIENT_VIEW}"
 JKU = "https://ehr.example.org/.well-known/jwks.json"
@@ -27,7 +26,7 @@ def env(tmp_path):
     issuer = Issuer("https://ehr.example.org")
     env = make_env(tmp_path, issuer=issuer)
     yield env
-    use_store(None)
+    reset_audit()
 
 
 def _body():
@@ -153,7 +152,7 @@ def test_rs384_is_accepted(tmp_path):
         # An RS256 token from the same key is still refused: only ES384 and RS384.
         assert_bare_401(_post(env, env.issuer.token(url(SERVICE_PATH), alg="RS256")))
     finally:
-        use_store(None)
+        reset_audit()
 
 
 def test_es256_is_refused(env):
@@ -177,7 +176,7 @@ def test_allowlisted_jku_is_fetched_and_cached(tmp_path):
             # Without the jku header this issuer has no out-of-band JWKS: refused.
             assert_bare_401(_post(env, issuer.token(url(SERVICE_PATH))))
     finally:
-        use_store(None)
+        reset_audit()
 
 
 def test_jwks_url_unreachable_is_a_401_and_rotation_is_picked_up(tmp_path):
@@ -192,7 +191,7 @@ def test_jwks_url_unreachable_is_a_401_and_rotation_is_picked_up(tmp_path):
             route.mock(side_effect=None, return_value=httpx.Response(200, json=issuer.jwks))
             assert _post(env, issuer.token(url(SERVICE_PATH))).status_code == 200
     finally:
-        use_store(None)
+        reset_audit()
 
 
 def test_public_base_url_is_the_audience_behind_a_proxy(tmp_path):
@@ -205,7 +204,7 @@ def test_public_base_url_is_the_audience_behind_a_proxy(tmp_path):
         assert_bare_401(env.client.post(SERVICE_PATH, json=_body(),
                                         headers=env.issuer.auth("http://testserver" + SERVICE_PATH)))
     finally:
-        use_store(None)
+        reset_audit()
 
 
 def test_verification_off_is_development_only(tmp_path):
@@ -221,7 +220,7 @@ def test_verification_off_is_development_only(tmp_path):
         assert response.status_code == 200
         validate_cds_response(response.json())
     finally:
-        use_store(None)
+        reset_audit()
 
 
 def test_no_trusted_issuers_outside_development_trusts_nobody(tmp_path):
@@ -247,4 +246,4 @@ def test_replay_cache_in_redis_is_shared(tmp_path, redis_url):
         assert _post(first, token).status_code == 200
         assert_bare_401(_post(second, token))
     finally:
-        use_store(None)
+        reset_audit()

@@ -309,7 +309,19 @@ class HookEnv:
         return self.client.post(path, json=body, headers=self.headers(path, **token_kw))
 
     def audit_records(self, kind: str) -> list:
+        from service.routes.cds_hooks import AUDIT
+
+        AUDIT.flush()  # hook calls audit from a writer thread
         return [r for r in self.audit.iter_all() if r.kind == kind]
+
+
+def reset_audit() -> None:
+    """After a test: let the audit thread finish, then drop the test's audit store."""
+    from service.audit import use_store
+    from service.routes.cds_hooks import AUDIT
+
+    AUDIT.flush()
+    use_store(None)
 
 
 def make_env(tmp_path, *, issuer: Issuer | None = None, extra_issuers: dict | None = None,

@@ -89,3 +89,26 @@ def test_check_config_refuses_with_exit_2():
 ])
 def test_shown_value(field, value, shown):
     assert shown_value(field, value) == shown
+
+
+@pytest.mark.parametrize("env,value,reason", [
+    ("SPINEWATCH_REDIS_URL", "localhost:6379", "must be a Redis URL"),
+    ("SPINEWATCH_FHIR_BASE_URL", "ehr.example.org/fhir", "must be an http:// or https:// URL"),
+    ("SPINEWATCH_SUBSCRIPTION_ENDPOINT", "https:///", "must be an http:// or https:// URL"),
+    ("SPINEWATCH_AUDIT_DB_URL", "mysql://audit@db/audit", "must be sqlite:///PATH or postgresql://"),
+])
+def test_urls_with_a_wrong_scheme_are_refused_without_echoing_them(monkeypatch, fresh_settings, env, value, reason):
+    (line,) = refusal(monkeypatch, **{env: value})
+    assert line.startswith(f"invalid setting {env}: {reason}")
+    assert value not in line
+
+
+def test_settings_that_need_each_other_are_refused_together(monkeypatch, fresh_settings):
+    (line,) = refusal(monkeypatch, SPINEWATCH_FHIR_AUTH="smart-backend", SPINEWATCH_SMART_CLIENT_ID="spinewatch")
+    assert line == "invalid settings: SPINEWATCH_FHIR_AUTH=smart-backend needs SPINEWATCH_SMART_PRIVATE_KEY_PATH"
+
+
+def test_trusted_issuers_must_be_a_json_object_of_jwks(monkeypatch, fresh_settings):
+    (line,) = refusal(monkeypatch, SPINEWATCH_CDS_TRUSTED_ISSUERS="https://ehr.example.org")
+    assert line.startswith("invalid setting SPINEWATCH_CDS_TRUSTED_ISSUERS")
+    assert line.endswith("is not valid JSON")

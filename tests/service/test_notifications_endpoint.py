@@ -253,7 +253,7 @@ def test_classic_rest_hook_with_an_empty_body_reads_the_named_resource(client, r
     ("backport-ig/Bundle-r4-notification-id-only-with-auth.json", "spinewatch.resolve_focus"),
     ("inferno/empty_notification_bundle_example.json", "spinewatch.catch_up"),
     ("backport-ig/Bundle-r4-notification-empty.json", "spinewatch.catch_up"),
-    # non-conformant (no entry.request/response): handled, see tests/unit/test_notifications.py
+    # non-conformant (no entry.request/response): handled, see tests/unit/test_notifications_parse.py
     ("inferno/empty_notification_bundle_non_conformant_example.json", "spinewatch.catch_up"),
 ])
 def test_shared_examples_through_the_endpoint(client, r, audits, name, task):
