@@ -240,17 +240,19 @@ class AuditStore:
         seq, prev = conn.exec_driver_sql(head_sql).one()
         # The time is taken under the lock, so record times never go backwards along the chain.
         recorded = utc_iso(at or datetime.now(timezone.utc))
-        records = []
+        records, rows = [], []
         for kind, outcome, actor, patient, detail_text in prepared:
             seq += 1
             digest = record_hash(seq=seq, recorded=recorded, kind=kind, outcome=outcome, actor=actor,
                                  patient=patient, detail=detail_text, prev_hash=prev)
-            conn.exec_driver_sql(insert_sql, {"seq": seq, "recorded": recorded, "kind": kind, "outcome": outcome,
-                                              "actor": actor, "patient": patient, "detail": detail_text,
-                                              "prev_hash": prev, "hash": digest})
+            rows.append({"seq": seq, "recorded": recorded, "kind": kind, "outcome": outcome, "actor": actor,
+                         "patient": patient, "detail": detail_text, "prev_hash": prev, "hash": digest})
             records.append(AuditRecord(seq, recorded, kind, outcome, actor, patient, json.loads(detail_text), prev,
                                        digest))
             prev = digest
+        # One executemany for the batch: each driver call releases and retakes the GIL, and in a
+        # serving process every such hand-off can stall the event loop thread.
+        conn.exec_driver_sql(insert_sql, rows if len(rows) > 1 else rows[0])
         conn.exec_driver_sql(update_sql, {"seq": seq, "hash": prev})
         return records
 

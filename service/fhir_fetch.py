@@ -24,14 +24,13 @@ sends the bearer token only to the fhirServer origin. The token is never logged 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from dataclasses import dataclass
+from functools import lru_cache
 
 import httpx
-import structlog
 
 from service.errors import InvalidRequest, PreconditionFailed
-
-log = structlog.get_logger("spinewatch.fhir_fetch")
 
 FHIR_JSON = "application/fhir+json"
 MAX_PAGES = 50  # per search: a bound on a misbehaving server's `next` chain
@@ -63,6 +62,12 @@ PREFETCH_KEYS = (
     PrefetchKey("procedures", "Procedure", False),
 )
 PREFETCH_TEMPLATES = {k.key: k.template for k in PREFETCH_KEYS}
+
+
+@lru_cache(maxsize=1)
+def _tls_context() -> ssl.SSLContext:
+    # One per process: building a verifying context (CA bundle) costs ~20 ms, too much per hook call.
+    return httpx.create_ssl_context()
 
 
 class FhirAccessError(Exception):
@@ -105,11 +110,19 @@ class FhirClient:
             raise FhirAccessError("fhirServer host is not in SPINEWATCH_FHIR_ALLOWED_HOSTS")
         self.base = base
         self.allowed_hosts = allowed_hosts
-        headers = {"Accept": FHIR_JSON}
+        self._headers = {"Accept": FHIR_JSON}
         if access_token:
-            headers["Authorization"] = f"Bearer {access_token}"
-        self._client = httpx.AsyncClient(base_url=base, headers=headers, transport=transport, timeout=timeout,
-                                         follow_redirects=False)
+            self._headers["Authorization"] = f"Bearer {access_token}"
+        self._transport = transport
+        self._timeout = timeout
+        self._http: httpx.AsyncClient | None = None  # made on first use: most calls bring all the data
+
+    @property
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            self._http = httpx.AsyncClient(base_url=self.base, headers=self._headers, transport=self._transport,
+                                           timeout=self._timeout, follow_redirects=False, verify=_tls_context())
+        return self._http
 
     async def __aenter__(self) -> "FhirClient":
         return self
@@ -118,7 +131,8 @@ class FhirClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._http is not None:
+            await self._http.aclose()
 
     async def fetch(self, key: PrefetchKey, patient_id: str) -> list[dict]:
         """What the prefetch template `key` would have given, as resources."""
@@ -136,10 +150,13 @@ class FhirClient:
             pages += 1
             if pages > MAX_PAGES:
                 raise FhirAccessError(f"search has more than {MAX_PAGES} pages")
-            url = httpx.URL(next_url)
+            try:
+                url = httpx.URL(next_url)
+                if not url.is_absolute_url:
+                    url = self.base.join(next_url)
+            except (httpx.InvalidURL, TypeError):
+                raise FhirAccessError("a next link is not a URL") from None
             # The token goes only where fhirServer is, and every host must be allowlisted (SSRF).
-            if not url.is_absolute_url:
-                url = self.base.join(next_url)
             if _origin(url) != _origin(self.base) or not host_allowed(url, self.allowed_hosts):
                 raise FhirAccessError("a next link points outside fhirServer")
             more, next_url = unpack_bundle(await self._get(str(url)))

@@ -57,32 +57,34 @@ class QueueUnavailable(Exception):
     """Redis (the broker and the bookkeeping) cannot be reached: nothing was queued."""
 
 
+# What must happen before a task is sent, in one round trip (one fsync under appendfsync always).
+# KEYS: the dedup keys (ARGV[1] of them), then, when a patient is given, its marker and focus set.
+# ARGV: n, claim ttl, dedup ttl, token ('' = no patient), pending ttl, focus refs...
+# Returns {dedup state: new | duplicate | busy, the patient's marker: claimed | coalesced | busy | ''}.
 _CLAIM = """
+local n = tonumber(ARGV[1])
 local state = 'new'
-for _, k in ipairs(KEYS) do
-  local v = redis.call('GET', k)
+for i = 1, n do
+  local v = redis.call('GET', KEYS[i])
   if v == 'queued' then state = 'duplicate'
   elseif v and state == 'new' then state = 'busy' end
 end
 if state == 'new' then
-  for _, k in ipairs(KEYS) do redis.call('SET', k, 'claimed', 'EX', ARGV[1]) end
+  for i = 1, n do redis.call('SET', KEYS[i], 'claimed', 'EX', ARGV[2]) end
 elseif state == 'duplicate' then
-  for _, k in ipairs(KEYS) do redis.call('SET', k, 'queued', 'EX', ARGV[2], 'NX') end
+  for i = 1, n do redis.call('SET', KEYS[i], 'queued', 'EX', ARGV[3], 'NX') end
 end
-return state
-"""
-
-# KEYS: marker, focus set. ARGV: token, ttl, focus refs... Returns coalesced | claimed | busy.
-_PENDING = """
-local state = redis.call('GET', KEYS[1])
-if state and state ~= 'queued' then return 'busy' end
-if not state then redis.call('SET', KEYS[1], 'claimed:' .. ARGV[1], 'EX', ARGV[2]) end
-if #ARGV > 2 then
-  redis.call('SADD', KEYS[2], unpack(ARGV, 3))
-  redis.call('EXPIRE', KEYS[2], ARGV[2])
+if state ~= 'new' or ARGV[4] == '' then return {state, ''} end
+local marker, focus = KEYS[n + 1], KEYS[n + 2]
+local pending = redis.call('GET', marker)
+if pending and pending ~= 'queued' then return {state, 'busy'} end
+if not pending then redis.call('SET', marker, 'claimed:' .. ARGV[4], 'EX', ARGV[5]) end
+if #ARGV > 5 then
+  redis.call('SADD', focus, unpack(ARGV, 6))
+  redis.call('EXPIRE', focus, ARGV[5])
 end
-if state then return 'coalesced' end
-return 'claimed'
+if pending then return {state, 'coalesced'} end
+return {state, 'claimed'}
 """
 
 # Set the marker to "queued" only if it is still our claim: had the task already started (and
@@ -135,6 +137,13 @@ def producer(settings) -> Celery:
 
 
 @dataclass(frozen=True)
+class Claim:
+    state: str  # new | duplicate | busy
+    pending: str | None = None  # the patient's evaluation: claimed | coalesced | busy (None: not asked)
+    token: str | None = None
+
+
+@dataclass(frozen=True)
 class SubscriptionState:
     highest: int | None  # highest event number seen; None: never heard of it
     last_event_at: str | None
@@ -153,7 +162,6 @@ class WorkQueue:
         self.redis = redis_conn or redis_client(settings.redis_url)
         self.celery = celery_app or producer(settings)
         self._claim = self.redis.register_script(_CLAIM)
-        self._pending = self.redis.register_script(_PENDING)
         self._pending_queued = self.redis.register_script(_PENDING_QUEUED)
         self._pending_release = self.redis.register_script(_PENDING_RELEASE)
         self._advance = self.redis.register_script(_ADVANCE)
@@ -172,19 +180,28 @@ class WorkQueue:
 
     # ---------------- de-duplication ----------------
 
-    def claim(self, keys: tuple[str, ...] | list[str]) -> str:
-        """"new" (keys claimed: queue the work, then confirm or release), "duplicate" or "busy"."""
-        if not keys:
-            return "new"
-        return self._redis(self._claim, keys=[PREFIX + "dedup:" + k for k in keys],
-                           args=[CLAIM_SECONDS, self.settings.dedup_ttl_seconds])
+    def claim(self, keys: tuple[str, ...] | list[str], patient: str | None = None,
+              focus: tuple[str, ...] | list[str] = ()) -> Claim:
+        """Claim an event's dedup keys: "new" (queue the work, then confirm or release),
+        "duplicate" or "busy". With `patient`, a new event also reserves the patient's evaluation
+        in the same round trip (see schedule_evaluation)."""
+        return self._claim_call(keys, patient, focus, uuid.uuid4().hex if patient else "")
 
-    def confirm(self, keys) -> None:
+    def _claim_call(self, keys, patient: str | None, focus, token: str) -> Claim:
+        dedup = [PREFIX + "dedup:" + k for k in keys]
+        extra = [PREFIX + "pending:" + patient, PREFIX + "pending-focus:" + patient] if patient else []
+        state, pending = self._redis(self._claim, keys=dedup + extra,
+                                     args=[len(dedup), CLAIM_SECONDS, self.settings.dedup_ttl_seconds, token,
+                                           PENDING_SECONDS, *(focus if patient else ())])
+        return Claim(state, pending or None, token or None)
+
+    def confirm(self, keys, after: redis.client.Pipeline | None = None) -> None:
         if keys:
-            pipe = self.redis.pipeline(transaction=False)
+            pipe = after if after is not None else self.redis.pipeline(transaction=False)
             for k in keys:
                 pipe.set(PREFIX + "dedup:" + k, "queued", ex=self.settings.dedup_ttl_seconds)
-            self._redis(pipe.execute)
+            if after is None:
+                self._redis(pipe.execute)
 
     def release(self, keys) -> None:
         """Best effort: when Redis is down the claims expire by themselves (CLAIM_SECONDS)."""
@@ -200,17 +217,28 @@ class WorkQueue:
     def mark_seen(self, keys) -> None:
         self.confirm(keys)
 
+    def pipeline(self) -> redis.client.Pipeline:
+        """Writes that follow a successful send, to go together in one round trip (`execute`)."""
+        return self.redis.pipeline(transaction=False)
+
+    def execute(self, pipe: redis.client.Pipeline) -> None:
+        self._redis(pipe.execute)
+
     # ---------------- per-patient coalescing ----------------
 
     def schedule_evaluation(self, patient: str, focus: tuple[str, ...] | list[str] = (),
-                            trigger: dict | None = None) -> str:
+                            trigger: dict | None = None, *, reserved: Claim | None = None,
+                            after: redis.client.Pipeline | None = None) -> str:
         """Queue an evaluation of `patient`, unless one is queued and not yet started: that one will
         read the record after this event, so it is enough ("coalesced"; the focus references are
-        handed to it). The first event waits `coalesce_seconds`, so a burst is evaluated once."""
-        token = uuid.uuid4().hex
-        marker, focus_set = PREFIX + "pending:" + patient, PREFIX + "pending-focus:" + patient
+        handed to it). The first event waits `coalesce_seconds`, so a burst is evaluated once.
+        reserved: the claim() that already reserved the patient; after: a pipeline() that takes the
+        last write instead of a round trip of its own."""
+        token = reserved.token if reserved and reserved.token else uuid.uuid4().hex
+        state = reserved.pending if reserved and reserved.pending else None
         for wait in BUSY_WAITS:
-            state = self._redis(self._pending, keys=[marker, focus_set], args=[token, PENDING_SECONDS, *focus])
+            if state is None or state == "busy":
+                state = self._claim_call((), patient, focus, token).pending
             if state != "busy":
                 break
             # Another delivery is queueing this patient's evaluation right now (a millisecond's
@@ -219,6 +247,7 @@ class WorkQueue:
             time.sleep(wait)
         if state == "coalesced":
             return "coalesced"
+        marker = PREFIX + "pending:" + patient
         try:
             self.send(TASK_EVALUATE, kwargs={"patient": patient, "focus": list(focus), "trigger": trigger or {}},
                       countdown=self.settings.coalesce_seconds)
@@ -230,8 +259,20 @@ class WorkQueue:
                     pass  # expires by itself; meanwhile "claimed" makes others queue their own task
             raise
         if state == "claimed":
-            self._redis(self._pending_queued, keys=[marker], args=[token, PENDING_SECONDS])
+            if after is not None:
+                self._pending_queued(keys=[marker], args=[token, PENDING_SECONDS], client=after)
+            else:
+                self._redis(self._pending_queued, keys=[marker], args=[token, PENDING_SECONDS])
         return "queued"
+
+    def release_reservation(self, patient: str, claim: Claim) -> None:
+        """Best effort, after a failed request: a marker still "claimed" by it goes (deleting a marker
+        never loses an event: the next one queues a new evaluation)."""
+        if claim.pending == "claimed" and claim.token:
+            try:
+                self._pending_release(keys=[PREFIX + "pending:" + patient], args=[claim.token])
+            except redis.RedisError:
+                pass
 
     def take_pending(self, patient: str) -> list[str]:
         """Called by the evaluation as it starts: from now on, new events queue a new evaluation.
@@ -251,12 +292,16 @@ class WorkQueue:
                                  data.get("status"), data.get("kind"), data.get("last_seen_at"))
 
     def advance_subscription(self, subscription: str, *, kind: str, status: str | None, top: int | None,
-                             event: bool) -> None:
+                             event: bool, after: redis.client.Pipeline | None = None) -> None:
         """Record a notification: highest event number (never lowered), when it was heard from,
         the status the server reported. Called after the work is queued (see the route)."""
-        self._redis(self._advance, keys=[PREFIX + "subscription:" + subscription, PREFIX + "subscriptions"],
-                    args=[top if top is not None else -1, _now(), "last_event_at" if event else f"last_{kind}_at",
-                          status or "", subscription])
+        keys = [PREFIX + "subscription:" + subscription, PREFIX + "subscriptions"]
+        args = [top if top is not None else -1, _now(), "last_event_at" if event else f"last_{kind}_at",
+                status or "", subscription]
+        if after is not None:
+            self._advance(keys=keys, args=args, client=after)
+        else:
+            self._redis(self._advance, keys=keys, args=args)
 
     def track_subscription(self, subscription: str, *, kind: str, status: str | None = None,
                            reset: bool = False) -> None:

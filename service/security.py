@@ -33,9 +33,11 @@ import base64
 import binascii
 import hashlib
 import json
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
 
@@ -51,6 +53,12 @@ _MIN_RSA_BITS = 2048
 SANDBOX_ISSUER = "https://sandbox.cds-hooks.org"
 SANDBOX_JWKS = "https://sandbox.cds-hooks.org/.well-known/jwks.json"
 _REFETCH_UNKNOWN_KID_AFTER = 30.0  # seconds: key rotation is picked up, but a flood of bad kids is not a fetch flood
+_RETRY_FAILED_FETCH_AFTER = 5.0  # seconds: during a JWKS outage callers are not each held for a fetch timeout
+
+
+@lru_cache(maxsize=1)
+def _tls_context() -> ssl.SSLContext:
+    return httpx.create_ssl_context()  # ~20 ms to build: once per process
 
 
 class AuthError(Exception):
@@ -137,6 +145,7 @@ class JwksCache:
         self.transport = transport
         self.timeout = timeout
         self._sets: dict[str, _CachedSet] = {}
+        self._failed: dict[str, float] = {}  # source -> when its last fetch failed
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def key(self, source: str, kid: str, alg: str) -> jwt.PyJWK:
@@ -159,12 +168,18 @@ class JwksCache:
             current = self._sets.get(source)
             if current is not None and current is not previous:  # another request refreshed it meanwhile
                 return current
+            now = time.monotonic()
+            if previous is None and now - self._failed.get(source, -1e9) < _RETRY_FAILED_FETCH_AFTER:
+                raise AuthError("jwks-unavailable")
             try:
                 document = await self._load(source)
             except Exception as exc:  # network, file, JSON: the key cannot be had, so nobody is trusted
                 log.warning("cds.jwks_unavailable", source=source, error=type(exc).__name__)
-                if previous is not None:  # keep serving the keys we had (an outage is not a rotation)
-                    return previous
+                self._failed[source] = now
+                if previous is not None:  # keep the keys we had a little longer: an outage is not a rotation
+                    kept = self._sets[source] = _CachedSet(previous.keys, now, now + _RETRY_FAILED_FETCH_AFTER,
+                                                           previous.parsed)
+                    return kept
                 raise AuthError("jwks-unavailable") from None
             keys = {k["kid"]: k for k in document.get("keys", []) if isinstance(k, dict) and isinstance(k.get("kid"), str)}
             now = time.monotonic()
@@ -173,8 +188,8 @@ class JwksCache:
 
     async def _load(self, source: str) -> dict:
         if source.startswith(("https://", "http://")):
-            async with httpx.AsyncClient(transport=self.transport, timeout=self.timeout,
-                                         follow_redirects=False) as client:
+            async with httpx.AsyncClient(transport=self.transport, timeout=self.timeout, follow_redirects=False,
+                                         verify=_tls_context()) as client:
                 response = await client.get(source, headers={"Accept": "application/json"})
                 response.raise_for_status()
                 document = response.json()
@@ -315,7 +330,7 @@ class JwtVerifier:
             raise AuthError("unknown-iss")
         jku = header.get("jku")
         if jku is not None:
-            if jku not in trust.jku:
+            if not isinstance(jku, str) or jku not in trust.jku:
                 raise AuthError("jku-not-allowed", iss)
             source = jku
         elif trust.jwks:

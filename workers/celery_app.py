@@ -45,7 +45,13 @@ def make_celery(settings: Settings) -> Celery:
         # The soft limit raises inside the task, which then lands in the dead-letter list; the hard
         # limit kills the process, which acknowledges the task without any handler running.
         task_soft_time_limit=max(1, int(hard * 0.8)),
-        broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout_seconds},
+        # A task held by a worker that died (SIGKILL, OOM, lost host) is restored by kombu's periodic
+        # sweep once older than the visibility timeout. The sweep runs every unacked_restore_interval
+        # (10 s) but kombu 5.7 scans only every unacked_restore_throttle-th time (default 10, i.e.
+        # every 100 s): scan every time, so the task is back within visibility timeout + 10 s
+        # (tests/integration/test_faults.py).
+        broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout_seconds,
+                                  "unacked_restore_throttle": 1},
         broker_connection_retry_on_startup=True,
         # With acks_late, a task running when the broker connection drops will be redelivered:
         # cancel it rather than let two copies run (Celery 5.x, worker_cancel_long_running_tasks_on_connection_loss).

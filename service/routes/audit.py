@@ -126,7 +126,8 @@ def _filters(patient: Annotated[str | None, Query(max_length=200)] = None,
              since: Annotated[str | None, Query(max_length=40)] = None,
              until: Annotated[str | None, Query(max_length=40)] = None,
              limit: Annotated[int, Query(ge=1, le=500)] = 50,
-             offset: Annotated[int, Query(ge=0)] = 0) -> Filters:
+             # bounded: a larger offset overflowed SQLite's 64-bit INTEGER (a 500; issue 7, schemathesis)
+             offset: Annotated[int, Query(ge=0, le=2**62)] = 0) -> Filters:
     return Filters(patient, kind, type, outcome, since, until, limit, offset)
 
 
@@ -292,5 +293,5 @@ def verify_chain(request: Request, reviewer: Reviewer):
 
 def install(app) -> None:
     """Register the audit routes and point `audit_event` at this app's settings (service/app.py)."""
-    configure(app.state.settings)
+    configure(app.state.settings, background=True)
     app.include_router(router)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import os
 import queue
 import threading
 import time
@@ -88,16 +89,20 @@ class AuditWriter:
     appends anyway, so one writer loses nothing. `flush()` waits for the queue (tests, exit)."""
 
     def __init__(self, maxsize: int = 10_000):
+        self._maxsize = maxsize
         self._queue: queue.Queue = queue.Queue(maxsize)
         self._thread: threading.Thread | None = None
+        self._pid = 0
         self._lock = threading.Lock()
 
     def submit(self, kind: str, outcome: str, **fields) -> None:
-        if self._thread is None:
+        if self._pid != os.getpid():  # first use, or a forked child (it inherits no running thread)
             with self._lock:
-                if self._thread is None:
+                if self._pid != os.getpid():
+                    self._queue = queue.Queue(self._maxsize)
                     self._thread = threading.Thread(target=self._run, name="cds-audit-writer", daemon=True)
                     self._thread.start()
+                    self._pid = os.getpid()
                     atexit.register(self.flush)
         try:
             self._queue.put_nowait((kind, outcome, fields))
@@ -105,7 +110,7 @@ class AuditWriter:
             log.error("cds.audit_queue_full", kind=kind)
 
     def flush(self) -> None:
-        if self._thread is not None:
+        if self._pid == os.getpid():
             self._queue.join()
 
     def _run(self) -> None:
@@ -338,6 +343,8 @@ async def read_json(request: Request, limit: int) -> object:
         chunks.append(chunk)
     try:
         return json.loads(b"".join(chunks))
+    except RecursionError:  # nested deeper than the parser's recursion limit: a 400, not a 500
+        raise InvalidRequest("the request body is nested too deeply") from None
     except (ValueError, UnicodeDecodeError):
         raise InvalidRequest("the request body is not valid JSON") from None
 

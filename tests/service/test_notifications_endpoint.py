@@ -332,3 +332,13 @@ def test_a_concurrent_delivery_of_the_same_event_is_told_to_retry(client, r):
     r.set("spinewatch:dedup:event:Subscription/s1:1", "queued")
     assert post(client, event(1)).status_code == 200
     assert queued(r) == []
+
+
+def test_a_batched_notification_naming_one_patient_twice_queues_one_evaluation(client, r):
+    body = params("event-notification", "Subscription/s1", 2, [(1, "Condition/c1", "Patient/p1"),
+                                                               (2, "Observation/o1", "Patient/p1")])
+    assert post(client, body).json()["issue"][0]["diagnostics"] == "2 event(s) queued"
+    (task,) = queued(r)
+    assert task["kwargs"]["focus"] == ["Condition/c1", "Observation/o1"]
+    assert r.get("spinewatch:pending:Patient/p1") == "queued"
+    assert {r.get(f"spinewatch:dedup:event:Subscription/s1:{n}") for n in (1, 2)} == {"queued"}

@@ -168,6 +168,7 @@ def test_audit_event_writes_to_the_configured_store_and_can_be_switched_off(tmp_
 
     url = f"sqlite:///{tmp_path}/a.sqlite"
     monkeypatch.setattr(audit, "_configured", None)  # no app in this process: the environment decides
+    monkeypatch.setattr(audit, "_background", False)
     monkeypatch.setenv("SPINEWATCH_AUDIT_DB_URL", url)
     get_settings.cache_clear()
     try:
@@ -193,9 +194,34 @@ def test_an_app_points_audit_event_at_its_own_settings(tmp_path, monkeypatch):
 
     monkeypatch.setattr(audit, "_configured", None)
     url = f"sqlite:///{tmp_path}/app.sqlite"
+    monkeypatch.setattr(audit, "_background", False)
     create_app(Settings(environment="test", audit_db_url=url))
-    audit.audit_event("card", "success", actor="x")
-    assert store_for(url).query()[1] == 1
+    for i in range(50):  # a serving process writes in the background, in order, in batches
+        audit.audit_event("card", "success", actor="x", detail={"i": i})
+    audit.flush()
+    records, total = store_for(url).query(limit=100, newest_first=False)
+    assert total == 50 and [r.detail["i"] for r in records] == list(range(50))
+    assert store_for(url).verify().ok
     create_app(Settings(environment="test", audit_db_url=url, audit_enabled=False))
     audit.audit_event("card", "success", actor="x")
+    audit.flush()
+    assert store_for(url).query()[1] == 50
+
+
+def test_a_background_write_that_fails_is_counted_and_the_writer_goes_on(tmp_path, monkeypatch):
+    from service.app import create_app
+    from service.metrics import AUDIT_WRITES
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setattr(audit, "_configured", None)
+    create_app(Settings(environment="test", audit_db_url=f"sqlite:///{blocker}/sub/audit.sqlite"))
+    errors = AUDIT_WRITES.labels(kind="card", outcome="error")._value.get()
+    audit.audit_event("card", "success", actor="x")
+    audit.flush()
+    assert AUDIT_WRITES.labels(kind="card", outcome="error")._value.get() == errors + 1
+    url = f"sqlite:///{tmp_path}/ok.sqlite"
+    create_app(Settings(environment="test", audit_db_url=url))
+    audit.audit_event("card", "success", actor="x")
+    audit.flush()
     assert store_for(url).query()[1] == 1
