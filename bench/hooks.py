@@ -160,7 +160,7 @@ def build_app(workdir: Path, issuer, audit: bool):
     settings = Settings(environment="test", cds_trusted_issuers=json.dumps({ISSUER: str(jwks)}),
                         audit_enabled=audit, audit_db_url=f"sqlite:///{workdir / 'audit.sqlite'}",
                         log_level="WARNING", cors_origins="")
-    app = create_app(settings)
+    app = create_app(settings)  # it points the audit log at these settings (service/audit.configure)
 
     async def jwt_only(request: Request, client: CdsClient = Depends(cds_client)) -> dict:
         """The baseline: the same JWT verification (signature, claims, jti) and nothing else. It

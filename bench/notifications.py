@@ -250,7 +250,9 @@ def e2e_benchmark(args, redis_url: str, workdir: Path) -> dict:
             "SPINEWATCH_ALERT_DEFAULT_RECIPIENT": "Organization/acute-oncology",
             "SPINEWATCH_RECONCILIATION_INTERVAL_SECONDS": "0"}
         log = open(workdir / "worker.log", "wb")
-        worker = subprocess.Popen([str(ROOT / ".venv" / "bin" / "spinewatch"), "worker", "--no-beat",
+        script = Path(sys.executable).parent / "spinewatch"
+        command = [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]
+        worker = subprocess.Popen([*command, "worker", "--no-beat",
                                    "--concurrency", str(args.worker_concurrency), "--loglevel", "WARNING"],
                                   env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         app = build_app(redis_url, workdir, audit=not args.no_audit, coalesce=args.coalesce)

@@ -219,8 +219,10 @@ class AuditStore:
     def append_many(self, events: list[tuple], at: datetime | None = None) -> list[AuditRecord]:
         """Append (kind, outcome, actor, patient, detail) tuples in order, in one transaction."""
         self.ensure_schema()
-        prepared = [(kind, outcome, actor, patient, canonical_json(sanitise_detail(detail)))
-                    for kind, outcome, actor, patient, detail in events]
+        prepared = []
+        for kind, outcome, actor, patient, detail in events:
+            clean = sanitise_detail(detail)
+            prepared.append((kind, outcome, actor, patient, canonical_json(clean), clean))
         with self.engine.connect() as conn:
             if self.dialect == "sqlite":
                 conn.exec_driver_sql("BEGIN IMMEDIATE")  # the write lock, before the head is read
@@ -241,14 +243,13 @@ class AuditStore:
         # The time is taken under the lock, so record times never go backwards along the chain.
         recorded = utc_iso(at or datetime.now(timezone.utc))
         records, rows = [], []
-        for kind, outcome, actor, patient, detail_text in prepared:
+        for kind, outcome, actor, patient, detail_text, clean in prepared:
             seq += 1
             digest = record_hash(seq=seq, recorded=recorded, kind=kind, outcome=outcome, actor=actor,
                                  patient=patient, detail=detail_text, prev_hash=prev)
             rows.append({"seq": seq, "recorded": recorded, "kind": kind, "outcome": outcome, "actor": actor,
                          "patient": patient, "detail": detail_text, "prev_hash": prev, "hash": digest})
-            records.append(AuditRecord(seq, recorded, kind, outcome, actor, patient, json.loads(detail_text), prev,
-                                       digest))
+            records.append(AuditRecord(seq, recorded, kind, outcome, actor, patient, clean, prev, digest))
             prev = digest
         # One executemany for the batch: each driver call releases and retakes the GIL, and in a
         # serving process every such hand-off can stall the event loop thread.

@@ -21,6 +21,7 @@ import atexit
 import json
 import os
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -81,50 +82,6 @@ _SERVICE_REQUEST_INTENTS = {"proposal", "plan", "directive", "order", "original-
 
 router = APIRouter(tags=["cds-hooks"])
 
-
-class AuditWriter:
-    """Audit records of hook calls (cards served, feedback, auth failures), appended by one daemon
-    thread off the request path. Why not BackgroundTasks: its thread-pool round trip cost the
-    event loop ~0.35 ms of CPU per hook call (bench/hooks.py), and the audit store serialises
-    appends anyway, so one writer loses nothing. `flush()` waits for the queue (tests, exit)."""
-
-    def __init__(self, maxsize: int = 10_000):
-        self._maxsize = maxsize
-        self._queue: queue.Queue = queue.Queue(maxsize)
-        self._thread: threading.Thread | None = None
-        self._pid = 0
-        self._lock = threading.Lock()
-
-    def submit(self, kind: str, outcome: str, **fields) -> None:
-        if self._pid != os.getpid():  # first use, or a forked child (it inherits no running thread)
-            with self._lock:
-                if self._pid != os.getpid():
-                    self._queue = queue.Queue(self._maxsize)
-                    self._thread = threading.Thread(target=self._run, name="cds-audit-writer", daemon=True)
-                    self._thread.start()
-                    self._pid = os.getpid()
-                    atexit.register(self.flush)
-        try:
-            self._queue.put_nowait((kind, outcome, fields))
-        except queue.Full:  # the store is stuck; never block a clinician's hook call on it
-            log.error("cds.audit_queue_full", kind=kind)
-
-    def flush(self) -> None:
-        if self._pid == os.getpid():
-            self._queue.join()
-
-    def _run(self) -> None:
-        while True:
-            kind, outcome, fields = self._queue.get()
-            try:
-                audit.audit_event(kind, outcome, **fields)  # logs and counts its own failures
-            except Exception as exc:
-                log.error("cds.audit_failed", kind=kind, error=type(exc).__name__)
-            finally:
-                self._queue.task_done()
-
-
-AUDIT = AuditWriter()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,8 +172,8 @@ async def cds_client(request: Request) -> CdsClient:
     except AuthError as exc:
         log.warning("cds.auth_failed", reason=exc.reason, path=request.url.path, iss=exc.iss)
         AUTH_FAILURES.labels(surface="cds-hooks", reason=exc.reason).inc()
-        AUDIT.submit("auth-failure", "failure", actor=exc.iss or "unknown",
-                     detail={"surface": "cds-hooks", "reason": exc.reason, "path": request.url.path})
+        audit.audit_event("auth-failure", "failure", actor=exc.iss or "unknown",
+                          detail={"surface": "cds-hooks", "reason": exc.reason, "path": request.url.path})
         raise Unauthorized(exc.reason) from None  # the handler answers a bare 401: the reason stays here
     except ReplayCacheUnavailable:
         raise ServiceUnavailable("the JWT replay cache is unavailable; retry") from None
@@ -358,18 +315,28 @@ async def discovery(client: CdsClient = Client) -> dict:
     return {"services": SERVICES}
 
 
+_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def _loggable_id(value: str) -> str:
+    """hookInstance is a UUID (2.0 §HTTP Request); anything else may be free text: not logged."""
+    return value if _ID.match(value) else "(not an id)"
+
+
 @router.post("/cds-services/{service_id}")
 async def call_service(service_id: str, request: Request, client: CdsClient = Client) -> JSONResponse:
     now = datetime.now(timezone.utc)  # the evaluation time is the request time, passed to the pure core
     started = time.perf_counter()
     hook = hook_instance = None
+    service = service_id if service_id in HOOKS_BY_SERVICE else "(unknown)"  # never log the caller's text
     try:
         if service_id not in HOOKS_BY_SERVICE:
-            raise NotFound(f"no CDS service {service_id!r} here; see GET /cds-services")
+            raise NotFound("no such CDS service here; see GET /cds-services")
         rt = runtime(request)
         body = await read_json(request, rt.settings.max_body_bytes)
         req: HookRequest = _validate(HookRequest, body, "")
-        hook, hook_instance = req.hook, req.hookInstance
+        # Logged and audited: only values we recognise (a caller can put anything in these strings).
+        hook, hook_instance = (req.hook if req.hook in KNOWN_HOOKS else "(unknown)"), _loggable_id(req.hookInstance)
         if req.hook not in KNOWN_HOOKS:
             raise InvalidRequest(f"unknown hook; this server answers {', '.join(KNOWN_HOOKS)}")
         if req.hook not in HOOKS_BY_SERVICE[service_id]:
@@ -382,20 +349,20 @@ async def call_service(service_id: str, request: Request, client: CdsClient = Cl
         else:
             cards, assessment, source = await _order_cards(rt, req, context, now)
     except SpineWatchError as exc:
-        log.info("cds.hook_refused", service=service_id, hook=hook, hookInstance=hook_instance,
+        log.info("cds.hook_refused", service=service, hook=hook, hookInstance=hook_instance,
                  status=exc.status_code, reason=exc.message)
         raise
 
     for card in cards:
         CARDS_SERVED.labels(hook=req.hook, indicator=card["indicator"]).inc()
-    if cards:  # written by the audit thread: not on the EHR's clock
-        AUDIT.submit("card", "success", actor=client.iss, patient=patient, detail={
-            "service": service_id, "hook": req.hook, "hookInstance": req.hookInstance,
+    if cards:  # a queue put in a serving process: service/audit.py writes it off the request path
+        audit.audit_event("card", "success", actor=client.iss, patient=patient, detail={
+            "service": service_id, "hook": req.hook, "hookInstance": hook_instance,
             "cards": [c["uuid"] for c in cards],
             "suggestions": [s["uuid"] for c in cards for s in c.get("suggestions", [])],
             "tier": assessment.urgency if assessment else None, "source": source,
         })
-    log.info("cds.hook", service=service_id, hook=req.hook, hookInstance=req.hookInstance, status=200,
+    log.info("cds.hook", service=service_id, hook=req.hook, hookInstance=hook_instance, status=200,
              cards=len(cards), tier=assessment.urgency if assessment else None, source=source,
              ms=round((time.perf_counter() - started) * 1000, 1))
     return JSONResponse({"cards": cards})
@@ -404,7 +371,7 @@ async def call_service(service_id: str, request: Request, client: CdsClient = Cl
 @router.post("/cds-services/{service_id}/feedback")
 async def feedback(service_id: str, request: Request, client: CdsClient = Client) -> Response:
     if service_id not in HOOKS_BY_SERVICE:
-        raise NotFound(f"no CDS service {service_id!r} here; see GET /cds-services")
+        raise NotFound("no such CDS service here; see GET /cds-services")  # the caller's text is not echoed
     body = await read_json(request, runtime(request).settings.max_body_bytes)
     items: FeedbackRequest = _validate(FeedbackRequest, body, "")
     for item in items.feedback:
@@ -415,7 +382,7 @@ async def feedback(service_id: str, request: Request, client: CdsClient = Client
         if item.overrideReason and item.overrideReason.reason:
             reason = item.overrideReason.reason
             detail["overrideReason"] = {"system": reason.system, "code": reason.code}
-        AUDIT.submit("feedback", item.outcome, actor=client.iss, detail=detail)
+        audit.audit_event("feedback", item.outcome, actor=client.iss, detail=detail)
     log.info("cds.feedback", service=service_id, items=len(items.feedback), status=200)
     return Response(status_code=200)
 

@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -27,7 +28,8 @@ from tests.support.sekmet_server import SekmetServer, free_port
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
-SPINEWATCH = str(ROOT / ".venv" / "bin" / "spinewatch")
+_SCRIPT = Path(sys.executable).parent / "spinewatch"  # the console script, as a user runs it
+SPINEWATCH = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "service.cli"]
 DB = 8  # a database of the session's redis-server of its own
 PATIENT_VIEW = "spinewatch-patient-view"
 
@@ -81,9 +83,9 @@ def spinewatch(sekmet_server: SekmetServer, redis_server, tmp_path_factory):
         "SPINEWATCH_ALERT_DEFAULT_RECIPIENT": "Organization/acute-oncology",
         "SPINEWATCH_RECONCILIATION_INTERVAL_SECONDS": "0", "PYTHONUNBUFFERED": "1",
     }
-    api = Proc([SPINEWATCH, "serve", "--port", str(port)], env, tmp / "api.log", lambda: _up(f"{api_base}/healthz"),
+    api = Proc([*SPINEWATCH, "serve", "--port", str(port)], env, tmp / "api.log", lambda: _up(f"{api_base}/healthz"),
                "spinewatch serve")
-    worker = Proc([SPINEWATCH, "worker", "--concurrency", "2", "--no-beat"], env, tmp / "worker.log",
+    worker = Proc([*SPINEWATCH, "worker", "--concurrency", "2", "--no-beat"], env, tmp / "worker.log",
                   lambda: b"ready." in (tmp / "worker.log").read_bytes(), "spinewatch worker")
     try:
         yield {"env": env, "api": api_base, "issuer": issuer, "redis": redis.Redis.from_url(url, decode_responses=True),
@@ -95,7 +97,7 @@ def spinewatch(sekmet_server: SekmetServer, redis_server, tmp_path_factory):
 
 
 def subscribe(stack) -> list[dict]:
-    done = subprocess.run([SPINEWATCH, "subscribe", "--json"], env=stack["env"], cwd=ROOT, capture_output=True,
+    done = subprocess.run([*SPINEWATCH, "subscribe", "--json"], env=stack["env"], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]

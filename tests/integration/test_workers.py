@@ -39,6 +39,9 @@ ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "integration-secret"
 AUTH = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/fhir+json"}
 DB = 7  # a database of the session's redis-server of its own: never flushed under the running worker
+# the installed console script, as a user runs it (next to this interpreter, e.g. .venv/bin/spinewatch)
+_SCRIPT = Path(sys.executable).parent / "spinewatch"
+SPINEWATCH = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "service.cli"]
 
 
 # ---------------- a FHIR server whose behaviour the tests set ----------------
@@ -165,8 +168,7 @@ class Worker:
 
     def __init__(self, env: dict[str, str], log: Path):
         self.log = log
-        self.proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "spinewatch"), "worker", "--concurrency", "2",
-                                      "--no-beat", "--loglevel", "INFO"],
+        self.proc = subprocess.Popen([*SPINEWATCH, "worker", "--concurrency", "2", "--no-beat", "--loglevel", "INFO"],
                                      env=env, cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.monotonic() + 30
@@ -248,7 +250,7 @@ def dead_letters(stack) -> list[dict]:
 
 
 def cli(stack, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(ROOT / ".venv" / "bin" / "spinewatch"), *args], env=stack["env"], cwd=ROOT,
+    return subprocess.run([*SPINEWATCH, *args], env=stack["env"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
 
 

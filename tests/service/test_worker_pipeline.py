@@ -310,3 +310,16 @@ def test_celery_is_configured_for_at_least_once_delivery():
         make_celery(Settings(task_time_limit_seconds=4000, broker_visibility_timeout_seconds=3600))
     off = make_celery(Settings(reconciliation_interval_seconds=0))
     assert "reconciliation-sweep" not in off.conf.beat_schedule
+
+
+def test_the_store_reads_back_with_a_client_that_does_not_decode(redis_url):
+    """The CDS Hooks side opens its own client (service/stored_assessment.py, bytes replies)."""
+    from fhir_mappings.evaluate import assess
+
+    assessment = assess(ch.record("urgent", "p5"), NOW)
+    AssessmentStore(redis.Redis.from_url(redis_url, decode_responses=True)).save(assessment.to_json(),
+                                                                               seen=assessment.seen)
+    record = AssessmentStore(redis.Redis.from_url(redis_url)).get("p5")
+    assert record["urgency"] == "urgent" and record["revision"] == 1 and record["seen"] == assessment.seen
+    with pytest.raises(ValueError, match="without a patient"):
+        AssessmentStore(redis.Redis.from_url(redis_url)).save(assessment.to_json() | {"patient": None})

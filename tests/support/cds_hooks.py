@@ -309,18 +309,16 @@ class HookEnv:
         return self.client.post(path, json=body, headers=self.headers(path, **token_kw))
 
     def audit_records(self, kind: str) -> list:
-        from service.routes.cds_hooks import AUDIT
+        from service.audit import flush
 
-        AUDIT.flush()  # hook calls audit from a writer thread
+        flush()  # a no-op while the test's store is installed (writes are synchronous), kept for safety
         return [r for r in self.audit.iter_all() if r.kind == kind]
 
 
 def reset_audit() -> None:
-    """After a test: let the audit thread finish, then drop the test's audit store."""
+    """After a test: drop the test's audit store (use_store flushes first)."""
     from service.audit import use_store
-    from service.routes.cds_hooks import AUDIT
 
-    AUDIT.flush()
     use_store(None)
 
 
