@@ -7,10 +7,12 @@ server on a socket in this process holding the patients' charts and receiving th
 
 The run, as an EHR would drive it:
 - `--patients` charts (tiers emergency, urgent, routine, none in turn) are loaded;
-- `--notifications` rest-hook notifications (PUT /fhir/notifications/Observation/{id}, the resource as
+- `--notifications` rest-hook notifications (PUT /fhir/notifications/Patient/{id}, the resource as
   payload, as sekmet-fhir sends them) are sent by `--senders` threads at about `--rate` a second:
-  most report a new Observation (a vital sign: new data, but no new evidence, so no new alert);
-  `--duplicates` of them re-deliver an earlier notification byte for byte, as FHIR servers do;
+  most report a new version of a Patient (every patient at least once; a changed phone number:
+  a change each evaluation reads and audits among its inputs, but no new clinical evidence, so it
+  must not alert again); `--duplicates` of them re-deliver an earlier notification byte for byte,
+  as FHIR servers do;
   a refused delivery (503, connection refused) is retried, as the server would, until accepted;
 - during the run: the worker's pool processes are SIGKILLed (`--child-kills` times), the whole worker
   (main process and pool) is SIGKILLed and restarted (`--worker-kills`), and Redis is SIGKILLed and
@@ -63,7 +65,7 @@ IN_SCOPE = ("emergency", "urgent")  # the tiers that alert the care team (docs/a
 @dataclass
 class Delivery:
     """One notification as the EHR sends it (a re-delivery shares the body of the first)."""
-    ref: str  # Observation/<id>
+    ref: str  # Patient/<id>
     version: str
     patient: str
     body: bytes
@@ -81,12 +83,12 @@ class Run:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def vital(pid: str, rid: str) -> dict:
-    return {"resourceType": "Observation", "id": rid, "status": "final",
-            "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4", "display": "Heart rate"}]},
-            "subject": {"reference": f"Patient/{pid}"}, "effectiveDateTime": datetime.now(timezone.utc).isoformat(),
-            "valueQuantity": {"value": random.randint(55, 110), "unit": "/min", "system": "http://unitsofmeasure.org",
-                              "code": "/min"}}
+def demographics_update(patient: dict) -> dict:
+    """A new version of the Patient (a changed phone number): a change every evaluation reads (its
+    version is in the evaluation's audited inputs) that is no new clinical evidence, so it must not
+    alert again."""
+    return {k: v for k, v in patient.items() if k != "meta"} | {
+        "telecom": [{"system": "phone", "value": f"+44 7700 {random.randint(100000, 999999)}"}]}
 
 
 def deliver(stack, d: Delivery, give_up_after: float) -> None:
@@ -104,7 +106,8 @@ def deliver(stack, d: Delivery, give_up_after: float) -> None:
         except httpx.HTTPError:
             response = None
         if response is not None and response.status_code == 200:
-            d.outcome = response.json()["issue"][0]["diagnostics"].split()[0].rstrip(":")
+            text = response.json()["issue"][0]["diagnostics"]
+            d.outcome = "duplicate" if text.startswith("duplicate") else "queued" if "queued" in text else text
             d.accepted_at = time.time()
             return
         if response is not None and response.status_code != 503:
@@ -211,10 +214,11 @@ def main() -> int:
                 first = random.choice(originals)
                 d = Delivery(first.ref, first.version, first.patient, first.body, duplicate=True)
             else:
-                patient = random.choice(list(patients))
+                # every patient at least once, then at random
+                patient = list(patients)[n] if n < len(patients) else random.choice(list(patients))
                 pid = patient.split("/", 1)[1]
-                stored = stack.fhir.put(vital(pid, f"vital-soak-{n}-{pid}"))
-                d = Delivery(f"Observation/{stored['id']}", stored["meta"]["versionId"], patient,
+                stored = stack.fhir.put(demographics_update(stack.fhir.resources[("Patient", pid)]))
+                d = Delivery(f"Patient/{pid}", stored["meta"]["versionId"], patient,
                              json.dumps(stored).encode(), duplicate=False)
                 originals.append(d)
             run.deliveries.append(d)

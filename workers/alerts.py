@@ -153,7 +153,6 @@ def alert_if_needed(assessment, settings, *, fhir: FhirAlerts | None = None, red
 def _recipients(fhir: FhirAlerts, alert: AlertInput, settings, now: datetime) -> tuple[list[str], str]:
     patient_id = alert.patient.split("/")[-1]
     teams = _fhir_call(fhir.search, "CareTeam", {"patient": alert.patient, "status": "active"})
-    patient = None
     recipients, source = resolve_recipients(teams, None, None, now, patient_ref=alert.patient)
     if not recipients:
         patient = _fhir_call(fhir.read, "Patient", patient_id)

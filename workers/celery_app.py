@@ -52,6 +52,9 @@ def make_celery(settings: Settings) -> Celery:
         # (tests/integration/test_faults.py).
         broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout_seconds,
                                   "unacked_restore_throttle": 1},
+        # kombu's Redis transport with a restore that survives a Redis restart (workers/broker.py):
+        # unpatched, the worker exits when Redis restarts while it holds unacknowledged tasks.
+        broker_transport="workers.broker:Transport",
         broker_connection_retry_on_startup=True,
         # With acks_late, a task running when the broker connection drops will be redelivered:
         # cancel it rather than let two copies run (Celery 5.x, worker_cancel_long_running_tasks_on_connection_loss).

@@ -12,7 +12,6 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import httpx
 import pytest
 
 from fhir_mappings.alerts import ALERT_ID_SYSTEM, SIGNATURE_HEADER, verify_signature

@@ -7,6 +7,7 @@ test sets (tests/support/fault_stack.py).
                                                the restart, one alert
     Redis killed with work queued              the append-only file keeps it; the worker finds it
     Redis restarted under a running worker     the worker reconnects and goes on
+    Redis killed while a task runs             the worker survives (workers/broker.py), both tasks done
     Redis down while notifications arrive      503 at once; the server's retry is accepted and done
     FHIR server failing / hung / slow          bounded retries, then the dead-letter list; slow is fine
     patient-view with a hung or failing        412 within SPINEWATCH_HOOK_TIMEOUT_SECONDS, never a hang
@@ -195,6 +196,33 @@ def test_a_redis_restart_under_a_running_worker_and_api_does_not_hang_them(stack
     one_alert(stack, pid)
 
 
+@pytest.mark.slow
+def test_a_redis_restart_while_a_task_runs_does_not_kill_the_worker(stack):
+    """kombu 5.7 crashed the worker here ("Unrecoverable error: AttributeError: 'NoneType' object has
+    no attribute 'hostname'" while restoring its unacknowledged messages): workers/broker.py."""
+    running = stack.patient("emergency")
+    stack.fhir.hang(f"Patient/{running}")
+    assert accepted(stack, "Observation", f"neuro-{running}") == 0
+    wait_for(lambda: stack.fhir.count(f"GET Patient/{running}") >= 1, BOUND_EVALUATE, "the task to start")
+    worker_pid = stack.worker.proc.pid
+    os.kill(stack.redis.proc.pid, signal.SIGKILL)
+    stack.redis.proc.wait(5)
+    stack.redis.proc = None
+    stack.redis.start()
+    started = time.monotonic()
+    stack.fhir.release()
+    record = wait_for(lambda: stack.stored(running), BOUND_EVALUATE, "the running task to complete or be redone")
+    assert record["urgency"] == "emergency"
+    nxt = stack.patient("urgent")
+    assert accepted(stack, "Condition", f"back-pain-{nxt}") == 0
+    wait_for(lambda: stack.stored(nxt), BOUND_EVALUATE, "the worker to go on after the Redis restart")
+    timed("Redis SIGKILLed mid-task -> both tasks done", started)
+    assert stack.worker.proc.poll() is None and stack.worker.proc.pid == worker_pid, \
+        "the worker process died with the Redis restart:\n" + stack.worker.log_tail(20)
+    one_alert(stack, running)
+    one_alert(stack, nxt)
+
+
 def test_redis_down_while_a_notification_arrives_is_503_then_delivered_on_retry(stack):
     pid = stack.patient("emergency")
     stack.redis.stop()
@@ -282,7 +310,7 @@ def test_patient_view_answers_within_its_budget_whatever_the_fhir_server_does(st
         elif fault == "failing":
             hook_fhir.always_fail[""] = 500
         else:
-            hook_fhir.delay[""] = 0.2
+            hook_fhir.delay[""] = 0.1  # each of the ~7 parallel reads; the budget is 1 s
         response, took = _patient_view(stack, issuer, hook_fhir.base, pid)
     finally:
         hook_fhir.clear_faults()
