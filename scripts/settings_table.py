@@ -1,6 +1,7 @@
 """Print the README's settings table (Markdown) from the Settings field descriptions.
 
-    .venv/bin/python scripts/settings_table.py > /tmp/settings.md    # paste into README.md
+    .venv/bin/python scripts/settings_table.py             # print it
+    .venv/bin/python scripts/settings_table.py --readme    # rewrite it in README.md, between its markers
 
 tests/unit/test_settings_docs.py checks that every field has a description and that the README
 lists every SPINEWATCH_ variable.
@@ -42,5 +43,20 @@ def table() -> str:
     return "\n".join(lines)
 
 
+START, END = "<!-- settings-table:start -->", "<!-- settings-table:end -->"
+
+
+def write_readme(readme: Path) -> None:
+    text = readme.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"settings_table: {readme} has no {START} ... {END} markers")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{START}\n{table()}\n{END}{tail}")
+
+
 if __name__ == "__main__":
-    print(table())
+    if "--readme" in sys.argv[1:]:
+        write_readme(Path(__file__).resolve().parent.parent / "README.md")
+    else:
+        print(table())

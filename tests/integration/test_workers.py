@@ -319,7 +319,9 @@ def test_a_transient_fhir_failure_is_retried(stack):
     stack["fhir"].fail[f"Patient/{pid}"] = [503, 503]
     notify(stack, 1, pid, "Condition/cancer", f"Subscription/{uuid.uuid4().hex[:8]}")
     assert wait_for(lambda: stored(stack, pid), what="stored assessment after retries")["urgency"] == "emergency"
-    assert stack["fhir"].count(f"GET Patient/{pid}") == 3
+    assert stack["fhir"].fail[f"Patient/{pid}"] == []  # both 503s were answered, then a read succeeded
+    # (3 reads by the evaluation; the alerting step may read the Patient again for its recipients)
+    assert stack["fhir"].count(f"GET Patient/{pid}") >= 3
     assert not [d for d in dead_letters(stack) if d["kwargs"].get("patient") == f"Patient/{pid}"]
 
 
