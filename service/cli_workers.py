@@ -30,6 +30,11 @@ def worker(
     loglevel: Annotated[str, typer.Option(help="Celery log level")] = "INFO",
 ) -> None:
     """Run a Celery worker that evaluates patients as notifications arrive."""
+    from service.settings import get_settings
+
+    settings = get_settings()
+    if settings.worker_metrics_port:
+        _serve_worker_metrics(settings)
     from workers.celery_app import app as celery_app
 
     argv = ["worker", f"--loglevel={loglevel}", "--without-gossip", "--without-mingle"]
@@ -38,6 +43,29 @@ def worker(
     if beat:
         argv.append("--beat")
     celery_app.worker_main(argv)
+
+
+def _serve_worker_metrics(settings) -> None:
+    """Serve the counters of every worker process on one port. Celery's prefork children count
+    evaluations, alerts and dead letters in their own memory, so prometheus_client's multiprocess
+    mode (one mmap file per process in PROMETHEUS_MULTIPROC_DIR, summed at scrape time) is the way
+    to see them; it must be chosen before prometheus_client is first imported."""
+    import os
+    import sys
+    import tempfile
+
+    if "prometheus_client" in sys.modules:  # too late to switch modes: say so rather than serve zeros
+        _fail("worker metrics: prometheus_client was imported before the worker set up multiprocess mode")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="spinewatch-worker-metrics-")
+    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    try:
+        start_http_server(settings.worker_metrics_port, addr=settings.worker_metrics_host, registry=registry)
+    except OSError as exc:
+        _fail(f"worker metrics: cannot listen on {settings.worker_metrics_host}:{settings.worker_metrics_port} "
+              f"({exc.strerror})")
 
 
 @app.command()

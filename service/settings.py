@@ -115,6 +115,11 @@ class Settings(BaseSettings):
                                                                 "of it); must stay below the visibility timeout")
     broker_visibility_timeout_seconds: int = Field(3600, ge=10, description="Redis broker: an unacknowledged task is "
                                                                             "redelivered after this long")
+    worker_metrics_port: int = Field(0, ge=0, le=65535, description="port of the worker's own Prometheus "
+                                     "/metrics (evaluations, alerts, dead letters are counted in worker "
+                                     "processes); 0 = off")
+    worker_metrics_host: str = Field("127.0.0.1", description="address the worker's /metrics listens on "
+                                     "(0.0.0.0 in a container)")
     heartbeat_watchdog_seconds: int = Field(600, ge=1, description="no notification nor heartbeat from a "
                                                                    "Subscription for this long: ask its $status")
     reconciliation_interval_seconds: int = Field(900, ge=0, description="every so often, look for Conditions and "

@@ -32,12 +32,13 @@ from service.app import create_app
 from service.assessment_store import AssessmentStore
 from service.settings import Settings
 from tests.support import cds_hooks as ch
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisServer, free_port
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "integration-secret"
 AUTH = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/fhir+json"}
+METRICS_PORT = free_port()
 DB = 7  # a database of the session's redis-server of its own: never flushed under the running worker
 # the installed console script, as a user runs it (next to this interpreter, e.g. .venv/bin/spinewatch)
 _SCRIPT = Path(sys.executable).parent / "spinewatch"
@@ -159,7 +160,7 @@ def worker_env(redis_url: str, fhir_base: str, tmp: Path) -> dict[str, str]:
         "SPINEWATCH_FHIR_TIMEOUT_SECONDS": "5", "SPINEWATCH_RECONCILIATION_INTERVAL_SECONDS": "0",
         "SPINEWATCH_HEARTBEAT_WATCHDOG_SECONDS": "3600", "SPINEWATCH_AUDIT_DB_URL": f"sqlite:///{tmp}/audit.sqlite",
         "SPINEWATCH_ALERT_DEFAULT_RECIPIENT": "Organization/acute-oncology", "SPINEWATCH_LOG_FORMAT": "json",
-        "PYTHONUNBUFFERED": "1",
+        "PYTHONUNBUFFERED": "1", "SPINEWATCH_WORKER_METRICS_PORT": str(METRICS_PORT),
     }
 
 
@@ -265,6 +266,22 @@ def test_a_notification_leads_to_an_evaluation_and_a_stored_assessment(stack):
     assert record["seen"][f"Patient/{pid}"] == "1" and record["seen"]["Condition/cancer"]
     assert record["revision"] == 1
     assert datetime.fromisoformat(record["stored_at"]) > datetime.now(timezone.utc) - timedelta(minutes=1)
+
+
+def test_the_worker_serves_the_counters_of_its_child_processes(stack):
+    import httpx
+
+    pid = patient(stack)
+    notify(stack, 1, pid, "Observation/neuro", f"Subscription/{uuid.uuid4().hex[:8]}")
+    wait_for(lambda: stored(stack, pid), what="stored assessment")
+
+    def emergencies() -> float:
+        text = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5).text
+        lines = [ln for ln in text.splitlines()
+                 if ln.startswith("spinewatch_evaluations_total{") and 'tier="emergency"' in ln]
+        return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines)
+
+    assert wait_for(lambda: emergencies() >= 1, what="evaluations counted at the worker's /metrics")
 
 
 def test_a_duplicate_notification_is_not_evaluated_again(stack):
