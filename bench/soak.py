@@ -34,7 +34,7 @@ audit chain verifies; 1 otherwise.
 
     python bench/soak.py [--notifications 1000] [--patients 40] [--rate 25] [--senders 4]
                          [--duplicates 0.2] [--child-kills 2] [--worker-kills 1] [--redis-restarts 1]
-                         [--settle 180] [--keep DIR]
+                         [--settle 300] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ def main() -> int:
     parser.add_argument("--worker-kills", type=int, default=1)
     parser.add_argument("--redis-restarts", type=int, default=1)
     parser.add_argument("--concurrency", type=int, default=2, help="worker pool processes")
-    parser.add_argument("--settle", type=float, default=180.0, help="most seconds to wait for the backlog")
+    parser.add_argument("--settle", type=float, default=300.0, help="most seconds to wait for the backlog")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--keep", type=Path, help="keep logs, Redis data and the audit log here")
     args = parser.parse_args()
@@ -182,13 +182,18 @@ def main() -> int:
     run_dir = args.keep.resolve() if args.keep else Path(tempfile.mkdtemp(prefix="spinewatch-soak-"))
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {"SPINEWATCH_COALESCE_SECONDS": "0.5", "SPINEWATCH_TASK_MAX_RETRIES": "5",
-           "SPINEWATCH_FHIR_TIMEOUT_SECONDS": "5",
-           "SPINEWATCH_TASK_TIME_LIMIT_SECONDS": "20", "SPINEWATCH_BROKER_VISIBILITY_TIMEOUT_SECONDS": "30"}
+           "SPINEWATCH_FHIR_TIMEOUT_SECONDS": "5", "SPINEWATCH_TASK_TIME_LIMIT_SECONDS": "20",
+           # Above the longest countdown a task gets (an alert lock's 120 s), so that no waiting retry is
+           # redelivered early; a killed worker's tasks come back after it.
+           "SPINEWATCH_BROKER_VISIBILITY_TIMEOUT_SECONDS": "150",
+           # Celery beat runs in the worker, as `spinewatch worker` does by default: the watchdog (every
+           # 10 s here) sends again an evaluation the broker lost (service/queue.py recover_pending).
+           "SPINEWATCH_HEARTBEAT_WATCHDOG_SECONDS": "20"}
     print(f"soak: {args.notifications} notifications, {args.patients} patients, ~{args.rate:g}/s, "
           f"{args.duplicates:.0%} re-deliveries; faults: {args.child_kills} pool kill(s), {args.worker_kills} "
           f"worker kill(s), {args.redis_restarts} Redis restart(s); {os.cpu_count()} CPUs; run dir {run_dir}",
           flush=True)
-    stack = Stack(run_dir, env=env, concurrency=args.concurrency)
+    stack = Stack(run_dir, env=env, concurrency=args.concurrency, beat=True)
     run = Run()
     try:
         patients = {}
@@ -302,7 +307,10 @@ def report(args, stack, run: Run, patients: dict[str, str], accepted: list[Deliv
     print(f"  audit                   {len(records)} records ({', '.join(f'{k} {n}' for k, n in sorted(kinds.items()))}); "
           f"accepted deliveries without a notification record: {unaudited}; hash chain "
           f"{'verified' if verification.ok else 'BROKEN'} ({verification.checked} records)")
-    print(f"  dead letters            {len(dead)}")
+    recovered = sum(1 for r in evaluations if (r.detail.get("trigger") or {}).get("kind") == "recovery")
+    print(f"  recovered               {recovered} evaluation(s) sent again by the watchdog (queued, never started: "
+          f"a message the broker lost)")
+    print(f"  dead letters            {len(dead)}" + (f" ({Counter(d['error'] for d in dead)})" if dead else ""))
     print("  faults injected:")
     for at, what in run.faults:
         print(f"    +{at - started:6.1f} s  {what}")

@@ -11,6 +11,7 @@ Redis keys (prefix `spinewatch:`):
     pending:Patient/<id>                an evaluation is queued and not started ("queued"), or
                                         being queued right now ("claimed:<token>")
     pending-focus:Patient/<id>          references the queued evaluation must re-read
+    pending-due                         zset: patients with a queued evaluation, by due time (ms)
     subscription:Subscription/<id>      hash: highest event number, last event / heartbeat times,
                                         status, kind
     subscriptions                       set of the Subscriptions the watchdog looks after
@@ -48,6 +49,8 @@ GAP_GRACE_SECONDS = 3.0
 # A "claimed" key outlives a crashed request by this long at most.
 CLAIM_SECONDS = 30
 PENDING_SECONDS = 300
+PENDING_DUE = "pending-due"  # zset: patient -> when its queued evaluation is due (ms)
+STALE_PENDING_SECONDS = 60.0  # a queued evaluation this late is sent again (recover_pending)
 BUSY_WAITS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0)  # ~90 ms in all
 
 log = structlog.get_logger("spinewatch.queue")
@@ -88,10 +91,13 @@ return {state, 'claimed'}
 """
 
 # Set the marker to "queued" only if it is still our claim: had the task already started (and
-# deleted the marker), a new "queued" marker would swallow later events.
+# deleted the marker), a new "queued" marker would swallow later events. The patient also goes into
+# the pending-due index (KEYS[2], score: when the task is due, ms), so a task the broker lost can be
+# found and sent again (recover_pending).
 _PENDING_QUEUED = """
 if redis.call('GET', KEYS[1]) == 'claimed:' .. ARGV[1] then
   redis.call('SET', KEYS[1], 'queued', 'EX', ARGV[2])
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
   return 1
 end
 return 0
@@ -259,11 +265,37 @@ class WorkQueue:
                     pass  # expires by itself; meanwhile "claimed" makes others queue their own task
             raise
         if state == "claimed":
+            keys, args = [marker, PREFIX + PENDING_DUE], [token, PENDING_SECONDS, self._due_ms(), patient]
             if after is not None:
-                self._pending_queued(keys=[marker], args=[token, PENDING_SECONDS], client=after)
+                self._pending_queued(keys=keys, args=args, client=after)
             else:
-                self._redis(self._pending_queued, keys=[marker], args=[token, PENDING_SECONDS])
+                self._redis(self._pending_queued, keys=keys, args=args)
         return "queued"
+
+    def _due_ms(self) -> int:
+        return int((time.time() + self.settings.coalesce_seconds) * 1000)
+
+    def recover_pending(self, late_seconds: float = STALE_PENDING_SECONDS) -> list[str]:
+        """Evaluations queued more than `late_seconds` past their due time and still not started:
+        send them again. kombu's Redis transport can lose a message (a worker killed, or Redis
+        crashing, while BRPOP hands it over: issue 7, bench/soak.py), and the patient's "queued"
+        marker would then swallow every later event for PENDING_SECONDS. A task that was only late
+        (a long queue) is evaluated twice, which is harmless; a lost one is not."""
+        cutoff = int((time.time() - late_seconds) * 1000)
+        recovered = []
+        for patient in self._redis(self.redis.zrangebyscore, PREFIX + PENDING_DUE, "-inf", cutoff) or []:
+            marker, focus_key = PREFIX + "pending:" + patient, PREFIX + "pending-focus:" + patient
+            if self._redis(self.redis.get, marker) != "queued":
+                self._redis(self.redis.zrem, PREFIX + PENDING_DUE, patient)  # started meanwhile
+                continue
+            focus = sorted(self._redis(self.redis.smembers, focus_key) or [])
+            self.send(TASK_EVALUATE, kwargs={"patient": patient, "focus": focus,
+                                             "trigger": {"kind": "recovery", "source": "pending"}})
+            self._redis(self.redis.zadd, PREFIX + PENDING_DUE, {patient: self._due_ms()})
+            recovered.append(patient)
+        if recovered:
+            log.warning("queue.pending_recovered", patients=len(recovered))
+        return recovered
 
     def release_reservation(self, patient: str, claim: Claim) -> None:
         """Best effort, after a failed request: a marker still "claimed" by it goes (deleting a marker
@@ -280,7 +312,8 @@ class WorkQueue:
         pipe = self.redis.pipeline(transaction=True)
         pipe.smembers(PREFIX + "pending-focus:" + patient)
         pipe.delete(PREFIX + "pending-focus:" + patient, PREFIX + "pending:" + patient)
-        members, _ = self._redis(pipe.execute)
+        pipe.zrem(PREFIX + PENDING_DUE, patient)
+        members = self._redis(pipe.execute)[0]
         return sorted(members or [])
 
     # ---------------- subscriptions ----------------

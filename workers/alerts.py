@@ -97,7 +97,12 @@ def alert_if_needed(assessment, settings, *, fhir: FhirAlerts | None = None, red
     if not _redis_call(r.set, lock_key, token, nx=True, ex=LOCK_SECONDS):
         # Another worker is alerting for this very decision (duplicate notifications): come back
         # later and find it done, rather than racing it.
-        raise AlertRetry("alert in progress in another worker")
+        held = AlertRetry("alert in progress in another worker")
+        # Retry when the lock has lapsed at the latest: its holder may have died mid-alert (a killed
+        # worker), and retrying sooner used up every retry within seconds and dead-lettered the alert
+        # (issue 7, bench/soak.py). A live holder finishes first; the retry then finds it done.
+        held.retry_after = _lock_ttl(r, lock_key) + 1.0
+        raise held
     now = now or datetime.now(timezone.utc)
     ttl = settings.alert_dedup_days * 86400
     channel = "fhir"
@@ -201,6 +206,15 @@ def _fhir_call(fn, *args, **kwargs):
         if transient is None:
             transient = status is None or status == 429 or status >= 500 or "Unavailable" in type(exc).__name__
         raise (AlertRetry if transient else AlertFailed)(f"FHIR {type(exc).__name__} {status or ''}".strip()) from exc
+
+
+def _lock_ttl(r, lock_key: str) -> float:
+    """Seconds until the lock lapses (LOCK_SECONDS when Redis cannot say)."""
+    try:
+        ttl = float(r.ttl(lock_key))
+    except Exception:  # noqa: BLE001 - Redis down, or a client without TTL: assume a full lock
+        return float(LOCK_SECONDS)
+    return max(0.0, ttl) if ttl != -1 else float(LOCK_SECONDS)
 
 
 def _redis_call(fn, *args, **kwargs):

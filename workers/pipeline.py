@@ -6,7 +6,7 @@ twice (a redelivered or retried task): it reads current data and overwrites its 
     catch_up           missed or empty events: $events, else _lastUpdated since the last event seen
     reconcile          safety net: everything changed since the last sweep (_lastUpdated)
     watchdog           Subscriptions gone quiet: $status (backport) or a read (classic); re-request
-                       one the server put in error
+                       one the server put in error; evaluations queued but never started: again
 
 Errors propagate: service.fhir_client errors say whether they are transient (tasks.py retries
 those) or permanent (dead letter).
@@ -269,6 +269,9 @@ def watchdog(d: Deps, now: datetime) -> list[dict]:
     from service.subscriptions import re_request
 
     report = []
+    # Evaluations queued long ago and never started: their message was lost (queue.recover_pending).
+    for patient in d.queue.recover_pending():
+        report.append({"patient": patient, "action": "evaluation sent again (queued, never started)"})
     limit = timedelta(seconds=d.settings.heartbeat_watchdog_seconds)
     for subscription in d.queue.tracked_subscriptions():
         state = d.queue.subscription_state(subscription)

@@ -47,8 +47,10 @@ class SpineWatchTask(Task):
                 raise
             log.warning("task.retry", error=type(exc).__name__, retries=self.request.retries)
             # Past max_retries, retry() re-raises exc: on_failure then dead-letters it.
-            raise self.retry(exc=exc, countdown=backoff(self.request.retries, d.settings.task_retry_backoff_seconds),
-                             max_retries=d.settings.task_max_retries)
+            # An error may say when a retry can succeed (AlertRetry: the alert lock's remaining TTL).
+            countdown = max(backoff(self.request.retries, d.settings.task_retry_backoff_seconds),
+                            float(getattr(exc, "retry_after", 0) or 0))
+            raise self.retry(exc=exc, countdown=countdown, max_retries=d.settings.task_max_retries)
 
     def on_failure(self, exc, task_id, args, kwargs, einfo):
         try:

@@ -98,7 +98,8 @@ async def notification(request: Request) -> JSONResponse:
     return _answer(await run_in_threadpool(accept, note, get_queue(request)))
 
 
-@router.api_route("/{resource_type}/{resource_id}", methods=["PUT", "POST"])
+@router.put("/{resource_type}/{resource_id}", operation_id="rest_hook_put")
+@router.post("/{resource_type}/{resource_id}", operation_id="rest_hook_post")
 async def rest_hook(resource_type: str, resource_id: str, request: Request) -> JSONResponse:
     authenticate(request)
     body = await read_json(request)

@@ -253,7 +253,7 @@ class Stack:
     """redis-server + FHIR stub + API process + worker process(es), all on 127.0.0.1."""
 
     def __init__(self, run_dir: Path, *, api: bool = True, worker: bool = True, concurrency: int = 2,
-                 env: dict[str, str] | None = None, fhir: FhirStub | None = None):
+                 env: dict[str, str] | None = None, fhir: FhirStub | None = None, beat: bool = False):
         self.run_dir = run_dir
         self.procs = Processes(run_dir / "logs")
         (run_dir / "redis").mkdir(parents=True, exist_ok=True)
@@ -261,6 +261,7 @@ class Stack:
         self.fhir = fhir or FhirStub()
         self.env = stack_env(self.redis.url, self.fhir, run_dir, **(env or {}))
         self.concurrency = concurrency
+        self.beat = beat  # Celery beat in the worker process (watchdog, sweeps): `spinewatch worker` default
         self.api_url: str | None = None
         self.api_proc: Managed | None = None
         self.worker: Managed | None = None
@@ -291,7 +292,8 @@ class Stack:
     def start_worker(self, timeout: float = 40.0) -> Managed:
         log = self.run_dir / "logs" / "worker.log"
         offset = log.stat().st_size if log.exists() else 0
-        self.worker = self.procs.start("worker", [sys.executable, "-m", "service.cli", "worker", "--no-beat",
+        self.worker = self.procs.start("worker", [sys.executable, "-m", "service.cli", "worker",
+                                                  "--beat" if self.beat else "--no-beat",
                                                   "--concurrency", str(self.concurrency), "--loglevel", "INFO"],
                                        env=self.env, cwd=ROOT)
         worker = self.worker
