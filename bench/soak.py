@@ -186,7 +186,7 @@ def main() -> int:
            # Above the longest countdown a task gets (an alert lock's 120 s), so that no waiting retry is
            # redelivered early; a killed worker's tasks come back after it.
            "SPINEWATCH_BROKER_VISIBILITY_TIMEOUT_SECONDS": "150",
-           # Celery beat runs in the worker, as `spinewatch worker` does by default: the watchdog (every
+           # Celery beat runs as its own process, as in docker-compose.yml: the watchdog (every
            # 10 s here) sends again an evaluation the broker lost (service/queue.py recover_pending).
            "SPINEWATCH_HEARTBEAT_WATCHDOG_SECONDS": "20"}
     print(f"soak: {args.notifications} notifications, {args.patients} patients, ~{args.rate:g}/s, "
@@ -215,12 +215,13 @@ def main() -> int:
                 t = threading.Thread(target=inject, args=(stack, run, fault_at[n]))
                 t.start()
                 fault_threads.append(t)
-            if originals and random.random() < args.duplicates:
+            if len(originals) >= len(patients) and random.random() < args.duplicates:
                 first = random.choice(originals)
                 d = Delivery(first.ref, first.version, first.patient, first.body, duplicate=True)
             else:
                 # every patient at least once, then at random
-                patient = list(patients)[n] if n < len(patients) else random.choice(list(patients))
+                patient = list(patients)[len(originals)] if len(originals) < len(patients) \
+                    else random.choice(list(patients))
                 pid = patient.split("/", 1)[1]
                 stored = stack.fhir.put(demographics_update(stack.fhir.resources[("Patient", pid)]))
                 d = Delivery(f"Patient/{pid}", stored["meta"]["versionId"], patient,
@@ -239,15 +240,22 @@ def main() -> int:
         pool.shutdown()
 
         accepted = [d for d in run.deliveries if d.accepted_at is not None]
-        # settle: wait until every accepted notification has been read by an evaluation
+        # settle: every accepted notification read by an evaluation, then every in-scope patient
+        # alerted and nothing left in the broker (a killed worker's tasks come back after the
+        # visibility timeout: a duplicate alert would show then)
         deadline = time.monotonic() + args.settle
-        missing = accepted
+        missing, all_done = accepted, None
+        in_scope = [p for p, tier in patients.items() if tier in IN_SCOPE]
+        r = stack.redis_client()
         while time.monotonic() < deadline:
             missing = covered(accepted, evaluations_by_patient(stack.audit_records("evaluation")))
-            if not missing:
+            if not missing and all_done is None:
+                all_done = time.monotonic()
+            if not missing and all(stack.fhir.communications(p) for p in in_scope) \
+                    and r.llen("celery") == 0 and r.hlen("unacked") == 0:
                 break
             time.sleep(1.0)
-        all_done = time.monotonic()
+        all_done = all_done or time.monotonic()
         time.sleep(3.0)  # a late alert or duplicate evaluation would land now
         return report(args, stack, run, patients, accepted, missing, started, sent_done, all_done)
     finally:
@@ -289,7 +297,7 @@ def report(args, stack, run: Run, patients: dict[str, str], accepted: list[Deliv
     print()
     print("soak results")
     print(f"  sent                    {len(run.deliveries)} notifications "
-          f"({sum(not d.duplicate for d in run.deliveries)} new observations, "
+          f"({sum(not d.duplicate for d in run.deliveries)} new Patient versions, "
           f"{sum(d.duplicate for d in run.deliveries)} re-deliveries) for {len(patients)} patients "
           f"({', '.join(f'{by_tier[t]} {t}' for t in TIERS)})")
     print(f"  delivery attempts       {sum(d.attempts for d in run.deliveries)} "

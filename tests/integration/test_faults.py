@@ -9,6 +9,7 @@ test sets (tests/support/fault_stack.py).
     Redis restarted under a running worker     the worker reconnects and goes on
     Redis killed while a task runs             the worker survives (workers/broker.py), both tasks done
     Redis down while notifications arrive      503 at once; the server's retry is accepted and done
+    a task message lost by the broker          the watchdog sends the evaluation again
     FHIR server failing / hung / slow          bounded retries, then the dead-letter list; slow is fine
     patient-view with a hung or failing        412 within SPINEWATCH_HOOK_TIMEOUT_SECONDS, never a hang
     fhirServer
@@ -38,7 +39,7 @@ BOUND_RESTORE = VISIBILITY + RESTORE_SWEEP + 15.0  # main process killed: visibi
 BOUND_EVALUATE = 20.0  # notification accepted -> assessment stored, worker up
 BOUND_503 = 5.0  # Redis down -> the notifier hears 503 within this
 BOUND_DEAD_LETTER = 25.0  # 3 attempts x 2 s FHIR timeout + backoff + task start
-HOOK_BUDGET = 1.0  # SPINEWATCH_HOOK_TIMEOUT_SECONDS in the stack
+HOOK_BUDGET = 2.0  # SPINEWATCH_HOOK_TIMEOUT_SECONDS in the stack (2 s: the slow case must fit on 2 busy CPUs)
 
 
 def timed(what: str, started: float) -> float:
@@ -67,7 +68,8 @@ def stack(tmp_path_factory, issuer, hook_fhir):
     jwks.write_text(json.dumps(issuer.jwks))
     fhir = FhirStub()
     env = {"SPINEWATCH_CDS_TRUSTED_ISSUERS": json.dumps({issuer.iss: str(jwks)}),
-           "SPINEWATCH_FHIR_ALLOWED_HOSTS": f"{fhir.host},{hook_fhir.host}"}
+           "SPINEWATCH_FHIR_ALLOWED_HOSTS": f"{fhir.host},{hook_fhir.host}",
+           "SPINEWATCH_HOOK_TIMEOUT_SECONDS": str(HOOK_BUDGET)}
     with Stack(run_dir, env=env, fhir=fhir) as s:
         yield s
 
@@ -243,6 +245,37 @@ def test_redis_down_while_a_notification_arrives_is_503_then_delivered_on_retry(
     one_alert(stack, pid)
 
 
+def test_an_evaluation_the_broker_lost_is_sent_again_by_the_watchdog(stack):
+    """kombu's Redis transport pops a message with BRPOP: a worker SIGKILLed, or Redis crashing, as
+    the message is handed over loses it (bench/soak.py found it). The patient's "queued" marker then
+    swallowed every later event for PENDING_SECONDS; now the heartbeat watchdog sends again an
+    evaluation queued and never started (service/queue.py recover_pending)."""
+    from service.queue import WorkQueue
+    from service.settings import Settings
+
+    stack.stop_worker()
+    pid = stack.patient("emergency")
+    assert accepted(stack, "Observation", f"neuro-{pid}") == 0
+    r = stack.redis_client()
+    assert r.llen("celery") == 1
+    r.delete("celery")  # the lost message
+    stack.fhir.put(stack.fhir.resources[("Observation", f"neuro-{pid}")])  # a later change of the patient
+    assert accepted(stack, "Observation", f"neuro-{pid}") == 0
+    assert r.llen("celery") == 0, "the later event should have been coalesced into the (lost) evaluation"
+    stack.start_worker()
+    time.sleep(1.0)
+    assert stack.stored(pid) is None
+    queue = WorkQueue(Settings(environment="test", redis_url=stack.redis.url,
+                               audit_db_url=stack.env["SPINEWATCH_AUDIT_DB_URL"]))
+    assert queue.recover_pending(late_seconds=60) == []  # not late yet: a long queue is not a loss
+    assert queue.recover_pending(late_seconds=0) == [f"Patient/{pid}"]  # what the watchdog does, 60 s on
+    record = wait_for(lambda: stack.stored(pid), BOUND_EVALUATE, "the evaluation sent again")
+    assert record["urgency"] == "emergency"
+    assert record["seen"][f"Observation/neuro-{pid}"] == "2", "the recovered evaluation must read the later change"
+    assert queue.recover_pending(late_seconds=0) == [], "started: nothing left to recover"
+    one_alert(stack, pid)
+
+
 # ---------------------------------------------------------------- the FHIR server misbehaves
 
 
@@ -310,7 +343,7 @@ def test_patient_view_answers_within_its_budget_whatever_the_fhir_server_does(st
         elif fault == "failing":
             hook_fhir.always_fail[""] = 500
         else:
-            hook_fhir.delay[""] = 0.1  # each of the ~7 parallel reads; the budget is 1 s
+            hook_fhir.delay[""] = 0.1  # each of the ~7 parallel reads
         response, took = _patient_view(stack, issuer, hook_fhir.base, pid)
     finally:
         hook_fhir.clear_faults()

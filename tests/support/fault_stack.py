@@ -261,7 +261,7 @@ class Stack:
         self.fhir = fhir or FhirStub()
         self.env = stack_env(self.redis.url, self.fhir, run_dir, **(env or {}))
         self.concurrency = concurrency
-        self.beat = beat  # Celery beat in the worker process (watchdog, sweeps): `spinewatch worker` default
+        self.beat = beat  # Celery beat as a process of its own, as docker-compose.yml runs it
         self.api_url: str | None = None
         self.api_proc: Managed | None = None
         self.worker: Managed | None = None
@@ -272,6 +272,10 @@ class Stack:
                 self.start_api()
             if worker:
                 self.start_worker()
+            if beat:  # the heartbeat watchdog and the sweeps, scheduled; the workers run them
+                self.procs.start("beat", [sys.executable, "-m", "celery", "-A", "workers.celery_app", "beat",
+                                          "--loglevel", "INFO", "--pidfile", str(run_dir / "beat.pid")],
+                                 env=self.env, cwd=ROOT)
         except BaseException:
             self.close()
             raise
@@ -292,8 +296,7 @@ class Stack:
     def start_worker(self, timeout: float = 40.0) -> Managed:
         log = self.run_dir / "logs" / "worker.log"
         offset = log.stat().st_size if log.exists() else 0
-        self.worker = self.procs.start("worker", [sys.executable, "-m", "service.cli", "worker",
-                                                  "--beat" if self.beat else "--no-beat",
+        self.worker = self.procs.start("worker", [sys.executable, "-m", "service.cli", "worker", "--no-beat",
                                                   "--concurrency", str(self.concurrency), "--loglevel", "INFO"],
                                        env=self.env, cwd=ROOT)
         worker = self.worker
