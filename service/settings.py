@@ -113,8 +113,10 @@ class Settings(BaseSettings):
                                                                               "with jitter")
     task_time_limit_seconds: int = Field(300, ge=5, description="hard time limit of one task (the soft limit is 80 % "
                                                                 "of it); must stay below the visibility timeout")
-    broker_visibility_timeout_seconds: int = Field(3600, ge=10, description="Redis broker: an unacknowledged task is "
-                                                                            "redelivered after this long")
+    # 900 s: a crashed worker's tasks come back within 15 min; it must exceed the task time limit
+    # and the longest retry backoff (workers/tasks.py BACKOFF_CAP_SECONDS), both held unacknowledged.
+    broker_visibility_timeout_seconds: int = Field(900, ge=10, description="Redis broker: an unacknowledged task is "
+                                                                           "redelivered after this long")
     worker_metrics_port: int = Field(0, ge=0, le=65535, description="port of the worker's own Prometheus "
                                      "/metrics (evaluations, alerts, dead letters are counted in worker "
                                      "processes); 0 = off")

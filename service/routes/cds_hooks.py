@@ -170,10 +170,12 @@ async def cds_client(request: Request) -> CdsClient:
             raise AuthError("no-bearer")
         return await rt.verifier.verify(credentials.strip(), expected_audience(request, rt.settings.public_base_url))
     except AuthError as exc:
-        log.warning("cds.auth_failed", reason=exc.reason, path=request.url.path, iss=exc.iss)
+        # The route template, not the raw path: the caller chose the path, and it may carry any text.
+        route = getattr(request.scope.get("route"), "path", "/cds-services")
+        log.warning("cds.auth_failed", reason=exc.reason, path=route, iss=exc.iss)
         AUTH_FAILURES.labels(surface="cds-hooks", reason=exc.reason).inc()
         audit.audit_event("auth-failure", "failure", actor=exc.iss or "unknown",
-                          detail={"surface": "cds-hooks", "reason": exc.reason, "path": request.url.path})
+                          detail={"surface": "cds-hooks", "reason": exc.reason, "path": route})
         raise Unauthorized(exc.reason) from None  # the handler answers a bare 401: the reason stays here
     except ReplayCacheUnavailable:
         raise ServiceUnavailable("the JWT replay cache is unavailable; retry") from None
