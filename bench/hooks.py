@@ -25,14 +25,13 @@ import json
 import multiprocessing
 import os
 import socket
-import statistics
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
 
+from _common import percentiles_ms, start_server  # noqa: E402  (bench/ is on sys.path)
 from fastapi import Request  # module level: the baseline endpoint's annotation must resolve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,26 +124,6 @@ class ServerTimer:
                 self.samples.append(time.perf_counter() - started)
 
         await self.app(scope, receive, timed_send)
-
-
-def percentiles_ms(samples: list[float]) -> tuple[float, float, float]:
-    q = statistics.quantiles(sorted(samples), n=100, method="inclusive")
-    return q[49] * 1000, q[94] * 1000, q[98] * 1000
-
-
-def start_server(app, port: int):
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           access_log=False, lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise SystemExit("bench: uvicorn did not start")
-        time.sleep(0.02)
-    return server, thread
 
 
 def build_app(workdir: Path, issuer, audit: bool):

@@ -28,16 +28,15 @@ import json
 import multiprocessing
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from datetime import datetime
 from pathlib import Path
 
+from _common import percentiles_ms, start_server  # noqa: E402  (bench/ is on sys.path)
 from fastapi import Request  # module level: the baseline route's annotation is resolved from here
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,8 +130,8 @@ def measure(url: str, bodies: list[bytes], concurrency: int) -> dict:
 
 
 def summarise(seconds: list[float]) -> dict:
-    q = statistics.quantiles(sorted(seconds), n=100, method="inclusive")
-    return {"n": len(seconds), "p50": q[49] * 1000, "p95": q[94] * 1000, "p99": q[98] * 1000}
+    p50, p95, p99 = percentiles_ms(seconds)
+    return {"n": len(seconds), "p50": p50, "p95": p95, "p99": p99}
 
 
 # ---------------------------------------------------------------- notifications
@@ -161,21 +160,6 @@ def event_notification(fhir_base: str = "http://ehr.bench/fhir", subscription: s
 
 
 # ---------------------------------------------------------------- the server (this process)
-
-def start_server(app, port: int):
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           access_log=False, lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise SystemExit("bench: uvicorn did not start")
-        time.sleep(0.02)
-    return server, thread
-
 
 def build_app(redis_url: str, workdir: Path, audit: bool, coalesce: float):
     from service.app import create_app

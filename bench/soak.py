@@ -52,7 +52,6 @@ import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,7 +175,6 @@ def main() -> int:
     args = parser.parse_args()
     random.seed(args.seed)
 
-    from tests.support import cds_hooks as ch
     from tests.support.fault_stack import Stack
 
     run_dir = args.keep.resolve() if args.keep else Path(tempfile.mkdtemp(prefix="spinewatch-soak-"))

@@ -17,12 +17,8 @@ fhirAuthorization access token are never logged or stored.
 
 from __future__ import annotations
 
-import atexit
 import json
-import os
-import queue
 import re
-import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone

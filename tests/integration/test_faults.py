@@ -28,7 +28,7 @@ import time
 import pytest
 
 from tests.support import cds_hooks as ch
-from tests.support.fault_stack import NOTIFICATION_TOKEN, FhirStub, Stack, wait_for
+from tests.support.fault_stack import FhirStub, Stack, wait_for
 
 pytestmark = [pytest.mark.integration]
 

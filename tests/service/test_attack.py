@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import time
 
-import httpx
 import pytest
 import redis
 import respx
