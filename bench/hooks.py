@@ -193,7 +193,7 @@ def main() -> None:
             thread.join(timeout=10)
 
     best = {name: max(runs, key=lambda r: r["rps"]) for name, runs in results.items()}
-    print(f"patient-view with an ES384 JWT and a {entries}-entry prefetch (emergency tier, 1 card); "
+    print(f"patient-view, ES384-signed calls, a {entries}-entry prefetch (emergency tier, 1 card); "
           f"{args.concurrency} concurrent clients; {args.requests} requests per endpoint and round, "
           f"best of {args.rounds} rounds; audit log {'off' if args.no_audit else 'on (SQLite)'}")
     print("latency as the clients see it (ms), throughput, and the server's own view: in-app latency (ms) "

@@ -109,24 +109,23 @@ def _drive_rate(url: str, bodies: list[bytes], rate: float, out) -> None:
     out.close()
 
 
-def measure_rate(url: str, bodies: list[bytes], rate: float) -> dict:
+def _in_child(drive, *args) -> dict:
+    """Run a load driver in its own process (its CPU is not the server's) and summarise it."""
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_drive_rate, args=(url, bodies, rate, send))
+    child = ctx.Process(target=drive, args=(*args, send))
     child.start()
     latencies, wall, errors = receive.recv()
     child.join()
     return summarise(latencies) | {"errors": errors, "rps": len(latencies) / wall}
+
+
+def measure_rate(url: str, bodies: list[bytes], rate: float) -> dict:
+    return _in_child(_drive_rate, url, bodies, rate)
 
 
 def measure(url: str, bodies: list[bytes], concurrency: int) -> dict:
-    ctx = multiprocessing.get_context("spawn")
-    receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_drive, args=(url, bodies, concurrency, send))
-    child.start()
-    latencies, wall, errors = receive.recv()
-    child.join()
-    return summarise(latencies) | {"errors": errors, "rps": len(latencies) / wall}
+    return _in_child(_drive, url, bodies, concurrency)
 
 
 def summarise(seconds: list[float]) -> dict:

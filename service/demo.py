@@ -121,11 +121,11 @@ class Processes:
 
     def stop_all(self, timeout: float = 10.0) -> None:
         for m in reversed(self.started):
-            _stop(m.proc, timeout)
+            stop_process_group(m.proc, timeout)
         self.started.clear()
 
 
-def _stop(proc: subprocess.Popen, timeout: float) -> None:
+def stop_process_group(proc: subprocess.Popen, timeout: float) -> None:
     """SIGTERM to the process group (a Celery worker has children), then SIGKILL."""
     if proc.poll() is not None:
         return

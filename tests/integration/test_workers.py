@@ -30,6 +30,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.assessment_store import AssessmentStore
+from service.demo import stop_process_group
 from service.settings import Settings
 from tests.support import cds_hooks as ch
 from tests.support.redis_server import RedisServer, free_port
@@ -184,13 +185,7 @@ class Worker:
         return [int(p) for p in path.read_text().split()] if path.exists() else []
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+        stop_process_group(self.proc, timeout=15)  # SIGTERM (Celery's warm shutdown), then SIGKILL
 
 
 @pytest.fixture(scope="module")

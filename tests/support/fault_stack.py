@@ -7,7 +7,7 @@
                  so a kill reaches every process of a worker and nothing outlives `close()`
 
 No pytest import here: bench/soak.py uses it too. Process plumbing comes from service/demo.py
-(`Processes`, `_stop`, `free_port`).
+(`Processes`, `stop_process_group`, `free_port`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
-from service.demo import Managed, Processes, _stop, free_port
+from service.demo import Managed, Processes, free_port, stop_process_group
 from tests.support.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -346,7 +346,7 @@ class Stack:
     def stop_worker(self) -> None:
         """Warm shutdown (SIGTERM): running tasks finish, reserved ones go back to the queue."""
         if self.worker is not None:
-            _stop(self.worker.proc, 20)
+            stop_process_group(self.worker.proc, 20)
             self.worker = None
 
     def close(self) -> None:
