@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 
 from fhir_mappings.facts import Clinical, Evidence, Record, concept_evidence, read_record
 from fhir_mappings.terminology import Rule, Terminology, load_terminology
-from fhir_mappings.text import find_affirmed
+from fhir_mappings.text import Mention
 
 TIERS = ("emergency", "urgent", "routine", "none")
 
@@ -27,6 +27,7 @@ _CONDITION_ACTIVE = {"active", "recurrence", "relapse"}
 _REPORT_DONE = {"final", "amended", "corrected", "appended"}
 _ORDER_PENDING = {"active", "on-hold"}
 _MR_MODALITY = "MR"
+_SPINAL_PAIN_FLAG = "thoracic-or-cervical-pain"  # a Box 1 flag that is itself back pain
 
 
 @dataclass(frozen=True)
@@ -115,14 +116,23 @@ def _is_recent(item: Clinical, window_start: datetime) -> bool:
     return item.date is not None and item.date >= window_start
 
 
-def _flag_evidence(item: Clinical, rule: Rule) -> Evidence | None:
+# One text read once for every concept (text.py): field -> concept id -> the mention that raised it.
+TextFindings = list[tuple[str, dict[str, Mention]]]
+
+
+def _read_texts(term: Terminology, item: Clinical, pain_context: str | None) -> TextFindings:
+    return [(field_name, term.matcher.findings(text, pain_context=pain_context)) for text, field_name in item.texts]
+
+
+def _flag_evidence(item: Clinical, rule: Rule, texts: TextFindings) -> Evidence | None:
     for system, code, display, field_name in item.codings:
         if rule.codes.contains(system, code):
             return item.evidence(rule.id, field_name, code=f"{system}|{code}", display=display)
-    for text, field_name in item.texts:
-        match = find_affirmed(text, rule.phrases)
-        if match:
-            return item.evidence(rule.id, field_name, quote=match.quote)
+    for field_name, found in texts:
+        mention = found.get(rule.id)
+        if mention:
+            status = None if mention.status == "present" else mention.status
+            return item.evidence(rule.id, field_name, quote=mention.quote, status=status)
     return None
 
 
@@ -130,6 +140,14 @@ def _is_spinal_site(term: Terminology, codings, texts) -> bool:
     if any(term.spinal_site.match_coding(s, c) for s, c in codings):
         return True
     return any(term.spinal_site.match_text(t) for t in texts)
+
+
+def _is_spinal_pain_condition(term: Terminology, item: Clinical) -> bool:
+    """A pain Condition whose bodySite is spinal (CLINICAL.md "Who is evaluated" 2: back pain)."""
+    if item.resource_type != "Condition" or not (item.body_site_codings or item.body_site_texts):
+        return False
+    names_pain = any(term.matcher.pain_word.search(text) for text, field_name in item.texts if field_name == "Condition.code")
+    return names_pain and _is_spinal_site(term, item.body_site_codings, item.body_site_texts)
 
 
 def _pain_site_flag(rule: Rule, item: Clinical, reading: str) -> Evidence | None:
@@ -142,9 +160,9 @@ def _pain_site_flag(rule: Rule, item: Clinical, reading: str) -> Evidence | None
         if rule.pain_site_codes.contains(system, code):
             return item.evidence(rule.id, field_name, code=f"{system}|{code}")
     for text in texts:
-        match = find_affirmed(text, rule.pain_site_phrases) if rule.pain_site_phrases else None
+        match = rule.pain_site_phrases.search(text) if rule.pain_site_phrases else None
         if match:
-            return item.evidence(rule.id, field_name, quote=match.quote)
+            return item.evidence(rule.id, field_name, quote=text[:200])
     return None
 
 
@@ -167,18 +185,19 @@ def _score_flag(rule: Rule, scores: list[Evidence]) -> list[Evidence]:
     if not spec or not scores:
         return []
     readings = sorted((s for s in scores if s.date is not None), key=lambda s: s.date)
-    if spec["kind"] == "rising":
-        if len(readings) >= spec["min_readings"] and readings[-1].value - readings[0].value >= spec["min_rise"]:
+    if spec.kind == "rising":
+        if len(readings) >= spec.min_readings and readings[-1].value - readings[0].value >= spec.min_rise:
             return [_as_flag(r, rule.id) for r in readings]
-    elif spec["kind"] == "sustained-severe":
-        severe = [r for r in readings if r.value >= spec["threshold"]]
-        if len(severe) >= spec["min_count"] and severe[-1].date - severe[0].date >= timedelta(days=spec["min_days_apart"]):
+    elif spec.kind == "sustained-severe":
+        severe = [r for r in readings if r.value >= spec.threshold]
+        if len(severe) >= spec.min_count and severe[-1].date - severe[0].date >= timedelta(days=spec.min_days_apart):
             return [_as_flag(r, rule.id) for r in severe]
     return []
 
 
 def _as_flag(e: Evidence, flag: str) -> Evidence:
-    return Evidence(flag, e.resource_type, e.resource_id, e.version_id, e.date, e.field, e.code, e.display, e.quote, e.value)
+    return Evidence(flag, e.resource_type, e.resource_id, e.version_id, e.date, e.field, e.code, e.display, e.quote, e.value,
+                    e.status)
 
 
 def _is_spine_mri(term: Terminology, item: Clinical) -> bool:
@@ -214,7 +233,11 @@ def assess_record(record: Record, now: datetime, settings: EvaluationSettings, t
     scores: list[Evidence] = []
     imaging: list[Clinical] = []
 
+    # Pass 1: cancers, back pain and pain readings; what each evidence item is about.
+    evidence_items: list[tuple[Clinical, bool, str | None, bool]] = []  # item, recent, pain reading, spinal pain?
     for item in record.items:
+        if item.date is not None and item.date > now:
+            continue  # evidence dated after the evaluation time never counts (not yet written)
         if item.resource_type in ("DiagnosticReport", "ImagingStudy", "Procedure", "ServiceRequest"):
             imaging.append(item)
             continue
@@ -226,20 +249,33 @@ def assess_record(record: Record, now: datetime, settings: EvaluationSettings, t
             continue
         recent = _is_recent(item, window_start)
         pain = _pain_reading(term, item) if recent else None
+        spinal_pain_condition = _is_spinal_pain_condition(term, item)
+        coded_pain = any(term.back_pain.match_coding(s, c) for s, c, _, _ in item.codings)
         if pain == "severity":
             reading = item.evidence("pain-score", "Observation.valueQuantity", value=item.numeric_value)
             scores.append(reading)
             back_pain.append(reading)
         elif pain == "location":
             back_pain.append(item.evidence("back-pain", "Observation.value"))
+        elif recent and spinal_pain_condition:
+            back_pain.append(item.evidence("back-pain", "Condition.bodySite"))
         elif recent:
             found = concept_evidence(item, term.back_pain)
             if found:
                 back_pain.append(found)
-        for rule in term.rules:
-            if not (recent or (rule.counts_history and not _closed_before(item, window_start))):
-                continue
-            found = _flag_evidence(item, rule) or (_pain_site_flag(rule, item, pain) if pain else None)
+        evidence_items.append((item, recent, pain, bool(pain or coded_pain or spinal_pain_condition)))
+
+    # Pass 2: red flags. A Box 1 qualifier describes spinal pain when it says so, when it is written
+    # on a spinal pain record, or when it names a pain without a site in a patient whose recent
+    # back pain is on record (text.py, Mention.anchored).
+    patient_context = "patient" if back_pain else None
+    for item, recent, pain, spinal_pain_record in evidence_items:
+        rules = [r for r in term.rules if recent or (r.counts_history and not _closed_before(item, window_start))]
+        if not rules:
+            continue
+        texts = _read_texts(term, item, "spinal" if spinal_pain_record else patient_context)
+        for rule in rules:
+            found = _flag_evidence(item, rule, texts) or (_pain_site_flag(rule, item, pain) if pain else None)
             if found:
                 flags.setdefault(rule.id, []).append(found)
 
@@ -247,6 +283,9 @@ def assess_record(record: Record, now: datetime, settings: EvaluationSettings, t
         from_scores = _score_flag(rule, scores)
         if from_scores:
             flags.setdefault(rule.id, []).extend(from_scores)
+
+    # A thoracic or cervical spinal pain is itself back pain (CLINICAL.md "Who is evaluated" 2).
+    back_pain += [e for e in flags.get(_SPINAL_PAIN_FLAG, []) if e.reference not in {b.reference for b in back_pain}]
 
     ordered_rules = sorted(term.rules, key=lambda r: -r.box)  # Box 2 (emergency) first, stable
     red_flags = [r.id for r in ordered_rules if r.id in flags]

@@ -53,6 +53,7 @@ class Evidence:
     display: str | None = None
     quote: str | None = None  # the clause, when free text raised it
     value: float | None = None  # a pain score
+    status: str | None = None  # the text's context when not plainly present: "uncertain", "historical"
 
     @property
     def reference(self) -> str:
@@ -67,6 +68,7 @@ class Evidence:
             "display": self.display,
             "quote": self.quote,
             "value": self.value,
+            "status": self.status,
         }
         return out | {k: v for k, v in optional.items() if v is not None}
 
@@ -196,8 +198,8 @@ def is_relevant(resource: dict, term: Terminology) -> bool:
 @lru_cache(maxsize=65536)
 def _text_is_relevant(term: Terminology, text: str) -> bool:
     # Cached: EHR records repeat the same displays ("Body Height", "Pain severity ...") thousands
-    # of times, and one search of the combined phrase pattern costs ~50 µs.
-    return term.relevant_text.search(text) is not None
+    # of times, and one search of the combined phrase pattern costs tens of µs.
+    return term.matcher.may_mention(text)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,6 +249,9 @@ def _clinical(model) -> Clinical:
         item.verification_status = _status_code(model.verificationStatus)
         _add_concept(item, model.code, "Condition.code")
         _add_notes(item, model.note, "Condition.note")
+        for site in model.bodySite or []:  # a "Pain" Condition at the lumbar spine is back pain
+            item.body_site_codings += [(c.system, c.code) for c in site.coding or []]
+            item.body_site_texts += [t for t in [site.text] + [c.display for c in site.coding or []] if t]
     elif rtype == "Observation":
         period = model.effectivePeriod
         item.date = _latest(model.effectiveDateTime, model.effectiveInstant,
@@ -346,7 +351,7 @@ def concept_evidence(item: Clinical, concept: Concept, label: str | None = None)
     """Evidence that `item` is an instance of `concept`: a coding first, the text fallback only when
     no coding in a known system says anything about it (CLINICAL.md "Codes")."""
     label = label or concept.id
-    if concept.overriding_phrases and any(concept.vetoed_by_text(text) for text, _ in item.texts):
+    if concept.overriding is not None and any(concept.vetoed_by_text(text) for text, _ in item.texts):
         return None
     said_no = False
     for system, code, display, field_name in item.codings:
@@ -360,8 +365,12 @@ def concept_evidence(item: Clinical, concept: Concept, label: str | None = None)
     for text, field_name in item.texts:
         match = concept.match_text(text)
         if match:
-            return item.evidence(label, field_name, quote=match.quote)
+            return item.evidence(label, field_name, quote=match.quote, status=_status(match.status))
     return None
+
+
+def _status(status: str) -> str | None:
+    return None if status == "present" else status
 
 
 def has_known_coding(item: Clinical) -> bool:

@@ -2,7 +2,8 @@
 
 Codes live in `valuesets/*.yaml` and `rules/*.yaml`, never as literals in logic (CLINICAL.md
 "Codes"). Matching is by `system|code`; with no terminology server, ICD-10-CM ranges match by
-prefix and SNOMED CT by explicit lists, with a conservative text classifier as the fallback.
+prefix and SNOMED CT by explicit lists, with the clinical-language matcher (text.py) as the fallback.
+Every file is validated against its schema (schema.py) before it is compiled.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-import yaml
-
-from fhir_mappings.text import TextMatch, compile_phrases, find_affirmed
+from fhir_mappings.schema import (Codes, ContextFile, LexiconFile, RuleFile, RuleFileError, Score, Source,
+                                  ValueSetFile, load)
+from fhir_mappings.text import (ConceptText, ContextRules, Matcher, Mention, Speller, compile_lexicon,
+                                compile_phrases)
 
 SNOMED = "http://snomed.info/sct"
 LOINC = "http://loinc.org"
@@ -40,10 +42,11 @@ class CodeSet:
     icd_prefixes: tuple[str, ...] = ()
 
     @classmethod
-    def from_data(cls, data: dict | None) -> "CodeSet":
-        data = data or {}
-        keys = {f"{system}|{code}" for name, system in _EXACT_SYSTEMS.items() for code in data.get(name, [])}
-        prefixes = tuple(sorted({normalise_icd(p) for p in data.get("icd10cm_prefixes", [])}))
+    def from_codes(cls, codes: Codes | None) -> "CodeSet":
+        if codes is None:
+            return cls()
+        keys = {f"{system}|{code}" for name, system in _EXACT_SYSTEMS.items() for code in codes.code_list(name)}
+        prefixes = tuple(sorted({normalise_icd(p) for p in codes.code_list("icd10cm_prefixes")}))
         return cls(frozenset(keys), prefixes)
 
     def contains(self, system: str | None, code: str | None) -> bool:
@@ -54,7 +57,14 @@ class CodeSet:
         return f"{system}|{code}" in self.keys
 
 
-@dataclass(frozen=True)
+# What a concept's text mention counts as, by its context (CLINICAL.md "Free text"; text.py).
+_RAISES_FLAG = frozenset({"present", "uncertain"})
+_RAISES_HISTORY = frozenset({"present", "uncertain", "historical"})
+_RAISES_CANCER = frozenset({"present", "historical"})  # "suspected" cancer is not a known cancer
+_NOT_SAID = frozenset({"absent", "uncertain", "other", "hypothetical"})
+
+
+@dataclass(frozen=True, eq=False)
 class Concept:
     """One value set: codes that include, codes that exclude, and a text fallback."""
 
@@ -63,12 +73,18 @@ class Concept:
     title: str
     include: CodeSet
     exclude: CodeSet
-    phrases: list = field(default_factory=list)
-    exclude_phrases: list = field(default_factory=list)
-    overriding_phrases: list = field(default_factory=list)  # text that vetoes even a coded match
+    text: ConceptText
+    matcher: "Matcher | None" = None  # set once the whole vocabulary is compiled
+    overriding: re.Pattern[str] | None = None  # text that vetoes even a coded match ("suspected")
 
     def vetoed_by_text(self, text: str) -> bool:
-        return any(p.search(text) for _, p in self.overriding_phrases)
+        """A coded entry whose own text says it is suspected, screening, family history or denied."""
+        if self.overriding is not None and self.overriding.search(text):
+            return True
+        if self.matcher is None:
+            return False
+        said = [m.status for m in self.matcher.mentions(text) if m.concept == self.id]
+        return bool(said) and all(s in _NOT_SAID for s in said)
 
     def match_coding(self, system: str | None, code: str | None) -> bool | None:
         """True: included; False: explicitly excluded; None: says nothing about this concept."""
@@ -78,10 +94,10 @@ class Concept:
             return True
         return None
 
-    def match_text(self, text: str | None) -> TextMatch | None:
-        if not text or not self.phrases:
+    def match_text(self, text: str | None, on_spinal_pain_resource: bool = False) -> Mention | None:
+        if not text or self.matcher is None:
             return None
-        return find_affirmed(text, self.phrases, self.exclude_phrases)
+        return self.matcher.findings(text, on_spinal_pain_resource).get(self.id)
 
 
 @dataclass(frozen=True)
@@ -94,56 +110,16 @@ class Rule:
     box: int
     tier: str
     title: str
-    sources: list[dict]
+    sources: list[Source]
     codes: CodeSet
-    phrases: list
-    score: dict | None
+    score: Score | None
     counts_history: bool = False  # true: counts whatever the evidence's date (recency: history)
     pain_site_codes: CodeSet = CodeSet()  # sites of a spinal pain reading that raise this flag
-    pain_site_phrases: list = field(default_factory=list)
+    pain_site_phrases: re.Pattern[str] | None = None
 
     @property
     def source_labels(self) -> list[str]:
-        return [f"{s['id']} {s.get('section', '')}".strip() for s in self.sources]
-
-
-def _load_yaml(path: Path) -> dict:
-    with path.open(encoding="utf-8") as fh:
-        return yaml.safe_load(fh)
-
-
-def _concept(data: dict) -> Concept:
-    text = data.get("text") or {}
-    return Concept(
-        id=data["id"],
-        version=str(data["version"]),
-        title=data["title"],
-        include=CodeSet.from_data(data.get("include")),
-        exclude=CodeSet.from_data(data.get("exclude")),
-        phrases=compile_phrases(text.get("phrases", [])),
-        exclude_phrases=compile_phrases(text.get("exclude_phrases", [])),
-        overriding_phrases=compile_phrases(text.get("overrides_codes", [])),
-    )
-
-
-def _rule(data: dict) -> Rule:
-    if data["tier"] not in ("emergency", "urgent") or data["box"] not in (1, 2):
-        raise ValueError(f"rule {data['id']}: tier/box must be emergency/2 or urgent/1")
-    return Rule(
-        id=data["id"],
-        version=str(data["version"]),
-        status=data["status"],
-        box=int(data["box"]),
-        tier=data["tier"],
-        title=data["title"],
-        sources=list(data["sources"]),
-        codes=CodeSet.from_data(data.get("codes")),
-        phrases=compile_phrases(data.get("phrases", [])),
-        score=data.get("score"),
-        counts_history=data.get("recency", "lookback") == "history",
-        pain_site_codes=CodeSet.from_data(data.get("pain_sites")),
-        pain_site_phrases=compile_phrases((data.get("pain_sites") or {}).get("phrases", [])),
-    )
+        return [f"{s.id} {s.section or ''}".strip() for s in self.sources]
 
 
 @dataclass(frozen=True, eq=False)  # identity hash: a loaded terminology is a cache key
@@ -156,49 +132,122 @@ class Terminology:
     pain_severity_codes: frozenset[str]
     pain_location_codes: frozenset[str]
     rules: tuple[Rule, ...]
+    matcher: Matcher  # every concept's vocabulary, compiled once: one pass per text
     # Everything any rule or concept could match, for the cheap pre-parse sieve.
     relevant_keys: frozenset[str]
     relevant_icd_prefixes: tuple[str, ...]
-    relevant_text: re.Pattern[str]
-
-    @property
-    def versions(self) -> dict[str, str]:
-        concepts = [self.cancer, self.back_pain, self.spinal_site, self.mri_spine, self.xray_spine]
-        return {c.id: c.version for c in concepts} | {r.id: r.version for r in self.rules}
+    versions: dict[str, str] = field(default_factory=dict)
 
     def rule(self, rule_id: str) -> Rule:
         return next(r for r in self.rules if r.id == rule_id)
 
 
+def _rule(data: RuleFile, lexicon: dict[str, str]) -> tuple[Rule, ConceptText]:
+    if (data.tier, data.box) not in (("emergency", 2), ("urgent", 1)):
+        raise RuleFileError(f"rule {data.id}: tier/box must be emergency/2 or urgent/1")
+    history = data.recency == "history"
+    text = ConceptText(
+        id=data.id,
+        pattern=compile_phrases(data.phrases, lexicon),
+        qualifiers=compile_phrases(data.qualifiers, lexicon),
+        vetoes=compile_phrases(data.exclude_phrases, lexicon),
+        raises=_RAISES_HISTORY if history else _RAISES_FLAG,
+        anchored=data.anchor == "spinal-pain",
+        yields_to=frozenset(data.yields_to),
+    )
+    sites = data.pain_sites
+    rule = Rule(
+        id=data.id, version=data.version, status=data.status, box=int(data.box), tier=data.tier, title=data.title,
+        sources=list(data.sources), codes=CodeSet.from_codes(data.codes), score=data.score, counts_history=history,
+        pain_site_codes=CodeSet.from_codes(sites),
+        pain_site_phrases=compile_phrases(sites.phrases, lexicon) if sites else None,
+    )
+    return rule, text
+
+
+def _concept_text(data: ValueSetFile, lexicon: dict[str, str], raises: frozenset[str]) -> ConceptText:
+    return ConceptText(
+        id=data.id,
+        pattern=compile_phrases(data.text.phrases, lexicon),
+        vetoes=compile_phrases(data.text.exclude_phrases, lexicon),
+        raises=raises,
+    )
+
+
 @lru_cache(maxsize=1)
 def load_terminology() -> Terminology:
-    vs = {p.stem: _load_yaml(p) for p in sorted((_HERE / "valuesets").glob("*.yaml"))}
-    rules_data = [_load_yaml(p) for p in sorted((_HERE / "rules").glob("*.yaml"))]
-    rules = tuple(_rule(d) for d in rules_data if d.get("status") != "deprecated")
-    pain = vs["pain-observation"]["groups"]
-    severity = frozenset(f"{LOINC}|{c}" for c in pain["severity"]["loinc"])
-    location = frozenset(f"{LOINC}|{c}" for c in pain["location"]["loinc"])
+    lexicon_file = load(_HERE / "language" / "lexicon.yaml", LexiconFile)
+    lexicon = compile_lexicon({k: v.model_dump(exclude_none=True) for k, v in lexicon_file.classes.items()})
+    context_file = load(_HERE / "language" / "context.yaml", ContextFile)
+    vs = {p.stem: load(p, ValueSetFile) for p in sorted((_HERE / "valuesets").glob("*.yaml"))}
+    rule_files = [load(p, RuleFile) for p in sorted((_HERE / "rules").glob("*.yaml"))]
+    for path_stem, data in vs.items():
+        if data.id != path_stem:
+            raise RuleFileError(f"{path_stem}.yaml: id {data.id!r} differs from the file name")
+    compiled = [_rule(d, lexicon) for d in rule_files if d.status != "deprecated"]
+    rules = tuple(r for r, _ in compiled)
 
+    concept_raises = {"known-cancer": _RAISES_CANCER}
+    texts = {r.id: t for r, t in compiled}
+    for vid in ("known-cancer", "back-pain", "spinal-site", "mri-spine", "xray-spine"):
+        texts[vid] = _concept_text(vs[vid], lexicon, concept_raises.get(vid, _RAISES_FLAG))
+    back_pain_sources = [t.pattern.pattern for t in (texts["back-pain"], texts["thoracic-or-cervical-pain"]) if t.pattern]
+    matcher = Matcher(
+        concepts=texts,
+        context_rules=ContextRules.from_data(context_file.model_dump(), lexicon),
+        speller=Speller(_vocabulary(rule_files, vs, lexicon_file), set(_PROTECTED_WORDS)),
+        spinal_pain=re.compile("|".join(f"(?:{s})" for s in back_pain_sources), re.I),
+        other_pain=compile_phrases(["{other-pain-site} {pain}", "{pain} (in|of|over|at|around) [{det}] [{side}] {other-pain-site}",
+                                    "headache", "headaches", "migraine", "arthralgia", "angina", "chest pain", "abdo pain"], lexicon),
+        other_symptom=compile_phrases(["{other-symptom}", "{other-pain-site}"], lexicon),
+        pain_word=compile_phrases(["{pain}"], lexicon),
+    )
+
+    def concept(vid: str) -> Concept:
+        data = vs[vid]
+        return Concept(id=data.id, version=data.version, title=data.title, include=CodeSet.from_codes(data.include),
+                       exclude=CodeSet.from_codes(data.exclude), text=texts[vid], matcher=matcher,
+                       overriding=compile_phrases(data.text.overrides_codes, lexicon))
+
+    pain = vs["pain-observation"].groups
+    severity = frozenset(f"{LOINC}|{c}" for c in pain.severity.code_list("loinc"))
+    location = frozenset(f"{LOINC}|{c}" for c in pain.location.code_list("loinc"))
     keys: set[str] = set(severity | location)
     prefixes: set[str] = set()
-    raw_phrases: list[str] = []
-    for data in list(vs.values()) + rules_data:
-        for section in ("include", "exclude", "codes"):
-            cs = CodeSet.from_data(data.get(section))
-            keys |= cs.keys
-            prefixes |= set(cs.icd_prefixes)
-        text = data.get("text") or {}
-        raw_phrases += text.get("phrases", []) + data.get("phrases", [])
+    for codes in [d.include for d in vs.values()] + [d.exclude for d in vs.values()] + [d.codes for d in rule_files]:
+        cs = CodeSet.from_codes(codes)
+        keys |= cs.keys
+        prefixes |= set(cs.icd_prefixes)
+    concepts = {vid: concept(vid) for vid in ("known-cancer", "back-pain", "spinal-site", "mri-spine", "xray-spine")}
+    versions = {c.id: c.version for c in concepts.values()} | {r.id: r.version for r in rules}
+    versions |= {"lexicon": lexicon_file.version, "context": context_file.version}
     return Terminology(
-        cancer=_concept(vs["known-cancer"]),
-        back_pain=_concept(vs["back-pain"]),
-        spinal_site=_concept(vs["spinal-site"]),
-        mri_spine=_concept(vs["mri-spine"]),
-        xray_spine=_concept(vs["xray-spine"]),
+        cancer=concepts["known-cancer"],
+        back_pain=concepts["back-pain"],
+        spinal_site=concepts["spinal-site"],
+        mri_spine=concepts["mri-spine"],
+        xray_spine=concepts["xray-spine"],
         pain_severity_codes=severity,
         pain_location_codes=location,
         rules=rules,
+        matcher=matcher,
         relevant_keys=frozenset(keys),
         relevant_icd_prefixes=tuple(sorted(prefixes)),
-        relevant_text=re.compile("|".join(f"(?:{p})" for p in raw_phrases), re.I),
+        versions=versions,
     )
+
+
+# Words one edit from the vocabulary that are real words of their own: never "corrected".
+_PROTECTED_WORDS = ("tinkling", "detention", "retentive", "weakens", "clonic", "sensations", "paralyse", "numbers",
+                    "frontal", "thoracics", "lumbars", "babinskis", "incontinent", "cervicals", "sciatic", "tendering",
+                    "tenders", "increase", "decrease", "straining", "strained", "coughed", "sneezed", "radiates", "radiated", "walking",
+                    "standing", "sitting", "bending", "lifting", "twisting", "moving", "retaining", "catheters",
+                    "anaesthetic", "anesthetic", "anaesthetist", "anesthetist", "anaesthetics", "anesthetics",
+                    "metastasis", "metastases", "metastatic", "malignancy", "malignant", "carcinoma", "carcinomas")
+def _vocabulary(rule_files: list[RuleFile], vs: dict[str, ValueSetFile], lexicon_file: LexiconFile) -> set[str]:
+    """The literal long words of every phrase and lexicon class: what a misspelling may be corrected to."""
+    phrases = [p for d in rule_files for p in d.phrases + d.qualifiers]
+    phrases += [p for d in vs.values() for p in d.text.phrases]
+    phrases += [w for c in lexicon_file.classes.values() for w in c.words or []]
+    words = {w.lower() for p in phrases for w in re.findall(r"[A-Za-z]+(?![A-Za-z]*\*)", p)}
+    return {w for w in words if len(w) >= 6}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -21,9 +23,18 @@ async def _http_handler(request, exc: StarletteHTTPException):
     return outcome_response(exc.status_code, str(exc.detail), code, headers=getattr(exc, "headers", None))
 
 
+@asynccontextmanager
+async def _warm_up(app: FastAPI):
+    # Compile the clinical vocabulary (about a second) before the first hook call, not during it.
+    from fhir_mappings.terminology import load_terminology
+
+    load_terminology()
+    yield
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    app = FastAPI(title="SpineWatch", version="0.1.0",
+    app = FastAPI(title="SpineWatch", version="0.1.0", lifespan=_warm_up,
                   description="CDS Hooks service and FHIR subscriber for spinal metastasis red flags")
     app.state.settings = settings
     app.add_exception_handler(SpineWatchError, spinewatch_error_handler)

@@ -21,6 +21,7 @@ workers/tasks.py. Celery beat runs the heartbeat watchdog and the reconciliation
 from __future__ import annotations
 
 from celery import Celery
+from celery.signals import worker_process_init
 
 from service.logging import connect_celery_signals
 from service.queue import QUEUE, TASK_RECONCILE, TASK_WATCHDOG
@@ -67,7 +68,15 @@ def make_celery(settings: Settings) -> Celery:
         beat_schedule=beat_schedule(settings),
     )
     connect_celery_signals(settings)
+    worker_process_init.connect(_warm_up, weak=False)
     return app
+
+
+def _warm_up(**_):
+    # Compile the clinical vocabulary once per worker process, before its first task.
+    from fhir_mappings.terminology import load_terminology
+
+    load_terminology()
 
 
 def beat_schedule(settings: Settings) -> dict:

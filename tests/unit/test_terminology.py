@@ -21,7 +21,7 @@ def test_every_clinical_flag_has_a_reviewed_rule_file():
     for rule in term.rules:
         assert (rule.box, rule.tier) in {(2, "emergency"), (1, "urgent")}
         assert rule.sources and rule.version and rule.status == "stable"
-        assert rule.codes.keys or rule.codes.icd_prefixes or rule.phrases or rule.score
+        assert rule.codes.keys or rule.codes.icd_prefixes or term.matcher.concepts[rule.id].pattern or rule.score
 
 
 def test_rule_files_carry_their_review_metadata():
