@@ -9,7 +9,8 @@ Every file is validated against its schema (schema.py) before it is compiled.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -141,6 +142,22 @@ class Terminology:
     def rule(self, rule_id: str) -> Rule:
         return next(r for r in self.rules if r.id == rule_id)
 
+    def extended(self, extra: Mapping[str, Iterable[str]]) -> "Terminology":
+        """This terminology with more `system|code` keys per concept id (known-cancer, back-pain,
+        spinal-site, mri-spine, xray-spine, or a flag id), e.g. as a terminology server resolved
+        them ($subsumes). Pure: the local sets still decide everything else; exclusions still win."""
+        if not any(extra.values()):
+            return self
+        def more(codes: CodeSet, cid: str) -> CodeSet:
+            keys = frozenset(extra.get(cid, ()))
+            return replace(codes, keys=codes.keys | keys) if keys else codes
+        concepts = {name: replace(c, include=more(c.include, c.id)) for name, c in
+                    (("cancer", self.cancer), ("back_pain", self.back_pain), ("spinal_site", self.spinal_site),
+                     ("mri_spine", self.mri_spine), ("xray_spine", self.xray_spine))}
+        rules = tuple(replace(r, codes=more(r.codes, r.id)) for r in self.rules)
+        added = frozenset(k for keys in extra.values() for k in keys)
+        return replace(self, **concepts, rules=rules, relevant_keys=self.relevant_keys | added)
+
 
 def _rule(data: RuleFile, lexicon: dict[str, str]) -> tuple[Rule, ConceptText]:
     if (data.tier, data.box) not in (("emergency", 2), ("urgent", 1)):
@@ -200,7 +217,7 @@ def load_terminology() -> Terminology:
         other_pain=compile_phrases(["{other-pain-site} {pain}", "{pain} (in|of|over|at|around) [{det}] [{side}] {other-pain-site}",
                                     "headache", "headaches", "migraine", "arthralgia", "angina", "chest pain", "abdo pain"], lexicon),
         other_symptom=compile_phrases(["{other-symptom}", "{other-pain-site}"], lexicon),
-        pain_word=compile_phrases(["{pain}"], lexicon),
+        pain_word=compile_phrases(["{pain}", "{analgesic}"], lexicon),
     )
 
     def concept(vid: str) -> Concept:

@@ -384,12 +384,13 @@ _SENTENCE_END = re.compile(r"\n|;|\||•|(?<=[^\s.])[.!](?=\s|$)")
 _WORDS_BETWEEN = re.compile(r"[\w/+-]+")
 # A negation that a long finding can hold and still be negated by ("bone scan negative for
 # metastases"); never the "not" of "not passed urine" or "walking not possible".
-_INNER_NEGATION = re.compile(r"negative|no evidence|free of|without|neg for", re.I)
+_INNER_NEGATION = re.compile(r"negative|no evidence|free of|neg for", re.I)
+_STRONG_TERMINATION = re.compile(r"but|however|whereas|although|though|yet|except|apart from|aside from", re.I)
 _NEW_LABEL = re.compile(r"[A-Za-z][A-Za-z/ ]{1,30}:\s|\s\d{1,2}[).]\s")
 _LIST_MARK = re.compile(r",|\b(?:or|and|nor)\b|/", re.I)
 # A template answer follows the finding: "Clonus: nil", "Retention - no", "Weakness? Y", "Retention ✗".
 # The finding may end the label ("Numbness in the saddle area: absent"): up to three more words.
-_TEMPLATE_SEPARATOR = re.compile(r"^(?:[ \t]+[\w/()'-]+){0,3}?(?:[ \t]*(?:[:=]|\?|-(?=\s))[ \t]*|[ \t]+(?=[✓✔✗✘☑☒]))")
+_TEMPLATE_SEPARATOR = re.compile(r"^(?:[ \t/]*[\w/()'-]+){0,3}?[ \t]*(?:[:=]|\?|-(?=\s))[ \t]*|^[ \t]+(?=[✓✔✗✘☑☒])")
 _TEMPLATE_VALUE_END = re.compile(r"[,;\n|.]|\s{2,}")
 
 
@@ -489,8 +490,10 @@ class TextContext:
 
     def _reaches(self, cue: Cue, gap_start: int, gap_end: int, sentence: _Sentence, forward: bool) -> bool:
         between = self.text[gap_start:gap_end]
-        if any(c.category == "terminate" and gap_start <= c.start and c.end <= gap_end for c in sentence.cues):
-            return False
+        if any(c.category == "terminate" and gap_start <= c.start and c.end <= gap_end
+               and (cue.category != OTHER or _STRONG_TERMINATION.fullmatch(self.text, c.start, c.end))
+               for c in sentence.cues):
+            return False  # a relative's story runs on ("brother developed cord compression") to a "but"
         if cue.category == NEGATED and _NEW_LABEL.search(between):
             return False  # "COMPLICATIONS: None DIAGNOSIS: 1) ...": a template's next field
         if cue.category == UNCERTAIN and forward and "," in between:
@@ -678,6 +681,8 @@ class Matcher:
             return "other"  # "SOB getting worse": the qualifier is about something else
         if last:
             return last
+        if self.pain_word.search(text, 0, m.start()):
+            return "siteless"  # "Pain wraps round the chest. Worse lying flat at night.": that pain
         return "unresolved"
 
 
