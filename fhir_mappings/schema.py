@@ -183,6 +183,41 @@ class ContextFile(_Strict):
     patient_subjects: list[str]
 
 
+class TerminologyRoots(_Strict):
+    """The SNOMED CT concepts whose descendants, as a terminology server tells them ($subsumes),
+    also belong to one local concept (a value set id or a rule id)."""
+
+    snomed: dict[str, str]  # root code -> display
+    sources: list[Source]
+    excluded_by: list[str] = Field(default_factory=list)  # value sets whose `exclude` lists also apply
+
+    @field_validator("snomed", mode="before")
+    @classmethod
+    def _concept_ids(cls, value):
+        bad = [k for k in (value or {}) if not (isinstance(k, str) and k.isdigit() and 6 <= len(k) <= 18)]
+        if bad or not value:
+            raise ValueError(f"roots must be quoted SNOMED CT concept ids, got {bad[:3] or 'none'}")
+        return value
+
+
+class TerminologyRootsFile(_Strict):
+    """valuesets/server/terminology-roots.yaml: read only when SPINEWATCH_TERMINOLOGY_URL is set."""
+
+    id: Literal["terminology-roots"]
+    version: str
+    title: str
+    status: Literal["active", "draft", "retired"]
+    review: Review
+    sources: list[Union[str, Source]]
+    concepts: dict[str, TerminologyRoots]
+    known_false_positives: list[str] = Field(default_factory=list)
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_text(cls, value):
+        return str(value)
+
+
 def load(path: Path, model: type[_Strict]):
     """Parse and validate one reviewed file; RuleFileError names the file and the failing field."""
     try:

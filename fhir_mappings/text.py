@@ -37,7 +37,8 @@ from functools import lru_cache
 
 # Between two words of a phrase: spaces, a hyphen, or a template colon ("plantars: upgoing").
 _GAP = r"(?:\s*[-:]\s*|\s+)"
-_SKIP_WORDS = r"(?:\s+[^\s.;:!?]+){0,4}?\s+"  # "..." in a phrase: up to four words
+# "..." in a phrase: up to four words, never a negation ("LBP, not worse at night" is no night pain).
+_SKIP_WORDS = r"(?:\s+(?!(?:no|not|nil|denies|denied|without|never|negative|none)\b)[^\s.;:!?]+){0,4}?\s+"
 _TOKEN = re.compile(r"\{[a-z0-9-]+\}|\[[^\]]*\]|\([^)]*\)|\.\.\.|[^\s\[\]({]+")
 
 
@@ -391,6 +392,7 @@ _LIST_MARK = re.compile(r",|\b(?:or|and|nor)\b|/", re.I)
 # A template answer follows the finding: "Clonus: nil", "Retention - no", "Weakness? Y", "Retention ✗".
 # The finding may end the label ("Numbness in the saddle area: absent"): up to three more words.
 _TEMPLATE_SEPARATOR = re.compile(r"^(?:[ \t/]*[\w/()'-]+){0,3}?[ \t]*(?:[:=]|\?|-(?=\s))[ \t]*|^[ \t]+(?=[✓✔✗✘☑☒])")
+_WORD = re.compile(r"[A-Za-z]")
 _TEMPLATE_VALUE_END = re.compile(r"[,;\n|.]|\s{2,}")
 
 
@@ -511,7 +513,7 @@ class TextContext:
     def _said_current(self, start: int, end: int, sentence: _Sentence) -> bool:
         for m in self.rules.current.finditer(self.text, sentence.start, sentence.end):
             between = self.text[m.end():start] if m.end() <= start else self.text[end:m.start()]
-            if len(_WORDS_BETWEEN.findall(between)) <= 8:
+            if "," not in between and len(_WORDS_BETWEEN.findall(between)) <= 4:
                 return True
         return False
 
@@ -523,8 +525,9 @@ class TextContext:
         value = rest[m.end():]
         stop = _TEMPLATE_VALUE_END.search(value)
         value = value[:stop.start()] if stop else value
-        if self.rules.template_negative.match(value):
-            return "negative"
+        negative = self.rules.template_negative.match(value)
+        if negative and not (negative.group().strip().lower() in ("no", "n") and _WORD.search(value, negative.end())):
+            return "negative"  # "Retention - no", but not "LBP - no relief from oramorph"
         if self.rules.template_positive.match(value):
             return "positive"
         return None
