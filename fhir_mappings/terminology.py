@@ -17,7 +17,7 @@ from pathlib import Path
 from fhir_mappings.schema import (Codes, ContextFile, LexiconFile, RuleFile, RuleFileError, Score, Source,
                                   ValueSetFile, load)
 from fhir_mappings.text import (ConceptText, ContextRules, Matcher, Mention, Speller, compile_lexicon,
-                                compile_phrases)
+                                compile_phrases, phrase_alternatives)
 
 SNOMED = "http://snomed.info/sct"
 LOINC = "http://loinc.org"
@@ -171,6 +171,7 @@ def _rule(data: RuleFile, lexicon: dict[str, str]) -> tuple[Rule, ConceptText]:
         raises=_RAISES_HISTORY if history else _RAISES_FLAG,
         anchored=data.anchor == "spinal-pain",
         yields_to=frozenset(data.yields_to),
+        alternatives=tuple(phrase_alternatives(data.phrases + data.qualifiers, lexicon)),
     )
     sites = data.pain_sites
     rule = Rule(
@@ -188,6 +189,7 @@ def _concept_text(data: ValueSetFile, lexicon: dict[str, str], raises: frozenset
         pattern=compile_phrases(data.text.phrases, lexicon),
         vetoes=compile_phrases(data.text.exclude_phrases, lexicon),
         raises=raises,
+        alternatives=tuple(phrase_alternatives(data.text.phrases, lexicon)),
     )
 
 

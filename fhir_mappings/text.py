@@ -171,9 +171,16 @@ def _bounded(alternatives: list[tuple[str, frozenset[str] | None]]) -> re.Patter
     return re.compile(r"(?<!\w)(?:" + dispatch(alternatives) + r")(?!\w)", re.I)
 
 
+def phrase_alternatives(phrases: list[str], lexicon: dict[str, str]) -> list[tuple[str, frozenset[str] | None]]:
+    return [(compile_phrase(p, lexicon), phrase_firsts(p, lexicon)) for p in phrases]
+
+
 def compile_phrases(phrases: list[str], lexicon: dict[str, str] | None = None) -> re.Pattern[str] | None:
-    lexicon = lexicon if lexicon is not None else Lexicon()
-    return _bounded([(compile_phrase(p, lexicon), phrase_firsts(p, lexicon)) for p in phrases])
+    return _bounded(phrase_alternatives(phrases, lexicon if lexicon is not None else Lexicon()))
+
+
+def compile_alternation(alternatives: list[tuple[str, frozenset[str] | None]]) -> re.Pattern[str] | None:
+    return _bounded(alternatives)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,6 +555,7 @@ class ConceptText:
     raises: frozenset[str] = frozenset({"present", "uncertain"})
     anchored: bool = False  # Box 1 qualifier: counts only when it describes spinal pain
     yields_to: frozenset[str] = frozenset()  # a mention inside one of these counts as that one only
+    alternatives: tuple = ()  # (regex source, first characters) of every phrase: for benchmarks
 
 
 @dataclass(frozen=True)
@@ -604,7 +612,7 @@ class Matcher:
     pain_word: re.Pattern[str]  # "pain", "ache", "sore": does a problem-list entry name pain?
     def __post_init__(self):
         self._all = [p for c in self.concepts.values() for p in (c.pattern, c.qualifiers) if p is not None]
-        self._findings = lru_cache(maxsize=16384)(self._findings_uncached)
+        self._findings = lru_cache(maxsize=16384)(self.read)
 
     @property
     def patterns(self) -> dict[str, re.Pattern[str]]:
@@ -649,7 +657,8 @@ class Matcher:
         `pain_context`: see `Mention.anchored`; on_spinal_pain_resource=True means "spinal"."""
         return self._findings(text, "spinal" if on_spinal_pain_resource else pain_context)
 
-    def _findings_uncached(self, text: str, pain_context: str | None) -> dict[str, Mention]:
+    def read(self, text: str, pain_context: str | None = None) -> dict[str, Mention]:
+        """`findings` without its cache: one pass of every concept over the text (benchmarks)."""
         mentions = sorted(self.mentions(text), key=lambda m: m.start)
         raising = [m for m in mentions if m.anchored(pain_context) and m.status in self.concepts[m.concept].raises]
         out: dict[str, Mention] = {}
