@@ -52,8 +52,8 @@ class Source(_Strict):
     url: str | None = None
 
 
-# Code lists: code -> display name (the reviewed form); a bare list is accepted for old files.
-CodeMap = Union[dict[str, str], list[str]]
+# Code lists: code -> display name, so a reviewer reads what each code means.
+CodeMap = dict[str, str]
 
 
 class Codes(_Strict):
@@ -65,11 +65,12 @@ class Codes(_Strict):
     @field_validator("snomed", "loinc", "cpt", "icd10cm_prefixes", mode="before")
     @classmethod
     def _codes_are_strings(cls, value):
-        keys = value.keys() if isinstance(value, dict) else value or []
-        bad = [k for k in keys if not isinstance(k, str)]
+        if not isinstance(value, dict):
+            raise ValueError("codes are a mapping of quoted code to its display name")
+        bad = [k for k, display in value.items() if not isinstance(k, str) or not display]
         if bad:
-            raise ValueError(f"codes must be quoted strings, got {bad[:3]}")
-        return value or {}
+            raise ValueError(f"each code is a quoted string with a display name: {bad[:3]}")
+        return value
 
     def code_list(self, name: str) -> list[str]:
         return list(getattr(self, name))
@@ -225,7 +226,9 @@ def load(path: Path, model: type[_Strict]):
             data = yaml.load(fh, Loader=_LOADER)
         return model.model_validate(data)
     except yaml.YAMLError as exc:
-        raise RuleFileError(f"{path.name}: not valid YAML ({exc.__class__.__name__})") from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise RuleFileError(f"{path.name}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from exc
     except ValidationError as exc:
         where = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:3])
         raise RuleFileError(f"{path.name}: {where}") from exc
