@@ -103,9 +103,12 @@ def _detail(a: Assessment, now: datetime) -> str:
         must = f"; it must be done by {_fmt_date(now + deadline)}" if deadline else ""
         lines.append(f"An MRI of the spine is already ordered ({order.reference}{due}){must}.")
     lines += ["", "**Why not X-ray:** " + WHY_NOT_XRAY]
-    if a.problems:
-        lines += ["", f"**Note:** {len(a.problems)} resource(s) in the record could not be read; "
+    unreadable = sum(1 for p in a.problems if " skipped: " in p)  # facts.describe_validation_error
+    if unreadable:
+        lines += ["", f"**Note:** {unreadable} resource(s) in the record could not be read; "
                       "this assessment may be incomplete."]
+    if len(a.problems) > unreadable:  # e.g. the terminology server was not consulted
+        lines += ["", "**Note:** " + "; ".join(p for p in a.problems if " skipped: " not in p) + "."]
     lines += ["", f"**Source:** [NICE NG234]({NG234_URL}); [ACR Low Back Pain, variant 7]({ACR_LBP_URL})."]
     return "\n".join(lines)
 

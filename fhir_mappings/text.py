@@ -419,18 +419,24 @@ def sentence_bounds(text: str) -> list[tuple[int, int]]:
 class _Sentence:
     start: int
     end: int
-    cues: list[Cue]
+    context: "TextContext"
+    _cues: list[Cue] | None = None
+
+    @property
+    def cues(self) -> list[Cue]:
+        """Read on the first mention in this sentence only: most sentences of a note mention nothing."""
+        if self._cues is None:
+            self._cues = self.context._cues(self.start, self.end)
+        return self._cues
 
 
 class TextContext:
-    """The context of one text: its sentences, cues and sections, computed once, read per mention."""
+    """The context of one text: its sentences and sections, computed once, read per mention."""
 
     def __init__(self, text: str, rules: ContextRules):
         self.text = text
         self.rules = rules
-        self.sentences: list[_Sentence] = []
-        for start, end in sentence_bounds(text):
-            self.sentences.append(_Sentence(start, end, self._cues(start, end)))
+        self.sentences = [_Sentence(start, end, self) for start, end in sentence_bounds(text)]
         self._starts = [s.start for s in self.sentences]
         self.sections = self._sections()
 

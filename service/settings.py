@@ -75,6 +75,21 @@ class Settings(BaseSettings):
         "proposal", description="intent of the MRI ServiceRequest a patient-view card suggests")
     hook_timeout_seconds: float = Field(2.0, gt=0, le=30, description="time budget for fetching missing data from "
                                                                       "fhirServer; over it: 412, never a hang")
+    # Terminology server (service/terminology_server.py; fhir_mappings/valuesets/server/terminology-roots.yaml)
+    terminology_url: str | None = Field(
+        None, description="optional FHIR R4 terminology server base, e.g. https://tx.example.org/fhir: SNOMED CT codes "
+                          "the local value sets do not classify are asked about (CodeSystem/$subsumes); it gets the "
+                          "FHIR client's authentication only when it has the origin of fhir_base_url. Unset: the "
+                          "local value sets alone")
+    terminology_timeout_seconds: float = Field(1.0, gt=0, le=30, description="HTTP timeout (seconds) for each "
+                                                                             "terminology server request")
+    terminology_budget_seconds: float = Field(
+        1.5, gt=0, le=30, description="most time (seconds) one evaluation waits for the terminology server; over it, "
+                                      "or on any error: the local value sets alone, and a line in `problems`")
+    terminology_cache_seconds: int = Field(86_400, ge=1, le=30 * 86_400,
+                                           description="how long a terminology server answer (yes or no) is reused")
+    terminology_concurrency: int = Field(4, ge=1, le=32, description="most terminology server requests in flight "
+                                                                     "at once for one evaluation")
     # Subscriptions, queue and FHIR client (service/routes/notifications.py, service/queue.py,
     # service/fhir_client.py, service/subscriptions.py, workers/; docs/subscriptions.md)
     redis_url: str = Field("redis://127.0.0.1:6379/0",
@@ -143,6 +158,16 @@ class Settings(BaseSettings):
     def _http_url(cls, value: str | None) -> str | None:
         if value and not (value.startswith(("http://", "https://")) and value.split("://", 1)[1].strip("/")):
             raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("terminology_url")
+    @classmethod
+    def _terminology_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        cls._http_url(value)
+        if "@" in value.split("://", 1)[1].split("/", 1)[0]:
+            raise ValueError("must not hold credentials (it gets the FHIR client's authentication on the same origin)")
         return value
 
     @field_validator("audit_db_url")

@@ -1,7 +1,8 @@
 """What the tasks do: load from FHIR → pure evaluation → write back. Each function is safe to run
 twice (a redelivered or retried task): it reads current data and overwrites its own outputs.
 
-    evaluate_patient   fetch the patient's record, assess, store, hand to the alerting step
+    evaluate_patient   fetch the patient's record, (optionally) ask the terminology server about
+                       unknown SNOMED CT codes, assess, store, hand to the alerting step
     resolve_focus      id-only notification: read the focus resource to learn whose it is
     catch_up           missed or empty events: $events, else _lastUpdated since the last event seen
     reconcile          safety net: everything changed since the last sweep (_lastUpdated)
@@ -30,6 +31,7 @@ from service.fhir_client import FHIRBadRequest, FHIRClient, FHIRNotFound, FHIRNo
 from service.metrics import EVALUATION_SECONDS, EVALUATIONS
 from service.queue import TASK_CATCH_UP, WorkQueue, redis_client
 from service.settings import Settings, get_settings
+from service.terminology_server import TerminologyServer, consult_sync
 
 log = structlog.get_logger("spinewatch.pipeline")
 
@@ -47,6 +49,7 @@ class Deps:
     fhir: FHIRClient
     queue: WorkQueue
     store: AssessmentStore
+    terminology: TerminologyServer | None = None  # SPINEWATCH_TERMINOLOGY_URL unset: none
 
 
 _deps: Deps | None = None
@@ -59,7 +62,9 @@ def deps() -> Deps:
     if _deps is None:
         settings = get_settings()
         conn = redis_client(settings.redis_url, timeout=5)
-        _deps = Deps(settings, FHIRClient.from_settings(settings), WorkQueue(settings, conn), AssessmentStore(conn))
+        fhir = FHIRClient.from_settings(settings)
+        _deps = Deps(settings, fhir, WorkQueue(settings, conn), AssessmentStore(conn),
+                     TerminologyServer.from_settings(settings, auth=fhir.auth))
     return _deps
 
 
@@ -135,7 +140,10 @@ def evaluate_patient(d: Deps, patient: str, focus: list[str], trigger: dict, now
     focus = sorted(set(focus) | set(d.queue.take_pending(patient)))
     started = time.perf_counter()
     resources = fetch_record(d.fhir, patient, now, d.settings.lookback_days, focus)
-    assessment = assess(resources, now, EvaluationSettings(lookback_days=d.settings.lookback_days))
+    consulted = consult_sync(d.terminology, resources)  # bounded; on failure the local sets alone
+    assessment = assess(resources, now, EvaluationSettings(lookback_days=d.settings.lookback_days),
+                        terminology=consulted.terminology)
+    consulted.note(assessment)
     if assessment.patient is None:
         assessment.patient = patient
     revision = d.store.save(assessment.to_json(), seen=assessment.seen)

@@ -8,8 +8,10 @@ order-sign and feedback.
 
 Every call is authenticated first (service/security.py, "Trusting CDS Clients"; failures are a bare
 401). A hook call then reads its data (service/fhir_fetch.py: prefetch, else fhirServer, else a
-stored assessment), evaluates at the request time with the pure core, and answers cards; data that
-cannot be had is a 412 with an OperationOutcome, never "no cards".
+stored assessment), evaluates at the request time with the pure core (SNOMED CT codes the local
+value sets do not know first asked of the optional terminology server, service/terminology_server.py,
+within its time budget), and answers cards; data that cannot be had is a 412 with an
+OperationOutcome, never "no cards".
 
 Logs carry ids, reasons and statuses only; the request body, the bearer JWT and the
 fhirAuthorization access token are never logged or stored.
@@ -45,6 +47,7 @@ from service.security import (AuthError, CdsClient, JwksCache, JwtVerifier, Memo
                               ReplayCacheUnavailable, parse_trusted_issuers)
 from service.settings import Settings
 from service.stored_assessment import StoredAssessments, default_source, fresh_assessment
+from service.terminology_server import TerminologyServer, consult
 
 log = structlog.get_logger("spinewatch.cds_hooks")
 
@@ -91,6 +94,7 @@ class HookRuntime:
     allowed_hosts: frozenset[str]
     stored: StoredAssessments | None = None
     fhir_transport: httpx.AsyncBaseTransport | None = None  # tests and the bench may inject one
+    terminology: TerminologyServer | None = None  # SPINEWATCH_TERMINOLOGY_URL unset: none
 
 
 def register(app: FastAPI) -> None:
@@ -112,7 +116,8 @@ def register(app: FastAPI) -> None:
         log.warning("cds.public_base_url_unset", detail="JWT aud is checked against the Host header; set "
                                                         "SPINEWATCH_PUBLIC_BASE_URL")
     app.state.cds_hooks = HookRuntime(settings, verifier, parse_hosts(settings.fhir_allowed_hosts),
-                                      stored=default_source(settings))
+                                      stored=default_source(settings),
+                                      terminology=TerminologyServer.from_settings(settings))
     app.include_router(router)
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
     if origins:  # 2.0 §Cross-Origin Resource Sharing: browser-based CDS clients need it
@@ -424,11 +429,13 @@ async def _assessment(rt: HookRuntime, req: HookRequest, patient_id: str, now: d
         seen.add(key)
         resources.append(resource)
     settings = EvaluationSettings(lookback_days=rt.settings.lookback_days)
+    consulted = await consult(rt.terminology, resources)  # bounded; on failure the local sets alone
     started = time.perf_counter()
     if len(resources) <= _INLINE_EVALUATION_MAX_RESOURCES:
-        assessment = assess(resources, now, settings)
+        assessment = assess(resources, now, settings, terminology=consulted.terminology)
     else:
-        assessment = await run_in_threadpool(assess, resources, now, settings)
+        assessment = await run_in_threadpool(assess, resources, now, settings, terminology=consulted.terminology)
+    consulted.note(assessment)
     EVALUATION_SECONDS.labels(origin="hook").observe(time.perf_counter() - started)
     EVALUATIONS.labels(tier=assessment.urgency, origin="hook").inc()
     assessment.patient = patient  # the context names the patient (clinical identifiers get no defaults)

@@ -154,11 +154,12 @@ def test_evaluate_stores_the_assessment_with_versions_and_hands_it_to_alerting(d
 
 @respx.mock
 def test_an_older_evaluation_never_replaces_a_newer_one(deps, alerts):
-    serve_record(ch.record("urgent", "p1"))
-    pipeline.evaluate_patient(deps, "Patient/p1", [], {}, NOW)
-    late = pipeline.evaluate_patient(deps, "Patient/p1", [], {}, NOW - timedelta(minutes=1))
+    serve_record(ch.record("urgent", "p1"))  # dated from the real clock: evaluate at it too
+    now = datetime.now(timezone.utc)
+    pipeline.evaluate_patient(deps, "Patient/p1", [], {}, now)
+    late = pipeline.evaluate_patient(deps, "Patient/p1", [], {}, now - timedelta(minutes=1))
     assert late.urgency == "urgent"
-    assert deps.store.get("Patient/p1")["evaluated_at"] == NOW.isoformat()
+    assert deps.store.get("Patient/p1")["evaluated_at"] == now.isoformat()
     assert len(alerts) == 1  # the stale one is not alerted either
 
 
@@ -316,7 +317,7 @@ def test_the_store_reads_back_with_a_client_that_does_not_decode(redis_url):
     """The CDS Hooks side opens its own client (service/stored_assessment.py, bytes replies)."""
     from fhir_mappings.evaluate import assess
 
-    assessment = assess(ch.record("urgent", "p5"), NOW)
+    assessment = assess(ch.record("urgent", "p5"), datetime.now(timezone.utc))  # the record is dated from the clock
     AssessmentStore(redis.Redis.from_url(redis_url, decode_responses=True)).save(assessment.to_json(),
                                                                                seen=assessment.seen)
     record = AssessmentStore(redis.Redis.from_url(redis_url)).get("p5")

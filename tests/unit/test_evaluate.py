@@ -131,3 +131,40 @@ def test_pain_score_trends():
     assert "severe-unremitting-pain" in assess([PATIENT, CANCER, *severe], NOW).red_flags
     too_close = [score("s1", "2026-05-01", 8), score("s2", "2026-05-05", 9)]
     assert "severe-unremitting-pain" not in assess([PATIENT, CANCER, *too_close], NOW).red_flags
+
+
+# --------------------------------------------------------------------------- clinical language: scope and anchoring
+
+def test_evidence_dated_after_the_evaluation_time_never_counts():
+    future = note("n", "New urinary retention", when="2026-06-03T10:00:00Z")
+    assert assess([PATIENT, CANCER, BACK_PAIN, future], NOW).urgency == "routine"
+    later_cancer = condition("ca2", SNOMED, "254837009", onset="2026-06-05")
+    assert assess([PATIENT, later_cancer, BACK_PAIN], NOW).urgency == "none"
+
+
+def test_a_pain_condition_at_a_spinal_body_site_is_back_pain():
+    pain = condition("pain", SNOMED, "22253000", onset="2026-05-20", text="Pain",
+                     bodySite=[{"coding": [{"system": SNOMED, "code": "122496007", "display": "Lumbar spine"}]}])
+    assert assess([PATIENT, CANCER, pain], NOW).urgency == "routine"
+    knee = pain | {"bodySite": [{"coding": [{"system": SNOMED, "code": "72696002", "display": "Knee"}]}]}
+    assert assess([PATIENT, CANCER, knee], NOW).urgency == "none"
+
+
+def test_thoracic_spinal_pain_is_itself_back_pain():
+    result = assess([PATIENT, CANCER, note("n", "T-spine pain for 3 weeks")], NOW)
+    assert result.urgency == "urgent" and result.red_flags == ["thoracic-or-cervical-pain"] and result.back_pain
+
+
+def test_a_qualifier_counts_only_when_it_describes_the_spinal_pain():
+    # A pain with no site, written beside the patient's recorded back pain, is that pain.
+    assert assess([PATIENT, CANCER, BACK_PAIN, note("n", "Pain worse on coughing")], NOW).urgency == "urgent"
+    # Another symptom or site is not: NG234 Box 1 is about spinal pain.
+    for text in ("Worsening breathlessness", "Hip pain at night", "Progressive disease on CT", "Cough productive of sputum"):
+        assert assess([PATIENT, CANCER, BACK_PAIN, note("n", text)], NOW).urgency == "routine", text
+
+
+def test_uncertain_mscc_raises_with_its_status_in_the_evidence_and_a_suspected_cancer_does_not_count():
+    result = assess([PATIENT, CANCER, BACK_PAIN, note("n", "?CES - for MRI tonight")], NOW)
+    assert result.urgency == "emergency" and result.evidence[0].status == "uncertain"
+    suspected = condition("ca", "http://example.org/local", "X1", onset="2026-05-01", text="?breast ca")
+    assert assess([PATIENT, suspected, BACK_PAIN], NOW).urgency == "none"
