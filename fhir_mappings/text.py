@@ -206,6 +206,10 @@ def _one_edit(a: str, b: str) -> bool:
     return any(long_[:i] + long_[i + 1:] == short for i in range(len(long_)))
 
 
+def _transposition(a: str, b: str) -> bool:
+    return len(a) == len(b) and sorted(a) == sorted(b)
+
+
 def _inflection(a: str, b: str) -> bool:
     """"increase" / "increased", "weakness" / "weaknesss": a word form, not a misspelling."""
     short, long_ = (a, b) if len(a) < len(b) else (b, a)
@@ -228,12 +232,13 @@ class Speller:
 
     def _correct(self, word: str) -> str | None:
         lower = word.lower()
-        if len(lower) < MIN_CORRECTED_LENGTH or lower in self.protected:
+        if len(lower) < MIN_CORRECTED_LENGTH - 1 or lower in self.protected:
             return None
         candidates: set[str] = set()
         for key in _deletes(lower) | {lower}:
             candidates |= self._index.get(key, set())
-        found = [c for c in candidates if c[0] == lower[0] and _one_edit(lower, c) and not _inflection(lower, c)]
+        found = [c for c in candidates if c[0] == lower[0] and _one_edit(lower, c) and not _inflection(lower, c)
+                 and (len(lower) >= MIN_CORRECTED_LENGTH or _transposition(lower, c))]  # "equnia": six letters
         # Several: spellings of one word (paraesthesia, paresthesia); a dropped letter is the usual slip.
         return max(found, key=lambda c: (len(c), c)) if found else None
 
@@ -506,9 +511,10 @@ class TextContext:
     def _reaches(self, cue: Cue, gap_start: int, gap_end: int, sentence: _Sentence, forward: bool) -> bool:
         between = self.text[gap_start:gap_end]
         if any(c.category == "terminate" and gap_start <= c.start and c.end <= gap_end
-               and (cue.category != OTHER or _STRONG_TERMINATION.fullmatch(self.text, c.start, c.end))
+               and ((cue.category != OTHER and forward) or _STRONG_TERMINATION.fullmatch(self.text, c.start, c.end))
                for c in sentence.cues):
-            return False  # a relative's story runs on ("brother developed cord compression") to a "but"
+            return False  # a relative's story runs on ("brother developed cord compression"), and a cue
+            # after its finding reaches back over "which" ("leg weakness, which resolved"), to a "but"
         if cue.category == NEGATED and _NEW_LABEL.search(between):
             return False  # "COMPLICATIONS: None DIAGNOSIS: 1) ...": a template's next field
         if cue.category == UNCERTAIN and forward and "," in between:
