@@ -94,7 +94,32 @@ def resources_from_json(obj: object, name: str = "input") -> list[dict]:
                 ref = resource.get(key)
                 if isinstance(ref, dict) and ref.get("reference") in full_urls:
                     resource[key] = {**ref, "reference": full_urls[ref["reference"]]}
+            for attachment in attachments(resource):  # a note's Binary named by its fullUrl
+                if attachment.get("url") in full_urls:
+                    attachment["url"] = full_urls[attachment["url"]]
     return resources
+
+
+def attachments(resource: dict) -> list[dict]:
+    """The attachments a note or report carries its text in (DocumentReference.content,
+    DiagnosticReport.presentedForm), as raw JSON."""
+    if resource.get("resourceType") == "DocumentReference":
+        found = [c.get("attachment") for c in resource.get("content") or [] if isinstance(c, dict)]
+    elif resource.get("resourceType") == "DiagnosticReport":
+        found = resource.get("presentedForm") or []
+    else:
+        return []
+    return [a for a in found if isinstance(a, dict)]
+
+
+def binary_key(url: object) -> str | None:
+    """`Binary/id` for a relative or absolute reference to a Binary, else None."""
+    if not isinstance(url, str):
+        return None
+    marker = url.rfind("Binary/")
+    if marker < 0 or (marker > 0 and url[marker - 1] != "/"):
+        return None
+    return url[marker:].split("/_history")[0]
 
 
 def patient_key(resource: dict) -> str | None:
@@ -114,6 +139,13 @@ def patient_key(resource: dict) -> str | None:
 def split_by_patient(resources: list[dict]) -> dict[str | None, list[dict]]:
     """Group resources by the patient they are about (None: about no one in particular)."""
     groups: dict[str | None, list[dict]] = {}
+    binaries = {f"Binary/{r.get('id')}": r for r in resources if r.get("resourceType") == "Binary"}
     for resource in resources:
         groups.setdefault(patient_key(resource), []).append(resource)
+    if binaries:  # a Binary names no patient: it goes with the notes that point at it
+        for key, group in groups.items():
+            if key is None:
+                continue
+            wanted = {binary_key(a.get("url")) for r in group for a in attachments(r)}
+            group.extend(binaries[k] for k in sorted(wanted & binaries.keys()))
     return groups

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from fhir_mappings.facts import Clinical, Evidence, Record, concept_evidence, read_record
+from fhir_mappings.facts import NOTE_MAX_CHARS, Clinical, Evidence, Record, concept_evidence, read_record
 from fhir_mappings.terminology import Rule, Terminology, load_terminology
 from fhir_mappings.text import Mention
 
@@ -33,10 +33,13 @@ _SPINAL_PAIN_FLAG = "thoracic-or-cervical-pain"  # a Box 1 flag that is itself b
 @dataclass(frozen=True)
 class EvaluationSettings:
     lookback_days: int = 90  # CLINICAL.md "Recent": default 90 days; a deployment setting
+    note_max_chars: int = NOTE_MAX_CHARS  # a longer note is named in `problems`, its start still read
 
     def __post_init__(self):
         if self.lookback_days < 1:
             raise ValueError("lookback_days must be at least 1")
+        if self.note_max_chars < 1000:
+            raise ValueError("note_max_chars must be at least 1000")
 
 
 @dataclass
@@ -94,9 +97,9 @@ class Assessment:
 def _counts_as_evidence(item: Clinical) -> bool:
     if item.resource_type == "Condition":
         return item.verification_status not in _VERIFICATION_NEVER_COUNTS
-    if item.resource_type == "Observation":
+    if item.resource_type in ("Observation", "DiagnosticReport", "ClinicalImpression"):
         return item.status not in _OBSERVATION_NEVER_COUNTS
-    return False
+    return item.resource_type == "DocumentReference"  # entered-in-error and replaced notes are not read
 
 
 def _closed_before(item: Clinical, window_start: datetime) -> bool:
@@ -222,7 +225,8 @@ def assess(resources: list[dict], now: datetime, settings: EvaluationSettings | 
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
     term = terminology or load_terminology()
-    return assess_record(read_record(resources, term), now, settings or EvaluationSettings(), term)
+    settings = settings or EvaluationSettings()
+    return assess_record(read_record(resources, term, settings.note_max_chars), now, settings, term)
 
 
 def assess_record(record: Record, now: datetime, settings: EvaluationSettings, term: Terminology) -> Assessment:
@@ -240,7 +244,8 @@ def assess_record(record: Record, now: datetime, settings: EvaluationSettings, t
             continue  # evidence dated after the evaluation time never counts (not yet written)
         if item.resource_type in ("DiagnosticReport", "ImagingStudy", "Procedure", "ServiceRequest"):
             imaging.append(item)
-            continue
+            if item.resource_type != "DiagnosticReport":
+                continue  # a report's conclusion is read as evidence too ("cord compression at T10")
         if item.resource_type == "Condition" and item.verification_status not in _CANCER_DOES_NOT_COUNT:
             cancer = concept_evidence(item, term.cancer)
             if cancer:  # any clinical status, any date: "current or past" (NG234 1.1)

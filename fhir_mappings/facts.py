@@ -19,14 +19,18 @@ from decimal import Decimal
 from functools import lru_cache
 
 from pydantic import ValidationError
+from fhir.resources.R4B.clinicalimpression import ClinicalImpression
 from fhir.resources.R4B.condition import Condition
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+from fhir.resources.R4B.documentreference import DocumentReference
 from fhir.resources.R4B.imagingstudy import ImagingStudy
 from fhir.resources.R4B.observation import Observation
 from fhir.resources.R4B.patient import Patient
 from fhir.resources.R4B.procedure import Procedure
 from fhir.resources.R4B.servicerequest import ServiceRequest
 
+from fhir_mappings.bundle import attachments
+from fhir_mappings.notes import attachment_text
 from fhir_mappings.terminology import KNOWN_SYSTEMS, Concept, Terminology, normalise_icd
 
 MODELS = {
@@ -37,7 +41,12 @@ MODELS = {
     "ImagingStudy": ImagingStudy,
     "Procedure": Procedure,
     "ServiceRequest": ServiceRequest,
+    "DocumentReference": DocumentReference,
+    "ClinicalImpression": ClinicalImpression,
 }
+NOTE_MAX_CHARS = 200_000  # the longest note text read (EvaluationSettings.note_max_chars)
+# US Core clinical notes: these never count (FHIR R4 DocumentReference.status / docStatus).
+_NOTE_NEVER_COUNTS = {"entered-in-error"}
 _IMAGING_TYPES = ("DiagnosticReport", "ImagingStudy", "Procedure", "ServiceRequest")
 
 
@@ -94,8 +103,11 @@ class Clinical:
     value_texts: list[str] = field(default_factory=list)
     modalities: list[str] = field(default_factory=list)
     due: datetime | None = None
+    label: str | None = None  # what kind of record it is, for the evidence: "Emergency department note"
 
     def evidence(self, concept: str, field_name: str, **kw) -> Evidence:
+        if self.label and not kw.get("display"):
+            kw["display"] = self.label  # a quote from a note says which note
         return Evidence(concept, self.resource_type, self.resource_id, self.version_id, self.date, field_name, **kw)
 
 
@@ -167,7 +179,7 @@ def _raw_texts(obj, out: list) -> None:
             _raw_texts(v, out)
 
 
-_SIEVE_FIELDS = ("code", "valueCodeableConcept", "valueString", "note", "bodySite", "procedureCode",
+_SIEVE_FIELDS = ("code", "valueCodeableConcept", "valueString", "note", "bodySite", "procedureCode", "component",
                  "modality", "series", "description", "conclusion", "conclusionCode", "category")
 
 
@@ -177,8 +189,10 @@ def is_relevant(resource: dict, term: Terminology) -> bool:
         return True
     if rtype not in MODELS:
         return False
-    if rtype == "ImagingStudy":
-        return True  # few per record, and modality/body site need the model to read
+    if rtype in ("ImagingStudy", "DocumentReference", "ClinicalImpression"):
+        return True  # few per record, and their text must be decoded (notes) or read whole to tell
+    if rtype == "DiagnosticReport" and resource.get("presentedForm"):
+        return True
     parts = [resource.get(k) for k in _SIEVE_FIELDS if k in resource]
     codings: list = []
     _raw_codings(parts, codings)
@@ -252,6 +266,9 @@ def _clinical(model) -> Clinical:
         for site in model.bodySite or []:  # a "Pain" Condition at the lumbar spine is back pain
             item.body_site_codings += [(c.system, c.code) for c in site.coding or []]
             item.body_site_texts += [t for t in [site.text] + [c.display for c in site.coding or []] if t]
+        code_text = _label(model.code)
+        if code_text and item.body_site_texts:  # "Pain" at "Thoracic spine" reads "Thoracic spine pain"
+            item.texts.append((f"{item.body_site_texts[0]} {code_text}", "Condition.bodySite"))
     elif rtype == "Observation":
         period = model.effectivePeriod
         item.date = _latest(model.effectiveDateTime, model.effectiveInstant,
@@ -267,6 +284,14 @@ def _clinical(model) -> Clinical:
             item.texts.append((model.valueString, "Observation.valueString"))
             item.value_texts.append(model.valueString)
         _add_notes(item, model.note, "Observation.note")
+        for component in model.component or []:  # "Saddle sensation: reduced" as a template line
+            label = _label(component.code)
+            value = component.valueString or _label(component.valueCodeableConcept)
+            if value:
+                item.texts.append((f"{label}: {value}" if label else value, "Observation.component"))
+            if component.valueCodeableConcept:
+                for coding in component.valueCodeableConcept.coding or []:
+                    item.codings.append((coding.system, coding.code, coding.display, "Observation.component"))
         if model.bodySite:
             item.body_site_codings = [(c.system, c.code) for c in model.bodySite.coding or []]
             item.body_site_texts = [t for t in [model.bodySite.text] +
@@ -277,6 +302,29 @@ def _clinical(model) -> Clinical:
                             model.issued)
         item.status = model.status
         _add_concept(item, model.code, "DiagnosticReport.code")
+        if model.conclusion:
+            item.texts.append((model.conclusion, "DiagnosticReport.conclusion"))
+        for concept in model.conclusionCode or []:
+            _add_concept(item, concept, "DiagnosticReport.conclusionCode")
+    elif rtype == "DocumentReference":
+        period = model.context.period if model.context else None
+        item.date = _latest(period.end if period else None, period.start if period else None) or to_instant(model.date)
+        item.status = model.status
+        item.label = _label(model.type) or "clinical note"
+    elif rtype == "ClinicalImpression":
+        period = model.effectivePeriod
+        item.date = _latest(model.effectiveDateTime, period.end if period else None, period.start if period else None,
+                            model.date)
+        item.status = model.status
+        item.label = "clinical impression"
+        if model.summary:
+            item.texts.append((model.summary, "ClinicalImpression.summary"))
+        if model.description:
+            item.texts.append((model.description, "ClinicalImpression.description"))
+        for finding in model.finding or []:
+            _add_concept(item, finding.itemCodeableConcept, "ClinicalImpression.finding")
+            if finding.basis:
+                item.texts.append((finding.basis, "ClinicalImpression.finding"))
     elif rtype == "ImagingStudy":
         item.date = to_instant(model.started)
         item.status = model.status
@@ -308,6 +356,45 @@ def _clinical(model) -> Clinical:
     return item
 
 
+def _label(concept) -> str | None:
+    if concept is None:
+        return None
+    return concept.text or next((c.display for c in concept.coding or [] if c.display), None)
+
+
+def _replaced_notes(resources: list[dict]) -> set[str]:
+    """DocumentReference/ids that a note in the record replaces: a superseded note counts only
+    until its replacement is written (FHIR R4 DocumentReference.relatesTo, code `replaces`)."""
+    out = set()
+    for raw in resources:
+        if raw.get("resourceType") != "DocumentReference":
+            continue
+        for relation in raw.get("relatesTo") or []:
+            target = (relation.get("target") or {}).get("reference") if isinstance(relation, dict) else None
+            if relation.get("code") == "replaces" and isinstance(target, str) and "DocumentReference/" in target:
+                out.add(target[target.rfind("DocumentReference/"):].split("/_history")[0])
+    return out
+
+
+def _never_counts(raw: dict, replaced: set[str]) -> bool:
+    if raw.get("resourceType") != "DocumentReference":
+        return False
+    if raw.get("status") in _NOTE_NEVER_COUNTS or raw.get("docStatus") in _NOTE_NEVER_COUNTS:
+        return True
+    return raw.get("status") == "superseded" and f"DocumentReference/{raw.get('id')}" in replaced
+
+
+def _read_attachments(item: Clinical, raw: dict, binaries: dict[str, dict], max_chars: int, problems: list[str]) -> None:
+    """The note's text into `item.texts`; a note that cannot be read is named, never skipped silently."""
+    field_name = f"{item.resource_type}.{'content' if item.resource_type == 'DocumentReference' else 'presentedForm'}"
+    for attachment in attachments(raw):
+        note = attachment_text(attachment, binaries, max_chars)
+        if note.text:
+            item.texts.append((note.text, field_name))
+        if note.problem:
+            problems.append(f"{item.resource_type}/{item.resource_id or '?'}: {note.problem}")
+
+
 def describe_validation_error(rtype: str, rid, exc: ValidationError) -> str:
     """Type, id and the failing fields with pydantic's message; never the input value."""
     where = []
@@ -318,15 +405,19 @@ def describe_validation_error(rtype: str, rid, exc: ValidationError) -> str:
     return f"{rtype}/{rid or '?'} skipped: " + "; ".join(where) + more
 
 
-def read_record(resources: list[dict], term: Terminology) -> Record:
+def read_record(resources: list[dict], term: Terminology, note_max_chars: int = NOTE_MAX_CHARS) -> Record:
     items: list[Clinical] = []
     problems: list[str] = []
     seen: dict[str, str | None] = {}
     patients: list[str] = []
+    binaries = {f"Binary/{r.get('id')}": r for r in resources if r.get("resourceType") == "Binary"}
+    replaced = _replaced_notes(resources)
     for raw in resources:
         rtype = raw.get("resourceType")
         if rtype not in MODELS or not is_relevant(raw, term):
             continue
+        if _never_counts(raw, replaced):
+            continue  # entered in error, or superseded by a note in the record
         rid = raw.get("id")
         try:
             model = MODELS[rtype].model_validate(raw)
@@ -338,7 +429,9 @@ def read_record(resources: list[dict], term: Terminology) -> Record:
             if model.id:
                 patients.append(f"Patient/{model.id}")
             continue
-        items.append(_clinical(model))
+        item = _clinical(model)
+        _read_attachments(item, raw, binaries, note_max_chars, problems)
+        items.append(item)
     patient = patients[0] if len(set(patients)) == 1 else None
     return Record(patient=patient, items=items, problems=problems, seen=seen)
 

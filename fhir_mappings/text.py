@@ -35,10 +35,13 @@ from functools import lru_cache
 # ---------------------------------------------------------------------------------------------
 # Phrase compiler: plain words -> regular expression
 
-# Between two words of a phrase: spaces, a hyphen, or a template colon ("plantars: upgoing").
-_GAP = r"(?:\s*[-:]\s*|\s+)"
+# Between two words of a phrase: spaces, a hyphen, or a template colon ("plantars: upgoing"); never a
+# line break (the next line of a template or list), once wrapped lines are joined (Matcher.normalised).
+_SPACE = r"[ \t]+"
+_GAP = r"(?:[ \t]*[-:][ \t]*|" + _SPACE + ")"
 # "..." in a phrase: up to four words, never a negation ("LBP, not worse at night" is no night pain).
-_SKIP_WORDS = r"(?:\s+(?!(?:no|not|nil|denies|denied|without|never|negative|none)\b)[^\s.;:!?]+){0,4}?\s+"
+_SKIP_WORDS = (r"(?:" + _SPACE + r"(?!(?:no|not|nil|denies|denied|without|never|negative|none)\b)[^\s.;:!?]+){0,4}?"
+               + _SPACE)
 _TOKEN = re.compile(r"\{[a-z0-9-]+\}|\[[^\]]*\]|\([^)]*\)|\.\.\.|[^\s\[\]({]+")
 
 
@@ -393,11 +396,13 @@ def _cue_kinds(rules: "ContextRules", text: str, m: re.Match) -> list[tuple[str,
 
 
 # Sentence ends: line breaks, semicolons, bars and bullets, and a full stop or "!" before a space.
+_WRAP_WIDTH = 50  # a line this long that stops mid-sentence was wrapped, not ended
 _SENTENCE_END = re.compile(r"\n|;|\||•|(?<=[^\s.])[.!](?=\s|$)")
 _WORDS_BETWEEN = re.compile(r"[\w/+-]+")
 # A negation that a long finding can hold and still be negated by ("bone scan negative for
 # metastases"); never the "not" of "not passed urine" or "walking not possible".
 _INNER_NEGATION = re.compile(r"negative|no evidence|free of|neg for", re.I)
+_PARAGRAPH_END = re.compile(r"\n\s*\n")
 _STRONG_TERMINATION = re.compile(r"but|however|whereas|although|though|yet|except|apart from|aside from", re.I)
 _NEW_LABEL = re.compile(r"[A-Za-z][A-Za-z/ ]{1,30}:\s|\s\d{1,2}[).]\s")
 _LIST_MARK = re.compile(r",|\b(?:or|and|nor)\b|/", re.I)
@@ -408,10 +413,32 @@ _WORD = re.compile(r"[A-Za-z]")
 _TEMPLATE_VALUE_END = re.compile(r"[,;\n|.]|\s{2,}")
 
 
+def _wrapped(text: str, newline: int) -> bool:
+    """A line break inside a sentence (a hard-wrapped note): a long line that does not end a
+    sentence, followed by a line that carries on in lower case."""
+    line_start = text.rfind("\n", 0, newline) + 1
+    before = text[line_start:newline].rstrip()
+    after = text[newline + 1:newline + 2]
+    return len(before) >= _WRAP_WIDTH and before[-1:] not in ".:;!?" and after.islower()
+
+
+def join_wrapped_lines(text: str) -> str:
+    """A hard-wrapped note's line breaks inside a sentence become spaces (same length, same offsets)."""
+    breaks = [m.start() for m in re.finditer("\n", text) if _wrapped(text, m.start())]
+    if not breaks:
+        return text
+    chars = list(text)
+    for i in breaks:
+        chars[i] = " "
+    return "".join(chars)
+
+
 def sentence_bounds(text: str) -> list[tuple[int, int]]:
     bounds = []
     start = 0
     for m in _SENTENCE_END.finditer(text):
+        if m.group() == "\n" and _wrapped(text, m.start()):
+            continue
         if m.start() > start:
             bounds.append((start, m.start()))
         start = m.end()
@@ -467,6 +494,22 @@ class TextContext:
             stop = re.compile(r"\n\s*\n" if category == HYPOTHETICAL else r"\n|(?<=[^\s.])[.;](?=\s|$)")
             m = stop.search(self.text, end, limit)
             scopes.append((end, m.start() if m else limit, category))
+        return scopes + self._lead_ins()
+
+    def _lead_ins(self) -> list[tuple[int, int, str]]:
+        """A line that ends in a colon and carries a cue leads a list that follows it to the end of
+        its paragraph: "Attend A&E at once if she develops any of the following:" / "- leg weakness"."""
+        scopes = []
+        for sentence in self.sentences:
+            if not self.text[sentence.start:sentence.end].rstrip().endswith(":"):
+                continue
+            kinds = {c.category for c in sentence.cues} & {HYPOTHETICAL, NEGATED, OTHER}
+            if not kinds:
+                continue
+            body = re.compile(r"\s*").match(self.text, sentence.end).end()  # the list starts after its own blank line
+            stop = _PARAGRAPH_END.search(self.text, body)
+            for category in kinds:
+                scopes.append((sentence.end, stop.start() if stop else len(self.text), category))
         return scopes
 
     def sentence_of(self, pos: int) -> _Sentence:
@@ -631,6 +674,9 @@ class Matcher:
         return {cid: c.pattern for cid, c in self.concepts.items() if c.pattern is not None}
 
     def normalised(self, text: str) -> tuple[str, list[tuple[int, int]]]:
+        """Misspellings corrected and hard-wrapped lines joined (offsets map back to `text`)."""
+        if "\n" in text:
+            text = join_wrapped_lines(text)
         fixed = self.speller.corrected(text)
         return fixed if fixed else (text, [])
 
