@@ -376,6 +376,23 @@ def _replaced_notes(resources: list[dict]) -> set[str]:
     return out
 
 
+def _without_note_data(raw: dict) -> dict:
+    """The resource to validate, without its notes' base64 (read once, from the raw JSON, by
+    notes.py: decoding it twice was a tenth of reading a Synthea record)."""
+    found = attachments(raw)
+    if not any("data" in a for a in found):
+        return raw
+    copy = dict(raw)
+    if raw.get("resourceType") == "DocumentReference":
+        copy["content"] = [{**c, "attachment": {k: v for k, v in c["attachment"].items() if k != "data"}}
+                           if isinstance(c, dict) and isinstance(c.get("attachment"), dict) else c
+                           for c in raw.get("content") or []]
+    else:
+        copy["presentedForm"] = [{k: v for k, v in a.items() if k != "data"} if isinstance(a, dict) else a
+                                 for a in raw.get("presentedForm") or []]
+    return copy
+
+
 def _never_counts(raw: dict, replaced: set[str]) -> bool:
     if raw.get("resourceType") != "DocumentReference":
         return False
@@ -420,7 +437,7 @@ def read_record(resources: list[dict], term: Terminology, note_max_chars: int = 
             continue  # entered in error, or superseded by a note in the record
         rid = raw.get("id")
         try:
-            model = MODELS[rtype].model_validate(raw)
+            model = MODELS[rtype].model_validate(_without_note_data(raw))
         except ValidationError as exc:
             problems.append(describe_validation_error(rtype, rid if isinstance(rid, str) else None, exc))
             continue

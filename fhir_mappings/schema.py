@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from datetime import date
 from pathlib import Path
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 
 class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml when present: 10x faster at start-up
@@ -51,6 +51,8 @@ class Source(_Strict):
     section: str | None = None
     url: str | None = None
 
+
+Version = Annotated[str, BeforeValidator(str)]  # "2.0.0", or a bare 2 written without quotes
 
 # Code lists: code -> display name, so a reviewer reads what each code means.
 CodeMap = dict[str, str]
@@ -91,7 +93,7 @@ class Score(_Strict):
 
 class RuleFile(_Strict):
     id: str
-    version: str
+    version: Version
     status: Literal["stable", "test", "experimental", "deprecated"]
     box: Literal[1, 2]
     tier: Literal["emergency", "urgent"]
@@ -110,11 +112,6 @@ class RuleFile(_Strict):
     fixtures: list[str] = Field(default_factory=list)
     known_false_positives: list[str] = Field(default_factory=list)
 
-    @field_validator("version", mode="before")
-    @classmethod
-    def _version_text(cls, value):
-        return str(value)
-
 
 class TextSpec(_Strict):
     phrases: list[str] = Field(default_factory=list)
@@ -129,7 +126,7 @@ class PainGroups(_Strict):
 
 class ValueSetFile(_Strict):
     id: str
-    version: str
+    version: Version
     title: str
     status: Literal["active", "draft", "retired"]
     review: Review
@@ -140,11 +137,6 @@ class ValueSetFile(_Strict):
     groups: PainGroups | None = None
     known_false_positives: list[str] = Field(default_factory=list)
 
-    @field_validator("version", mode="before")
-    @classmethod
-    def _version_text(cls, value):
-        return str(value)
-
 
 class LexiconClass(_Strict):
     words: list[str] | None = None
@@ -153,7 +145,7 @@ class LexiconClass(_Strict):
 
 class LexiconFile(_Strict):
     id: Literal["lexicon"]
-    version: str
+    version: Version
     title: str
     review: Review
     classes: dict[str, LexiconClass]
@@ -174,7 +166,7 @@ class TemplateAnswers(_Strict):
 
 class ContextFile(_Strict):
     id: Literal["context"]
-    version: str
+    version: Version
     title: str
     review: Review
     sources: list[str]
@@ -205,18 +197,13 @@ class TerminologyRootsFile(_Strict):
     """valuesets/server/terminology-roots.yaml: read only when SPINEWATCH_TERMINOLOGY_URL is set."""
 
     id: Literal["terminology-roots"]
-    version: str
+    version: Version
     title: str
     status: Literal["active", "draft", "retired"]
     review: Review
     sources: list[Union[str, Source]]
     concepts: dict[str, TerminologyRoots]
     known_false_positives: list[str] = Field(default_factory=list)
-
-    @field_validator("version", mode="before")
-    @classmethod
-    def _version_text(cls, value):
-        return str(value)
 
 
 def load(path: Path, model: type[_Strict]):
