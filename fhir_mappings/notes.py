@@ -96,11 +96,13 @@ def attachment_text(attachment: dict, binaries: dict[str, dict], max_chars: int)
     raw = attachment.get("data")
     where = "its attachment"
     if raw is None and attachment.get("url") is not None:
+        if content_type and _media(content_type)[0] not in _PLAIN | _HTML:
+            return NoteText(None, f"note in {_media(content_type)[0]} cannot be read (text, Markdown and HTML only)")
         key = binary_key(attachment.get("url"))
         binary = binaries.get(key) if key else None
         if binary is None:
-            return NoteText(None, "note content at a URL that was not read (only a Binary on the same FHIR "
-                                  "server is fetched)")
+            return NoteText(None, "note content at a URL that was not read (another server, over the size or "
+                                  "count cap, or not found)")
         raw, content_type, where = binary.get("data"), binary.get("contentType") or content_type, key
     if raw is None:
         return NoteText(None, "note without content")

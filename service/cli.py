@@ -49,13 +49,10 @@ def evaluate(
     """Evaluate one patient's record and print the assessment and cards as one JSON object."""
     from fhir_mappings.bundle import InputError, read_path, split_by_patient
     from fhir_mappings.cards import cards_for
-    from fhir_mappings.evaluate import EvaluationSettings, assess
+    from fhir_mappings.evaluate import assess
+    from service.settings import evaluation_settings, get_settings
 
     at = parse_now(now)
-    if lookback_days is None:
-        from service.settings import get_settings
-
-        lookback_days = get_settings().lookback_days
     try:
         resources = read_path(path)
     except InputError as exc:
@@ -63,8 +60,8 @@ def evaluate(
     patients = [key for key in split_by_patient(resources) if key is not None]
     if len(patients) > 1:
         fail(f"{path}: holds resources of {len(patients)} patients; evaluate one patient's record at a time")
-    try:
-        settings = EvaluationSettings(lookback_days=lookback_days)
+    try:  # SPINEWATCH_LOOKBACK_DAYS unless --lookback-days; SPINEWATCH_NOTE_MAX_CHARS
+        settings = evaluation_settings(get_settings(), lookback_days=lookback_days)
     except ValueError as exc:
         fail(str(exc))
     assessment = assess(resources, at, settings)

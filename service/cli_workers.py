@@ -73,8 +73,9 @@ def subscribe(
     check: Annotated[bool, typer.Option("--check", help="only report; create or change nothing")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per Subscription")] = False,
 ) -> None:
-    """Create (idempotently) the Condition and Observation Subscriptions on the FHIR server and report
-    their status; re-request one the server put in error."""
+    """Create (idempotently) one Subscription per type in SPINEWATCH_SUBSCRIPTION_TYPES (Condition and
+    Observation by default; add DocumentReference for notes) on the FHIR server and report their
+    status; re-request one the server put in error."""
     from service.fhir_client import FHIRClient, FHIRError
     from service.queue import QueueUnavailable, WorkQueue
     from service.settings import get_settings

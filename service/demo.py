@@ -279,6 +279,8 @@ def demo_environment(run_dir: Path, redis_url: str, fhir_base: str, api_base: st
         "SPINEWATCH_PUBLIC_BASE_URL": api_base,
         "SPINEWATCH_SUBSCRIPTION_ENDPOINT": f"{api_base}/fhir/notifications",
         "SPINEWATCH_NOTIFICATION_TOKEN": uuid.uuid4().hex,
+        # sekmet notifies on notes too: one demo patient's emergency is written only in a note.
+        "SPINEWATCH_SUBSCRIPTION_TYPES": "Condition,Observation,DocumentReference",
         "SPINEWATCH_CDS_TRUSTED_ISSUERS": issuer.trusted_issuers(),
         "SPINEWATCH_AUDIT_DB_URL": f"sqlite:///{run_dir / 'audit.sqlite'}",
         "PYTHONUNBUFFERED": "1",
@@ -318,6 +320,7 @@ def start_worker(procs: Processes, env: dict[str, str]) -> Managed:
 # ---------------- demo data ----------------
 
 _DAYS_AGO = re.compile(r"^\$DAYS_AGO:(\d+)$")
+_INSTANT_DAYS_AGO = re.compile(r"^\$INSTANT_DAYS_AGO:(\d+)$")  # for R4 `instant` fields (DocumentReference.date)
 
 
 @dataclass
@@ -342,14 +345,16 @@ class DemoPatient:
 
 
 def _resolve_dates(value: Any, today: datetime) -> Any:
-    """Demo files date their events relative to today ("$DAYS_AGO:10"), so the demo never goes stale
-    against the 90-day lookback."""
+    """Demo files date their events relative to today ("$DAYS_AGO:10" a date, "$INSTANT_DAYS_AGO:0"
+    an instant), so the demo never goes stale against the 90-day lookback."""
     if isinstance(value, dict):
         return {k: _resolve_dates(v, today) for k, v in value.items()}
     if isinstance(value, list):
         return [_resolve_dates(v, today) for v in value]
     if isinstance(value, str) and (m := _DAYS_AGO.match(value)):
         return (today - timedelta(days=int(m.group(1)))).date().isoformat()
+    if isinstance(value, str) and (m := _INSTANT_DAYS_AGO.match(value)):
+        return (today - timedelta(days=int(m.group(1)))).astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     return value
 
 
@@ -511,7 +516,7 @@ class Demo:
                     s["detail"] = self._subscribe(env)
                 else:
                     s["skipped"] = self._pending("subscriptions", "`spinewatch subscribe` (issue 4) has not landed")
-            with out.step("the EHR records new back-pain reports (Conditions, Observations)") as s:
+            with out.step("the EHR records new back-pain reports (Conditions, Observations, a clinical note)") as s:
                 for p in self.patients:
                     post_transaction(fhir, p.report)
                 s["detail"] = f"{sum(len(p.report['entry']) for p in self.patients)} resources"

@@ -7,6 +7,7 @@ Errors carry FHIR meaning, and whether trying again can help (the workers retry 
     ├── FHIRTransportError           no HTTP answer: connection refused, timeout        transient
     ├── FHIRAuthError                token endpoint refused us; FHIR said 401/403       permanent
     ├── FHIRPagingError              next link to another origin, or too many pages     permanent
+    ├── FHIRTooLarge                 an answer over the size we accept (note Binaries)  permanent
     └── FHIRResponseError            an HTTP error; .status, .outcome (OperationOutcome kept)
         ├── FHIRBadRequest           400, 422: the server cannot process what we sent   permanent
         ├── FHIRNotFound             404, 410 (deleted)                                 permanent
@@ -22,6 +23,7 @@ One injectable transport (`transport=`) is the test seam; respx mocks it.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -33,6 +35,8 @@ from urllib.parse import urlsplit
 import httpx
 import jwt
 import structlog
+
+from service.note_binaries import NotABinary, binary_resource, key_of
 
 FHIR_JSON = "application/fhir+json"
 log = structlog.get_logger("spinewatch.fhir_client")
@@ -55,6 +59,10 @@ class FHIRAuthError(FHIRError):
 
 
 class FHIRPagingError(FHIRError):
+    pass
+
+
+class FHIRTooLarge(FHIRError):
     pass
 
 
@@ -322,6 +330,45 @@ class FHIRClient:
     def search_all(self, resource_type: str, params: dict | list | None = None) -> list[dict]:
         return list(self.search(resource_type, params))
 
+    def read_binary(self, target: str, max_bytes: int) -> dict:
+        """GET a Binary (`Binary/<id>` or an absolute URL on this server's origin) as a Binary
+        resource, reading at most `max_bytes`: FHIRTooLarge when Content-Length says more, or the
+        body grows past it (the rest is never read). A FHIR JSON answer must be a Binary; raw
+        content is wrapped as one (service/note_binaries.py)."""
+        what = "read Binary"
+        if target.startswith(("http://", "https://")) and _origin(target) != self._origin:
+            raise FHIRPagingError(f"{what}: the URL points to another origin")  # never sent our token elsewhere
+        started = time.perf_counter()
+        for attempt in (1, 2):
+            headers = self.auth.headers(self._http)
+            try:
+                with self._http.stream("GET", self._url(target), headers=headers) as r:
+                    if r.status_code == 401 and attempt == 1 and not isinstance(self.auth, NoAuth):
+                        self.auth.invalidate()
+                        continue
+                    declared = r.headers.get("content-length", "")
+                    if declared.isdigit() and int(declared) > max_bytes:
+                        raise FHIRTooLarge(f"{what}: larger than {max_bytes} bytes (Content-Length)")
+                    body = bytearray()
+                    for chunk in r.iter_bytes():
+                        body += chunk
+                        if len(body) > max_bytes:
+                            raise FHIRTooLarge(f"{what}: larger than {max_bytes} bytes")
+                    status, content_type = r.status_code, r.headers.get("content-type")
+            except httpx.TimeoutException:
+                raise FHIRTransportError(f"{what}: timed out") from None
+            except httpx.HTTPError as exc:
+                raise FHIRTransportError(f"{what}: {type(exc).__name__}") from None
+            break
+        log.debug("fhir.request", interaction=what, status=status, bytes=len(body),
+                  ms=round((time.perf_counter() - started) * 1000, 1))
+        if status >= 400:
+            raise error_for(status, what, _outcome_of(bytes(body)))
+        try:
+            return binary_resource(content_type, bytes(body), key_of(target))
+        except NotABinary as exc:
+            raise FHIRResponseError(f"{what}: {exc}", status) from None
+
     # -- plumbing --
 
     def _url(self, path: str) -> str:
@@ -355,6 +402,14 @@ class FHIRClient:
             return r.json()
         except ValueError:
             raise FHIRResponseError(f"{what}: the answer is not JSON", r.status_code) from None
+
+
+def _outcome_of(body: bytes) -> dict | None:
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return document if isinstance(document, dict) and document.get("resourceType") == "OperationOutcome" else None
 
 
 def _outcome(response: httpx.Response) -> dict | None:

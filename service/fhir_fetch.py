@@ -18,6 +18,14 @@ SSRF: the service only ever calls hosts in SPINEWATCH_FHIR_ALLOWED_HOSTS, never 
 requires https in production ("The scheme MUST be https when production data is exchanged"), and
 sends the bearer token only to the fhirServer origin. The token is never logged or stored.
 
+Clinical notes (issue 11): the recent DocumentReferences come by their own prefetch key. A
+prefetch template can hold no computed date (2.0 §Prefetch tokens are context fields; §"Prefetch
+query restrictions" allow literal `date` values, `_count` and `_sort` for "most recent" queries),
+so the template asks for the most recent NOTES_PREFETCH_COUNT by date and the fallback reads the
+same. A note whose text is a Binary on fhirServer is then read from fhirServer (service/
+note_binaries.py: same origin only, text only, capped in number and size), within the same time
+budget; one that cannot be read is left out and the core names the note in `problems`.
+
     FhirAccessError    one fetch failed (host not allowed, HTTP error, not FHIR, too many pages)
 """
 
@@ -30,10 +38,13 @@ from functools import lru_cache
 
 import httpx
 
+from fhir_mappings.bundle import patient_key
 from service.errors import InvalidRequest, PreconditionFailed
+from service.note_binaries import NotABinary, binary_resource, key_of, plan_binaries
 
 FHIR_JSON = "application/fhir+json"
 MAX_PAGES = 50  # per search: a bound on a misbehaving server's `next` chain
+NOTES_PREFETCH_COUNT = 20  # the most recent notes a hook reads (prefetch or fallback)
 
 
 @dataclass(frozen=True)
@@ -41,12 +52,15 @@ class PrefetchKey:
     key: str
     resource_type: str
     read: bool  # a read of the patient (Patient/{id}); otherwise a search by patient
+    params: tuple[tuple[str, str], ...] = ()  # more search parameters, literal (2.0 prefetch restrictions)
+    limit: int | None = None  # most resources read (the template's _count): `next` is followed only up to it
 
     @property
     def template(self) -> str:
         if self.read:
             return f"{self.resource_type}/{{{{context.patientId}}}}"
-        return f"{self.resource_type}?patient={{{{context.patientId}}}}"
+        extra = "".join(f"&{name}={value}" for name, value in self.params)
+        return f"{self.resource_type}?patient={{{{context.patientId}}}}{extra}"
 
 
 # What the rules read (CLINICAL.md): the patient, every Condition (a cancer counts whatever its
@@ -60,6 +74,10 @@ PREFETCH_KEYS = (
     PrefetchKey("imagingStudies", "ImagingStudy", False),
     PrefetchKey("serviceRequests", "ServiceRequest", False),
     PrefetchKey("procedures", "Procedure", False),
+    # Clinical notes (US Core DocumentReference), newest first: where the history of the presenting
+    # complaint is written (issue 11).
+    PrefetchKey("documentReferences", "DocumentReference", False,
+                (("_sort", "-date"), ("_count", str(NOTES_PREFETCH_COUNT))), NOTES_PREFETCH_COUNT),
 )
 PREFETCH_TEMPLATES = {k.key: k.template for k in PREFETCH_KEYS}
 
@@ -139,14 +157,15 @@ class FhirClient:
         if key.read:
             document = await self._get(f"{key.resource_type}/{patient_id}", allow_missing=True)
             return [] if document is None else [document]
-        document = await self._get(key.resource_type, params={"patient": patient_id})
-        return await self.unpack_search(document)
+        document = await self._get(key.resource_type, params={"patient": patient_id, **dict(key.params)})
+        return await self.unpack_search(document, key.limit)
 
-    async def unpack_search(self, bundle: dict) -> list[dict]:
-        """All resources of a searchset, following `next` links on this server."""
+    async def unpack_search(self, bundle: dict, limit: int | None = None) -> list[dict]:
+        """All resources of a searchset (the first `limit` with a limit), following `next` links on
+        this server."""
         resources, next_url = unpack_bundle(bundle)
         pages = 1
-        while next_url:
+        while next_url and (limit is None or len(resources) < limit):
             pages += 1
             if pages > MAX_PAGES:
                 raise FhirAccessError(f"search has more than {MAX_PAGES} pages")
@@ -161,7 +180,49 @@ class FhirClient:
                 raise FhirAccessError("a next link points outside fhirServer")
             more, next_url = unpack_bundle(await self._get(str(url)))
             resources += more
-        return resources
+        return resources if limit is None else resources[:limit]
+
+    async def read_binary(self, target: str, max_bytes: int) -> dict | None:
+        """A Binary on this fhirServer (service/note_binaries.binary_target made `target`), at most
+        `max_bytes`; None when it is gone, too large, refused or not a Binary (its note is then
+        named in `problems`). Transport failures and timeouts raise FhirAccessError."""
+        try:
+            url = httpx.URL(target)
+            if not url.is_absolute_url:
+                url = self.base.join(target)
+        except (httpx.InvalidURL, TypeError):
+            return None
+        if _origin(url) != _origin(self.base) or not host_allowed(url, self.allowed_hosts):
+            return None  # never: binary_target checked the origin; the token goes only to fhirServer
+        try:
+            async with self._client.stream("GET", url) as response:
+                declared = response.headers.get("content-length", "")
+                if response.status_code != 200 or (declared.isdigit() and int(declared) > max_bytes):
+                    return None
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > max_bytes:
+                        return None
+                content_type = response.headers.get("content-type")
+        except httpx.TimeoutException:
+            raise FhirAccessError("fhirServer timed out") from None
+        except httpx.HTTPError as exc:
+            raise FhirAccessError(f"fhirServer unreachable ({type(exc).__name__})") from None
+        key = key_of(target)
+        try:
+            binary = binary_resource(content_type, bytes(body), key)
+        except NotABinary:
+            return None
+        if binary.get("id") not in (None, key.split("/", 1)[1]):
+            return None
+        return binary | {"id": key.split("/", 1)[1]}
+
+    async def read_binaries(self, resources: list[dict], *, limit: int, max_bytes: int) -> list[dict]:
+        """The Binaries the notes among `resources` name on this fhirServer, read concurrently."""
+        plan = plan_binaries(resources, str(self.base), limit)
+        found = await asyncio.gather(*[self.read_binary(target, max_bytes) for target, _ in plan.fetch])
+        return [b for b in found if b is not None]
 
     async def _get(self, path: str, params: dict | None = None, allow_missing: bool = False) -> dict | None:
         try:
@@ -212,10 +273,12 @@ class Gathered:
 
 
 async def gather(prefetch: dict | None, patient_id: str, client: FhirClient | None, *,
-                 timeout: float) -> Gathered | None:
+                 timeout: float, binary_reads: int = 50, binary_max_bytes: int = 2_000_000) -> Gathered | None:
     """The patient's resources for the rules, or None when the call brought no prefetch at all and
     no fhirServer (the caller may then answer from a stored assessment). Raises PreconditionFailed
-    when the data cannot be had, InvalidRequest when a prefetch value is not FHIR."""
+    when the data cannot be had, InvalidRequest when a prefetch value is not FHIR. With a client,
+    the Binaries the notes name on fhirServer are read too (at most `binary_reads`, each at most
+    `binary_max_bytes`)."""
     prefetch = prefetch or {}
     resources: list[dict] = []
     missing: list[PrefetchKey] = []
@@ -235,26 +298,37 @@ async def gather(prefetch: dict | None, patient_id: str, client: FhirClient | No
             found, next_url = unpack_bundle(value)
         except FhirAccessError:
             raise PreconditionFailed(f"the CDS client could not prefetch {key.key} (OperationOutcome)") from None
-        if next_url:  # fetched whole below, first page included
-            pages.append((key.key, value))
+        if next_url and (key.limit is None or len(found) < key.limit):  # fetched whole below, first page included
+            pages.append((key, value))
         else:
-            resources += found
+            resources += found if key.limit is None else found[:key.limit]
 
+    patient = f"Patient/{patient_id}"
     if not missing and not pages:
-        return Gathered(resources, "prefetch")
+        if client is None or not plan_binaries(_of(patient, resources), str(client.base), binary_reads).fetch:
+            return Gathered(resources, "prefetch")
     if client is None:
         if len(missing) == len(PREFETCH_KEYS):
             return None
-        wanted = [k.key for k in missing] + [f"{k} (next page)" for k, _ in pages]
+        wanted = [k.key for k in missing] + [f"{k.key} (next page)" for k, _ in pages]
         raise PreconditionFailed("prefetch lacks " + ", ".join(wanted) + " and there is no usable fhirServer")
     try:
         async with asyncio.timeout(timeout):
             results = await asyncio.gather(*[client.fetch(k, patient_id) for k in missing],
-                                           *[client.unpack_search(b) for _, b in pages])
+                                           *[client.unpack_search(b, k.limit) for k, b in pages])
+            for found in results:
+                resources += found
+            # Then what the notes name by URL: only now are all the notes known.
+            resources += await client.read_binaries(_of(patient, resources), limit=binary_reads,
+                                                    max_bytes=binary_max_bytes)
     except TimeoutError:
         raise PreconditionFailed(f"fhirServer did not answer within {timeout:g} s") from None
     except FhirAccessError as exc:
         raise PreconditionFailed(f"data could not be fetched: {exc}") from None
-    for found in results:
-        resources += found
+    if not missing and not pages:
+        return Gathered(resources, "prefetch+fhir")
     return Gathered(resources, "fhir" if len(missing) == len(PREFETCH_KEYS) else "prefetch+fhir")
+
+
+def _of(patient: str, resources: list[dict]) -> list[dict]:
+    return [r for r in resources if patient_key(r) == patient]

@@ -13,6 +13,10 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PLACEHOLDER_SECRET = "dev-only-change-me"
+# What a Subscription may watch: the types of the patient's record the workers read (workers/pipeline.py
+# record_queries), whose resources name their patient (subject / patient) for the notification to route.
+SUBSCRIBABLE_TYPES = ("Condition", "Observation", "DocumentReference", "DiagnosticReport", "ClinicalImpression",
+                      "ServiceRequest", "Procedure", "ImagingStudy")
 
 
 class Settings(BaseSettings):
@@ -23,6 +27,18 @@ class Settings(BaseSettings):
     # Clinical
     lookback_days: int = Field(90, ge=1, le=3650,
                                description="how far back (days) back-pain and red-flag evidence counts as recent")
+    # Clinical notes (issue 11; workers/pipeline.py, service/fhir_fetch.py, fhir_mappings evaluation)
+    note_max_chars: int = Field(200_000, ge=1000, le=10_000_000,
+                                description="longest note text read (characters); a longer note is named in "
+                                            "`problems` and its first part still read")
+    note_max_bytes: int = Field(2_000_000, ge=1024, le=100_000_000,
+                                description="largest Binary (a note's content by reference) fetched from the FHIR "
+                                            "server, bytes, by Content-Length and while reading; larger: not read, "
+                                            "and the note is named in `problems`")
+    note_max_binary_reads: int = Field(50, ge=0, le=1000,
+                                       description="most Binary reads (note content by reference) for one "
+                                                   "evaluation, newest notes first; the others are named in "
+                                                   "`problems`; 0: none")
     # Operations (service/logging.py, service/routes/ops.py, spinewatch demo)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         "INFO", description="log level: DEBUG, INFO, WARNING, ERROR or CRITICAL")
@@ -117,6 +133,11 @@ class Settings(BaseSettings):
                              description="scopes requested with the SMART Backend Services token")
     fhir_timeout_seconds: float = Field(10.0, gt=0, le=120, description="HTTP timeout (seconds) for each FHIR request")
     fhir_max_pages: int = Field(50, ge=1, le=10_000, description="most search pages followed for one search")
+    subscription_types: str = Field(
+        "Condition,Observation",
+        description="comma-separated resource types `spinewatch subscribe` subscribes to (one Subscription each) "
+                    "and the reconciliation sweep looks at; add DocumentReference where the server notifies on "
+                    "notes. Allowed: " + ", ".join(SUBSCRIBABLE_TYPES))
     subscription_endpoint: str = Field("http://127.0.0.1:8000/fhir/notifications",
                                        description="the public URL of POST /fhir/notifications, as the FHIR server "
                                                    "reaches it (channel.endpoint of the Subscriptions we create)")
@@ -139,9 +160,9 @@ class Settings(BaseSettings):
                                      "(0.0.0.0 in a container)")
     heartbeat_watchdog_seconds: int = Field(600, ge=1, description="no notification nor heartbeat from a "
                                                                    "Subscription for this long: ask its $status")
-    reconciliation_interval_seconds: int = Field(900, ge=0, description="every so often, look for Conditions and "
-                                                                        "Observations changed since the last sweep "
-                                                                        "(_lastUpdated), as a safety net; 0 = off")
+    reconciliation_interval_seconds: int = Field(900, ge=0, description="every so often, look for resources of "
+                                                                        "the subscribed types changed since the last "
+                                                                        "sweep (_lastUpdated), as a safety net; 0 = off")
     dedup_ttl_seconds: int = Field(7 * 86400, ge=60, description="how long a seen event number or resource version "
                                                                  "is remembered for de-duplication")
 
@@ -169,6 +190,24 @@ class Settings(BaseSettings):
         if "@" in value.split("://", 1)[1].split("/", 1)[0]:
             raise ValueError("must not hold credentials (it gets the FHIR client's authentication on the same origin)")
         return value
+
+    @field_validator("subscription_types")
+    @classmethod
+    def _subscription_types(cls, value: str) -> str:
+        types = [t.strip() for t in value.split(",") if t.strip()]
+        if not types:
+            raise ValueError("must name at least one resource type, e.g. Condition,Observation")
+        unknown = [t for t in types if t not in SUBSCRIBABLE_TYPES]
+        if unknown:
+            raise ValueError(f"unknown or unsupported resource type {unknown[0]!r}; allowed: "
+                             + ", ".join(SUBSCRIBABLE_TYPES))
+        if len(set(types)) != len(types):
+            raise ValueError("names a resource type twice")
+        return ",".join(types)
+
+    @property
+    def subscribed_types(self) -> tuple[str, ...]:
+        return tuple(self.subscription_types.split(","))
 
     @field_validator("audit_db_url")
     @classmethod
@@ -212,6 +251,15 @@ class Settings(BaseSettings):
         if problems:
             raise ValueError(f"production refuses placeholder secrets in: {', '.join('SPINEWATCH_' + p.upper() for p in problems)}")
         return self
+
+
+def evaluation_settings(settings: Settings, *, lookback_days: int | None = None):
+    """The pure core's EvaluationSettings from ours: one place for the worker, the CDS Hooks service
+    and `spinewatch evaluate`."""
+    from fhir_mappings.evaluate import EvaluationSettings
+
+    return EvaluationSettings(lookback_days=settings.lookback_days if lookback_days is None else lookback_days,
+                              note_max_chars=settings.note_max_chars)
 
 
 @lru_cache(maxsize=1)

@@ -1,5 +1,6 @@
-"""`spinewatch subscribe`: make sure the FHIR server notifies us of every new or changed Condition and
-Observation, idempotently.
+"""`spinewatch subscribe`: make sure the FHIR server notifies us of every new or changed resource of
+the watched types, idempotently: SPINEWATCH_SUBSCRIPTION_TYPES, Condition and Observation by default,
+DocumentReference (clinical notes, issue 11) where the operator adds it.
 
 For each watched type:
 1. choose the mechanism from the server's CapabilityStatement: an R5 Backport topic when the server
@@ -27,7 +28,7 @@ from service.fhir_client import FHIRClient, FHIRError
 
 log = structlog.get_logger("spinewatch.subscriptions")
 
-WATCHED_TYPES = ("Condition", "Observation")
+WATCHED_TYPES = ("Condition", "Observation")  # the default of SPINEWATCH_SUBSCRIPTION_TYPES
 BP = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition"
 BACKPORT_PROFILE = f"{BP}/backport-subscription"
 TOPIC_CANONICAL = f"{BP}/capabilitystatement-subscriptiontopic-canonical"
@@ -112,10 +113,11 @@ def discover_topics(fhir: FHIRClient, advertised: list[str]) -> dict[str, str]:
     return found
 
 
-def plan(fhir: FHIRClient) -> list[Plan]:
+def plan(fhir: FHIRClient, types: tuple[str, ...] | list[str] = WATCHED_TYPES) -> list[Plan]:
+    """One Subscription per type: on a topic that triggers on it when offered, else classic criteria."""
     backport, advertised = subscription_capability(fhir.capabilities())
     topics = discover_topics(fhir, advertised) if backport and advertised else {}
-    return [Plan(t, "backport", topics[t]) if t in topics else Plan(t, "classic", f"{t}?") for t in WATCHED_TYPES]
+    return [Plan(t, "backport", topics[t]) if t in topics else Plan(t, "classic", f"{t}?") for t in types]
 
 
 # ---------------- the Subscription we want ----------------
@@ -177,7 +179,7 @@ def re_request(fhir: FHIRClient, current: dict) -> dict:
 
 def ensure(fhir: FHIRClient, settings, *, check_only: bool = False) -> list[Report]:
     reports = []
-    for p in plan(fhir):
+    for p in plan(fhir, settings.subscribed_types):
         wanted = desired(p, settings)
         try:
             reports.append(_ensure_one(fhir, p, wanted, settings.subscription_endpoint, check_only))

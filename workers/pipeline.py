@@ -22,22 +22,29 @@ from datetime import datetime, timedelta, timezone
 import structlog
 
 from fhir_mappings.bundle import patient_key
-from fhir_mappings.evaluate import Assessment, EvaluationSettings, assess
+from fhir_mappings.evaluate import Assessment, assess
 from fhir_mappings.notifications import (NotificationError, event_key, missing_event_numbers, parse_notification,
                                          parse_status_bundle)
 from service.assessment_store import AssessmentStore
 from service.audit import audit_event
-from service.fhir_client import FHIRBadRequest, FHIRClient, FHIRNotFound, FHIRNotSupported
+from service.fhir_client import FHIRBadRequest, FHIRClient, FHIRError, FHIRNotFound, FHIRNotSupported
 from service.metrics import EVALUATION_SECONDS, EVALUATIONS
+from service.note_binaries import plan_binaries
 from service.queue import TASK_CATCH_UP, WorkQueue, redis_client
-from service.settings import Settings, get_settings
+from service.settings import Settings, evaluation_settings, get_settings
 from service.terminology_server import TerminologyServer, consult_sync
 
 log = structlog.get_logger("spinewatch.pipeline")
 
-WATCHED_TYPES = ("Condition", "Observation")  # what `spinewatch subscribe` subscribes to
 PAGE_SIZE = "200"
 MAX_FOCUS_READS = 20
+# Searched, but not every server offers them (sekmet-fhir 0.1.1 has no ClinicalImpression search
+# parameters; several EHRs have no ClinicalImpression at all): a refusal leaves them out of the
+# record rather than failing every evaluation. Everything else a refusal fails, as before.
+OPTIONAL_TYPES = ("ClinicalImpression",)
+# A server that does not know a search parameter may ignore it (R4 §3.1.1.5.7 lenient handling),
+# answering with every patient's resources: these newer searches keep only the patient's own.
+PATIENT_CHECKED_TYPES = ("DocumentReference", "ClinicalImpression")
 # _lastUpdated sweeps start this much before the last event seen: the server's clock and ours
 # differ, and an event is delivered some time after the write it reports.
 SWEEP_MARGIN = timedelta(minutes=5)
@@ -78,10 +85,12 @@ def record_queries(patient_id: str, window_start: datetime) -> list[tuple[str, l
     """The searches that fetch everything the rules read (fhir_mappings/facts.py MODELS).
 
     Conditions and ServiceRequests at any date: a cancer counts "current or past" (CLINICAL.md), and
-    an MRI ordered long ago may still be pending. Observations, DiagnosticReports and Procedures are
-    many, and only recent ones can count (CLINICAL.md "Recent"), so they are limited to the lookback
-    window, twice: by clinical date (`date`) and by `_lastUpdated`, because the rules use the latest
-    of several dates (Observation.issued, say) and `date` searches only one of them."""
+    an MRI ordered long ago may still be pending. Observations, DiagnosticReports, Procedures and the
+    notes (DocumentReference, ClinicalImpression; issue 11) are many, and only recent ones can count
+    (CLINICAL.md "Recent"), so they are limited to the lookback window, twice: by clinical date
+    (`date`) and by `_lastUpdated`, because the rules use the latest of several dates
+    (Observation.issued, a note's context.period) and `date` searches only one of them (and a note
+    without `date` is found only by the second)."""
     since = "ge" + _instant(window_start)
     common = [("patient", patient_id), ("_count", PAGE_SIZE)]
     return [
@@ -94,6 +103,10 @@ def record_queries(patient_id: str, window_start: datetime) -> list[tuple[str, l
         ("DiagnosticReport", common + [("_lastUpdated", since)]),
         ("Procedure", common + [("date", since)]),
         ("Procedure", common + [("_lastUpdated", since)]),
+        ("DocumentReference", common + [("date", since)]),
+        ("DocumentReference", common + [("_lastUpdated", since)]),
+        ("ClinicalImpression", common + [("date", since)]),
+        ("ClinicalImpression", common + [("_lastUpdated", since)]),
     ]
 
 
@@ -107,17 +120,31 @@ def _newer(a: dict, b: dict) -> dict:
 
 
 def fetch_record(fhir: FHIRClient, patient: str, now: datetime, lookback_days: int,
-                 focus: list[str] | tuple[str, ...] = ()) -> list[dict]:
+                 focus: list[str] | tuple[str, ...] = (), *, note_max_bytes: int = 2_000_000,
+                 max_binary_reads: int = 50) -> list[dict]:
     """The patient's resources as the rules need them. The focus resources of the notifications are
     read again at their current version (a payload may be older than the server's present state, and
-    a search index may lag behind a write); a focus that is gone (404/410) is left out."""
+    a search index may lag behind a write); a focus that is gone (404/410) is left out. Last, the
+    Binaries the notes name by URL on this FHIR server are read (read_note_binaries)."""
     patient_id = patient.split("/", 1)[1]
     by_ref: dict[str, dict] = {patient: fhir.read("Patient", patient_id)}
     window_start = now - timedelta(days=lookback_days)
+    refused: set[str] = set()
     for rtype, params in record_queries(patient_id, window_start):
-        for resource in fhir.search(rtype, params):
-            ref = f"{resource.get('resourceType')}/{resource.get('id')}"
-            by_ref[ref] = _newer(resource, by_ref[ref]) if ref in by_ref else resource
+        if rtype in refused:
+            continue
+        try:
+            for resource in fhir.search(rtype, params):
+                if rtype in PATIENT_CHECKED_TYPES and resource.get("resourceType") == rtype \
+                        and patient_key(resource) != patient:
+                    continue
+                ref = f"{resource.get('resourceType')}/{resource.get('id')}"
+                by_ref[ref] = _newer(resource, by_ref[ref]) if ref in by_ref else resource
+        except (FHIRBadRequest, FHIRNotFound, FHIRNotSupported) as exc:
+            if rtype not in OPTIONAL_TYPES:
+                raise
+            refused.add(rtype)
+            log.info("fetch.optional_search_refused", type=rtype, status=exc.status)
     for ref in sorted(set(focus))[:MAX_FOCUS_READS]:
         rtype, _, rid = ref.partition("/")
         if ref == patient or not rid:
@@ -129,7 +156,39 @@ def fetch_record(fhir: FHIRClient, patient: str, now: datetime, lookback_days: i
             continue
         if patient_key(current) == patient:
             by_ref[ref] = _newer(current, by_ref[ref]) if ref in by_ref else current
-    return list(by_ref.values())
+    resources = list(by_ref.values())
+    return resources + read_note_binaries(fhir, patient, resources, note_max_bytes, max_binary_reads)
+
+
+def read_note_binaries(fhir: FHIRClient, patient: str, resources: list[dict], max_bytes: int,
+                       limit: int) -> list[dict]:
+    """The Binaries the notes (and report presentedForms) name by `url` on this FHIR server, read
+    with the client's authentication: newest notes first, at most `limit`, each at most `max_bytes`
+    (service/note_binaries.py says which URLs qualify). One that is gone, too large, or refused is
+    left out, and the core names its note in `problems` as not read; a transient failure propagates
+    (the task is retried, as for any read). Logs carry references and counts, never content."""
+    plan = plan_binaries(resources, fhir.base_url, limit)
+    found: list[dict] = []
+    skipped: dict[str, int] = {}
+    for target, key in plan.fetch:
+        try:
+            binary = fhir.read_binary(target, max_bytes)
+        except FHIRError as exc:
+            if exc.transient:
+                raise
+            reason = {"FHIRTooLarge": "too-large", "FHIRNotFound": "gone"}.get(type(exc).__name__, "refused")
+            skipped[reason] = skipped.get(reason, 0) + 1
+            log.info("fetch.binary_skipped", patient=patient, binary=key, reason=reason)
+            continue
+        if isinstance(binary.get("id"), str) and binary["id"] != key.split("/", 1)[1]:
+            skipped["wrong-id"] = skipped.get("wrong-id", 0) + 1
+            log.warning("fetch.binary_wrong_id", patient=patient, binary=key)
+            continue
+        found.append(binary | {"id": key.split("/", 1)[1]})
+    if plan.fetch or plan.over_cap or plan.elsewhere:
+        log.info("fetch.binaries", patient=patient, read=len(found), over_cap=plan.over_cap,
+                 not_on_server=plan.elsewhere, **{f"skipped_{k.replace('-', '_')}": n for k, n in skipped.items()})
+    return found
 
 
 # ---------------- evaluate ----------------
@@ -139,10 +198,11 @@ def evaluate_patient(d: Deps, patient: str, focus: list[str], trigger: dict, now
     # evaluation, and every event before it is covered by the reads below.
     focus = sorted(set(focus) | set(d.queue.take_pending(patient)))
     started = time.perf_counter()
-    resources = fetch_record(d.fhir, patient, now, d.settings.lookback_days, focus)
+    resources = fetch_record(d.fhir, patient, now, d.settings.lookback_days, focus,
+                             note_max_bytes=d.settings.note_max_bytes,
+                             max_binary_reads=d.settings.note_max_binary_reads)
     consulted = consult_sync(d.terminology, resources)  # bounded; on failure the local sets alone
-    assessment = assess(resources, now, EvaluationSettings(lookback_days=d.settings.lookback_days),
-                        terminology=consulted.terminology)
+    assessment = assess(resources, now, evaluation_settings(d.settings), terminology=consulted.terminology)
     consulted.note(assessment)
     if assessment.patient is None:
         assessment.patient = patient
@@ -242,9 +302,10 @@ def _events_operation(d: Deps, subscription: str, wanted: list[int], trigger: di
 
 
 def sweep(d: Deps, since: datetime, trigger: dict) -> list[str]:
-    """Every patient with a Condition or Observation written since `since`: queue an evaluation."""
+    """Every patient with a resource of a subscribed type (SPINEWATCH_SUBSCRIPTION_TYPES) written
+    since `since`: queue an evaluation."""
     patients: set[str] = set()
-    for rtype in WATCHED_TYPES:
+    for rtype in d.settings.subscribed_types:
         params = [("_lastUpdated", "ge" + _instant(since)), ("_count", PAGE_SIZE), ("_elements", "subject")]
         for resource in d.fhir.search(rtype, params):
             found = patient_key(resource)

@@ -36,16 +36,17 @@ from starlette.middleware.cors import CORSMiddleware
 
 from fhir_mappings.bundle import patient_key
 from fhir_mappings.cards import cards_for, xray_card
-from fhir_mappings.evaluate import Assessment, EvaluationSettings, assess
+from fhir_mappings.evaluate import Assessment, assess
 from fhir_mappings.orders import MRI_SPINE, XRAY_SPINE, classify_order, draft_resources, reference
 from service import audit
 from service.errors import (InvalidRequest, NotFound, PayloadTooLarge, PreconditionFailed, ServiceUnavailable,
                             SpineWatchError, Unauthorized)
 from service.fhir_fetch import PREFETCH_TEMPLATES, FhirAccessError, FhirClient, gather, parse_hosts
 from service.metrics import AUTH_FAILURES, CARDS_SERVED, EVALUATION_SECONDS, EVALUATIONS
+from service.note_binaries import referenced_binaries
 from service.security import (AuthError, CdsClient, JwksCache, JwtVerifier, MemoryReplayCache, RedisReplayCache,
                               ReplayCacheUnavailable, parse_trusted_issuers)
-from service.settings import Settings
+from service.settings import Settings, evaluation_settings
 from service.stored_assessment import StoredAssessments, default_source, fresh_assessment
 from service.terminology_server import TerminologyServer, consult
 
@@ -406,7 +407,9 @@ async def _assessment(rt: HookRuntime, req: HookRequest, patient_id: str, now: d
         except FhirAccessError as exc:  # matters only if the prefetch is incomplete
             unusable = str(exc)
     try:
-        gathered = await gather(req.prefetch, patient_id, client, timeout=rt.settings.hook_timeout_seconds)
+        gathered = await gather(req.prefetch, patient_id, client, timeout=rt.settings.hook_timeout_seconds,
+                                binary_reads=rt.settings.note_max_binary_reads,
+                                binary_max_bytes=rt.settings.note_max_bytes)
     except PreconditionFailed as exc:
         raise PreconditionFailed(f"{exc.message} ({unusable})" if unusable else exc.message) from None
     finally:
@@ -419,6 +422,7 @@ async def _assessment(rt: HookRuntime, req: HookRequest, patient_id: str, now: d
         return await _stored_assessment(rt, patient, now), "stored"
 
     # Only this patient's resources: prefetch and search results must be about the patient in context.
+    # A Binary names no patient: it goes with this patient's notes that point at it.
     resources, seen = [], set()
     for resource in gathered.resources:
         if patient_key(resource) != patient:
@@ -428,7 +432,13 @@ async def _assessment(rt: HookRuntime, req: HookRequest, patient_id: str, now: d
             continue
         seen.add(key)
         resources.append(resource)
-    settings = EvaluationSettings(lookback_days=rt.settings.lookback_days)
+    wanted = referenced_binaries(resources)
+    for resource in gathered.resources:
+        key = ("Binary", resource.get("id"))
+        if resource.get("resourceType") == "Binary" and f"Binary/{key[1]}" in wanted and key not in seen:
+            seen.add(key)
+            resources.append(resource)
+    settings = evaluation_settings(rt.settings)
     consulted = await consult(rt.terminology, resources)  # bounded; on failure the local sets alone
     started = time.perf_counter()
     if len(resources) <= _INLINE_EVALUATION_MAX_RESOURCES:

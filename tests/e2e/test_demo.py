@@ -1,5 +1,6 @@
 """`spinewatch demo` run as a user runs it: what it reports, and that it leaves no process behind."""
 
+import base64
 import os
 import re
 import signal
@@ -49,12 +50,15 @@ def test_demo_shows_the_whole_flow_and_stops_everything(tmp_path):
 
     tiers = dict(re.findall(r"(Patient/sw-demo-\w+)\b.*\n\s+tier: (\w+) \(expected", out))
     assert tiers == {"Patient/sw-demo-emergency": "emergency", "Patient/sw-demo-urgent": "urgent",
-                     "Patient/sw-demo-routine": "routine", "Patient/sw-demo-quiet": "none"}, out
+                     "Patient/sw-demo-routine": "routine", "Patient/sw-demo-quiet": "none",
+                     "Patient/sw-demo-note": "emergency"}, out
     cards = dict(re.findall(r"(Patient/sw-demo-\w+)\b(?:.*\n){2}\s+patient-view card: (\[\w+\]|none)", out))
     assert cards == {"Patient/sw-demo-emergency": "[critical]", "Patient/sw-demo-urgent": "[warning]",
-                     "Patient/sw-demo-routine": "[info]", "Patient/sw-demo-quiet": "none"}, out
+                     "Patient/sw-demo-routine": "[info]", "Patient/sw-demo-quiet": "none",
+                     "Patient/sw-demo-note": "[critical]"}, out
     alerts = {p: int(n) for p, n in re.findall(r"(Patient/sw-demo-\w+)\b(?:.*\n){3}\s+care-team alerts on the EHR: (\d+)", out)}
     assert alerts["Patient/sw-demo-emergency"] >= 1 and alerts["Patient/sw-demo-urgent"] >= 1, out
+    assert alerts["Patient/sw-demo-note"] >= 1, out  # the emergency written only in a note
     assert alerts["Patient/sw-demo-routine"] == 0 and alerts["Patient/sw-demo-quiet"] == 0, out
     assert re.search(r"^Audit log: \d+ records .*; hash chain: verified", out, re.M), out
     assert "Not shown yet" not in out
@@ -77,6 +81,10 @@ def assert_logs_hold_no_patient_data(log_dir: Path):
                 forbidden.add(resource["valueString"][:30])
             if resource.get("code", {}).get("text"):
                 forbidden.add(resource["code"]["text"])
+            for content in resource.get("content", []) if resource["resourceType"] == "DocumentReference" else []:
+                data = content["attachment"].get("data")
+                if data:  # a note's text, decoded or not, never reaches a log
+                    forbidden |= {data[:30], base64.b64decode(data).decode()[:30]}
     for name in ("api.log", "worker.log"):
         text = (log_dir / name).read_text()
         assert '"request_id"' in text or '"task_id"' in text, name

@@ -226,7 +226,8 @@ def test_an_allowlisted_fhir_server_is_used(env):
     with respx.mock(assert_all_mocked=True) as mock:
         resources = record("emergency")
         mock.get(f"{allowed}/Patient/p1").respond(200, json=resources[0])
-        for rtype in ("Condition", "Observation", "DiagnosticReport", "ImagingStudy", "ServiceRequest", "Procedure"):
+        for rtype in ("Condition", "Observation", "DiagnosticReport", "ImagingStudy", "ServiceRequest", "Procedure",
+                      "DocumentReference"):
             mock.get(f"{allowed}/{rtype}").respond(200, json={
                 "resourceType": "Bundle", "type": "searchset",
                 "entry": [{"resource": r} for r in resources if r["resourceType"] == rtype]})

@@ -243,6 +243,31 @@ def test_classic_rest_hook_with_an_empty_body_reads_the_named_resource(client, r
     assert task["task"] == "spinewatch.resolve_focus" and task["kwargs"]["focus"] == ["Observation/o1"]
 
 
+NOTE = {"resourceType": "DocumentReference", "id": "d1", "meta": {"versionId": "1"}, "status": "current",
+        "subject": {"reference": "Patient/p1"},
+        "content": [{"attachment": {"contentType": "text/plain", "url": "Binary/b1"}}]}
+
+
+@pytest.mark.parametrize("deliver", ["rest-hook put", "medplum post", "backport id-only", "id-only without patient"])
+def test_a_note_is_routed_to_its_patient_like_a_condition(client, r, deliver):
+    """Clinical notes (issue 11): a DocumentReference focus evaluates its patient (subject), however
+    it is delivered; a focus that names no patient is read first to find whose it is."""
+    if deliver == "rest-hook put":
+        response = client.put("/fhir/notifications/DocumentReference/d1", content=json.dumps(NOTE), headers=AUTH)
+    elif deliver == "medplum post":  # INTEROP.md: the resource POSTed to the endpoint itself
+        response = post(client, NOTE)
+    elif deliver == "backport id-only":
+        response = post(client, event(1, focus="DocumentReference/d1", patient="Patient/p1"))
+    else:
+        response = post(client, event(1, focus="DocumentReference/d1", patient=None))
+    assert response.status_code == 200, response.text
+    (task,) = queued(r)
+    if deliver == "id-only without patient":
+        assert task["task"] == "spinewatch.resolve_focus" and task["kwargs"]["focus"] == ["DocumentReference/d1"]
+    else:
+        assert task["task"] == "spinewatch.evaluate_patient" and task["kwargs"]["patient"] == "Patient/p1"
+
+
 @pytest.mark.parametrize("name, task", [
     ("inferno/handshake_bundle_example.json", None),
     ("inferno/heartbeat_bundle_example.json", None),

@@ -221,3 +221,27 @@ def test_desired_subscription_never_logs_or_reports_the_secret(settings):
     sub = desired(Plan("Condition", "classic", "Condition?"), settings)
     assert sub["channel"]["header"] == ["Authorization: Bearer sekrit"]
     assert "sekrit" not in json.dumps(Report("Condition", "classic", "Condition?", "s1", "active", "created").to_json())
+
+
+@respx.mock
+def test_the_subscribed_types_are_a_setting_with_document_reference_where_the_operator_adds_it(settings):
+    notes = settings.model_copy(update={"subscription_types": "Condition,Observation,DocumentReference"})
+    topics = [topic_basic("http://ehr.test/topic/note", "DocumentReference")]
+    server = Server(capability(True, ["http://ehr.test/topic/note"]), topics)
+    reports = run(notes)
+    assert [(r["resource_type"], r["mode"], r["criteria"], r["action"]) for r in reports] == [
+        ("Condition", "classic", "Condition?", "created"), ("Observation", "classic", "Observation?", "created"),
+        ("DocumentReference", "backport", "http://ehr.test/topic/note", "created")]
+    assert server.created[2]["meta"]["tag"] == [{"system": TAG_SYSTEM, "code": "documentreference"}]
+    assert [r["action"] for r in run(notes)] == ["exists"] * 3
+    assert [r["resource_type"] for r in run(settings)] == ["Condition", "Observation"]  # the default pair
+
+
+def test_a_subscribed_type_the_workers_do_not_read_is_refused_at_start_up():
+    from pydantic import ValidationError
+
+    for bad in ("Condition,DocRef", "", "Condition,Condition"):
+        with pytest.raises(ValidationError):
+            Settings(subscription_types=bad)
+    assert Settings(subscription_types=" DocumentReference , Condition ").subscribed_types == \
+        ("DocumentReference", "Condition")

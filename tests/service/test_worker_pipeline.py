@@ -102,10 +102,11 @@ def test_fetch_record_reads_everything_the_rules_need_and_no_more(deps):
     resources = pipeline.fetch_record(deps.fhir, "Patient/p1", NOW, 90)
     assert {x["resourceType"] for x in resources} == {"Patient", "Condition"}
     assert {t for t, _ in searches} == {"Condition", "ServiceRequest", "ImagingStudy", "Observation",
-                                        "DiagnosticReport", "Procedure"}
+                                        "DiagnosticReport", "Procedure", "DocumentReference", "ClinicalImpression"}
     assert all(p["patient"] == "p1" for _, p in searches)
     window = {(t, k) for t, p in searches for k in ("date", "_lastUpdated") if k in p}
-    assert window == {(t, k) for t in ("Observation", "DiagnosticReport", "Procedure") for k in ("date", "_lastUpdated")}
+    assert window == {(t, k) for t in ("Observation", "DiagnosticReport", "Procedure", "DocumentReference",
+                                       "ClinicalImpression") for k in ("date", "_lastUpdated")}
     assert dict(searches[3][1])["date"] == "ge2025-12-01T12:00:00.000Z"  # 90 days before NOW
 
 
@@ -232,6 +233,17 @@ def test_reconcile_sweeps_from_where_the_last_sweep_ended(deps):
     first, second = (c.request.url.params["_lastUpdated"] for c in cond.calls)
     assert first == "ge2026-03-01T11:40:00.000Z"  # no previous sweep: one interval (15 min) back, minus the margin
     assert second == "ge2026-03-01T11:55:00.000Z"  # the first sweep's time, minus the margin
+
+
+@respx.mock
+def test_the_sweep_covers_every_subscribed_type(deps, r):
+    deps.settings = deps.settings.model_copy(update={"subscription_types": "Condition,Observation,DocumentReference"})
+    respx.get(f"{BASE}/Condition").respond(200, json=searchset())
+    respx.get(f"{BASE}/Observation").respond(200, json=searchset())
+    notes = respx.get(f"{BASE}/DocumentReference").respond(200, json=searchset(
+        {"resourceType": "DocumentReference", "id": "d1", "subject": {"reference": "Patient/p3"}}))
+    assert pipeline.sweep(deps, NOW, {"kind": "test"}) == ["Patient/p3"]
+    assert notes.calls.last.request.url.params["_elements"] == "subject"
 
 
 # ---------------- watchdog ----------------

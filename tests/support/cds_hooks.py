@@ -27,7 +27,8 @@ PATIENT_VIEW = "spinewatch-patient-view"
 ORDER_IMAGING = "spinewatch-order-imaging"
 PREFETCH_TYPES = {"patient": "Patient", "conditions": "Condition", "observations": "Observation",
                   "diagnosticReports": "DiagnosticReport", "imagingStudies": "ImagingStudy",
-                  "serviceRequests": "ServiceRequest", "procedures": "Procedure"}
+                  "serviceRequests": "ServiceRequest", "procedures": "Procedure",
+                  "documentReferences": "DocumentReference"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -54,3 +54,39 @@ def test_two_patients_in_one_file_is_refused(tmp_path):
     path.write_text(json.dumps(bundle))
     proc = run(path)
     assert proc.returncode == 2 and "2 patients" in proc.stderr
+
+
+def _note_bundle(text: str) -> dict:
+    """A known cancer and an ED note whose text is a Binary named by the Bundle's urn:uuid fullUrl."""
+    import base64
+
+    binary_url = "urn:uuid:5b0c6d0e-1f6a-4b39-9a53-6d1f1c0a0b01"
+    return {"resourceType": "Bundle", "type": "collection", "entry": [
+        {"resource": {"resourceType": "Patient", "id": "n1"}},
+        {"resource": {"resourceType": "Condition", "id": "c1", "subject": {"reference": "Patient/n1"},
+                      "verificationStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/"
+                                                                   "condition-ver-status", "code": "confirmed"}]},
+                      "code": {"coding": [{"system": "http://snomed.info/sct", "code": "399068003",
+                                           "display": "Malignant tumor of prostate"}]},
+                      "onsetDateTime": "2024-01-01"}},
+        {"resource": {"resourceType": "DocumentReference", "id": "d1", "status": "current",
+                      "subject": {"reference": "Patient/n1"}, "date": "2026-05-31T10:00:00Z",
+                      "content": [{"attachment": {"contentType": "text/plain", "url": binary_url}}]}},
+        {"fullUrl": binary_url, "resource": {"resourceType": "Binary", "id": "b1", "contentType": "text/plain",
+                                             "data": base64.b64encode(text.encode()).decode()}}]}
+
+
+def test_a_note_in_the_bundle_is_read_with_the_note_cap_from_the_settings(tmp_path):
+    path = tmp_path / "note.json"
+    note = "2/52 thoracic back pain, new BLE weakness 3/5 since yesterday, PVR 900 ml."
+    path.write_text(json.dumps(_note_bundle(note)))
+    out = json.loads(run(path, "--now", "2026-06-01T12:00:00Z").stdout)
+    assert out["patient"] == "Patient/n1" and out["urgency"] == "emergency" and not out["problems"]
+
+    path.write_text(json.dumps(_note_bundle("Seen in clinic. " * 100 + note)))  # the finding past the cap
+    proc = subprocess.run([sys.executable, "-m", "service.cli", "evaluate", str(path), "--now",
+                           "2026-06-01T12:00:00Z"], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "SPINEWATCH_NOTE_MAX_CHARS": "1000"})
+    out = json.loads(proc.stdout)
+    assert out["urgency"] != "emergency"
+    assert any("DocumentReference/d1" in p and "1000" in p for p in out["problems"]), out["problems"]

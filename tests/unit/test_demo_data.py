@@ -1,4 +1,7 @@
-"""The demo patients decide as their files say: one per tier, and one that must stay quiet."""
+"""The demo patients decide as their files say: one per tier, one that must stay quiet, and one whose
+emergency is written only in a clinical note (issue 11)."""
+
+import base64
 
 from datetime import datetime, timezone
 
@@ -10,8 +13,22 @@ from service.demo import load_demo_patients
 NOW = datetime(2030, 1, 15, 12, 0, tzinfo=timezone.utc)
 
 
-def test_one_demo_patient_per_tier_and_one_quiet():
-    assert sorted(p.expected_tier for p in load_demo_patients(NOW)) == ["emergency", "none", "routine", "urgent"]
+def test_one_demo_patient_per_tier_one_quiet_and_one_note_only():
+    assert sorted(p.expected_tier for p in load_demo_patients(NOW)) == \
+        ["emergency", "emergency", "none", "routine", "urgent"]
+
+
+def test_the_note_patient_s_emergency_is_written_only_in_a_note():
+    """Its new report is one DocumentReference with base64 text/plain content and nothing else: no
+    coded finding, no Observation text. Until the core reads notes it evaluates as `none`."""
+    (patient,) = [p for p in load_demo_patients(NOW) if p.key == "5-note-only"]
+    (note,) = [e["resource"] for e in patient.report["entry"]]
+    assert note["resourceType"] == "DocumentReference" and note["date"] == "2030-01-15T12:00:00Z"
+    (content,) = note["content"]
+    assert content["attachment"]["contentType"].startswith("text/plain")
+    assert "BLE weakness" in base64.b64decode(content["attachment"]["data"]).decode()
+    chart = [e["resource"]["resourceType"] for e in patient.chart["entry"]]
+    assert chart == ["Patient", "Condition"]  # the cancer; no back pain, no neurology anywhere else
 
 
 @pytest.mark.parametrize("patient", load_demo_patients(NOW), ids=lambda p: p.key)
