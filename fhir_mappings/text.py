@@ -5,7 +5,7 @@ Three steps, each compiled once per rule set (`Matcher`):
 1. **Vocabulary.** Every concept (a red flag, back pain, known cancer, a spinal site) lists phrases
    in plain words; `compile_phrase` turns them into one case-insensitive pattern per concept, with
    `{class}` references to a shared lexicon (`lexicon.yaml`: UK and US words, abbreviations), `[a|b]`
-   optional words, `(a|b)` alternatives, `stem*` and `...` (up to three words between). A bounded
+   optional words, `(a|b)` alternatives, `stem*` and `...` (up to four words between). A bounded
    spelling tolerance corrects a long word one edit away from a vocabulary word (`Speller`).
 2. **Context**, after ConText (Harkema, Dowling, Thornblade, Chapman: J Biomed Inform 2009;42:839;
    medspaCy is its reference implementation): each mention is checked for cues of negation,
@@ -13,14 +13,15 @@ Three steps, each compiled once per rule set (`Matcher`):
    within its sentence, forward or backward, until a termination word ("but", "except", "positive
    for"). Pseudo-cues ("no improvement in", "not ruled out") block the shorter cue they contain.
    Template answers (`Clonus: nil`, `Leg weakness: yes`, `[ ] retention`) and section headers
-   (`Family history:`, `Plan:`, `Safety netting:`, `PMH:`) are handled explicitly.
+   (`Family history:`, `Safety netting:`, `PMH:`) are handled explicitly; a plan's own cues decide.
 3. **Decision.** `Mention.status` is the strongest context found (absent > other > hypothetical >
    historical > uncertain > present). Whether a status raises the concept is data: present always;
    uncertain for every red flag (CLINICAL.md "Free text": a documented suspicion of MSCC is itself a
    reason for the emergency MRI) but not for a cancer ("suspected" is not a known cancer);
    historical only where the concept counts history (a past cancer, a recorded bone metastasis).
    Box 1 qualifiers (night, mechanical, straining, progressive, severe) are *anchored*: they count
-   only when they describe spinal pain (CLINICAL.md "Free text"; see `_anchored`).
+   only when they describe spinal pain (CLINICAL.md "Free text"; see `Matcher._anchor` and
+   `Mention.anchored`). docs/clinical-language.md says it for clinicians, with the measured figures.
 
 Pure: no I/O. Offsets in `Mention` are into the text as given.
 """
@@ -359,7 +360,7 @@ def _cue_alternation(specs: list[dict], lexicon: dict[str, str]):
     """(pattern, kinds) for the cues, and apart the "current" cues (read only on a historical cue,
     which is rare). `pattern` finds every cue in one pass (no capture groups: with hundreds of
     them the engine would spend its time saving marks); `kinds` then tells, for the few cues
-    found, which (category, direction, window) each is, by the longest kind that matches it."""
+    found, which (category, direction, window) each is (`_cue_kinds`)."""
     out = {}
     for want_current in (False, True):
         alternatives: list[tuple[str, frozenset[str] | None]] = []

@@ -15,7 +15,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fhir_mappings.schema import ContextFile, LexiconFile, RuleFile, ValueSetFile, load  # noqa: E402
+from fhir_mappings.schema import (ContextFile, LexiconFile, RuleFile, TerminologyRootsFile, ValueSetFile,  # noqa: E402
+                                  load)
 
 DATA = ROOT / "fhir_mappings"
 DOC = ROOT / "docs" / "rules.md"
@@ -99,6 +100,15 @@ def render() -> str:
             out += ["Excluded (an exclusion wins over an inclusion):", ""] + _codes(vs.exclude) + [""]
         out += _phrases("Text", vs.text.phrases) + _phrases("Not when next to", vs.text.exclude_phrases)
         out += _phrases("Text that voids even a coded entry", vs.text.overrides_codes)
+    roots = load(DATA / "valuesets" / "server" / "terminology-roots.yaml", TerminologyRootsFile)
+    out += ["## With a terminology server", "",
+            f"Only when `SPINEWATCH_TERMINOLOGY_URL` is set (version {roots.version}, reviewed by "
+            f"{roots.review.reviewer}): a SNOMED CT code that no local list classifies also belongs to a concept "
+            "when the server says one of its roots subsumes it; local exclusions still win.", ""]
+    for cid, spec in roots.concepts.items():
+        also = f" (the exclusions of {', '.join(spec.excluded_by)} apply)" if spec.excluded_by else ""
+        out += [f"- `{cid}`{also}: " + "; ".join(f"`{code}` {display}" for code, display in spec.snomed.items())]
+    out += [""] + _phrases("Known false positives", roots.known_false_positives)
     out += ["## How context is read", "",
             f"Context cues, version {context.version} (ConText: Harkema et al. 2009; NegEx: Chapman et al. 2001). "
             "Each mention takes the strongest status its sentence gives it: negated, then another person, "
