@@ -26,6 +26,9 @@ _CONDITION_ACTIVE = {"active", "recurrence", "relapse"}
 # Suppression and pending orders (CLINICAL.md "Suppression and de-duplication").
 _REPORT_DONE = {"final", "amended", "corrected", "appended"}
 _ORDER_PENDING = {"active", "on-hold"}
+# A spine X-ray ordered (not yet done) or done within the lookback: the card then says why not X-ray.
+_XRAY_ORDER_OPEN = {"draft", "active", "on-hold"}
+_XRAY_DONE = {"available", "final", "amended", "corrected", "appended", "completed", "preliminary"}
 _MR_MODALITY = "MR"
 _SPINAL_PAIN_FLAG = "thoracic-or-cervical-pain"  # a Box 1 flag that is itself back pain
 
@@ -54,6 +57,18 @@ class PendingOrder:
 
 
 @dataclass
+class SpineXray:
+    """A plain spine X-ray in the record: ordered (`ordered`) or done within the lookback (`done`)."""
+    reference: str
+    state: str  # "ordered" or "done"
+    date: datetime | None
+
+    def to_json(self) -> dict:
+        out = {"reference": self.reference, "state": self.state}
+        return out | ({"date": self.date.isoformat()} if self.date else {})
+
+
+@dataclass
 class Assessment:
     patient: str | None
     evaluated_at: datetime
@@ -68,6 +83,7 @@ class Assessment:
     problems: list[str]  # resources that could not be read, by type/id and field
     rule_versions: dict[str, str]
     seen: dict[str, str | None] = field(default_factory=dict)  # reference -> versionId read
+    spine_xrays: list[SpineXray] = field(default_factory=list)  # ordered, or done within the lookback
 
     @property
     def box(self) -> int | None:
@@ -91,6 +107,7 @@ class Assessment:
             "pending_mri": [p.to_json() for p in self.pending_mri],
             "problems": self.problems,
             "rule_versions": self.rule_versions,
+            "spine_xrays": [x.to_json() for x in self.spine_xrays],
         }
 
 
@@ -219,6 +236,18 @@ def _completed_mri(item: Clinical) -> bool:
     )
 
 
+def _spine_xray(term: Terminology, item: Clinical, window_start: datetime) -> SpineXray | None:
+    """A plain spine X-ray ordered and not done, or done within the lookback (value set xray-spine)."""
+    if not concept_evidence(item, term.xray_spine):
+        return None
+    reference = f"{item.resource_type}/{item.resource_id}"
+    if item.resource_type == "ServiceRequest":
+        return SpineXray(reference, "ordered", item.date) if item.status in _XRAY_ORDER_OPEN else None
+    if item.status in _XRAY_DONE and item.date is not None and item.date >= window_start:
+        return SpineXray(reference, "done", item.date)
+    return None
+
+
 def assess(resources: list[dict], now: datetime, settings: EvaluationSettings | None = None,
            terminology: Terminology | None = None) -> Assessment:
     """Evaluate one patient's resources at time `now` (an aware datetime: never read from a clock)."""
@@ -308,8 +337,12 @@ def assess_record(record: Record, now: datetime, settings: EvaluationSettings, t
     newest = max(evidence_dates) if evidence_dates else None
     suppressed_by: list[str] = []
     pending: list[PendingOrder] = []
+    xrays: list[SpineXray] = []
     for item in imaging:
         if not _is_spine_mri(term, item):
+            xray = _spine_xray(term, item, window_start)
+            if xray:
+                xrays.append(xray)
             continue
         if _completed_mri(item) and newest is not None and item.date is not None and item.date > newest:
             suppressed_by.append(f"{item.resource_type}/{item.resource_id}")
@@ -332,4 +365,5 @@ def assess_record(record: Record, now: datetime, settings: EvaluationSettings, t
         problems=record.problems,
         rule_versions=term.versions,
         seen=record.seen,
+        spine_xrays=xrays if in_scope else [],
     )

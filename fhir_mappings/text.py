@@ -326,6 +326,7 @@ class ContextRules:
     pattern: re.Pattern[str]  # every cue, one pass
     kinds: list[tuple[re.Pattern[str], str, str, int]]  # (cue pattern, category, direction, window)
     current: re.Pattern[str]  # "for 3 weeks", "ongoing": what is said is happening now
+    current_kinds: list[tuple[re.Pattern[str], str, str, int]]
     section_pattern: re.Pattern[str]
     section_groups: dict[str, str]  # group name -> category ("" for a neutral header)
     template_negative: re.Pattern[str]
@@ -348,6 +349,7 @@ class ContextRules:
             pattern=cues[0],
             kinds=cues[1],
             current=current[0],
+            current_kinds=current[1],
             section_pattern=section_pattern,
             section_groups=section_groups,
             template_negative=re.compile(r"^\s*(?:" + "|".join(answers["negative"]) + r")(?!\w)", re.I),
@@ -386,10 +388,14 @@ def _cue_alternation(specs: list[dict], lexicon: dict[str, str]):
 def _cue_kinds(rules: "ContextRules", text: str, m: re.Match) -> list[tuple[str, str, int]]:
     """Every kind whose pattern matches the whole cue `m` ("absent" negates forwards and backwards;
     "cannot be excluded" is a pseudo-negation and an uncertainty)."""
-    out = [(category, direction, window) for pattern, category, direction, window in rules.kinds
+    return _cue_kinds_of(rules.kinds, text, m)
+
+
+def _cue_kinds_of(kinds, text: str, m: re.Match) -> list[tuple[str, str, int]]:
+    out = [(category, direction, window) for pattern, category, direction, window in kinds
            if pattern.fullmatch(text, m.start(), m.end())]
     if not out:  # a cue whose lookahead reads past its end ("?" before "CES")
-        for pattern, category, direction, window in rules.kinds:
+        for pattern, category, direction, window in kinds:
             found = pattern.match(text, m.start())
             if found and found.end() == m.end():
                 out.append((category, direction, window))
@@ -575,7 +581,11 @@ class TextContext:
 
     def _said_current(self, start: int, end: int, sentence: _Sentence) -> bool:
         for m in self.rules.current.finditer(self.text, sentence.start, sentence.end):
-            between = self.text[m.end():start] if m.end() <= start else self.text[end:m.start()]
+            directions = {d for _, d, _ in _cue_kinds_of(self.rules.current_kinds, self.text, m)}
+            before = m.end() <= start
+            if not directions & ({"forward", "both"} if before else {"backward", "both"}):
+                continue
+            between = self.text[m.end():start] if before else self.text[end:m.start()]
             if "," not in between and len(_WORDS_BETWEEN.findall(between)) <= 4:
                 return True
         return False
