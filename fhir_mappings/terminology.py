@@ -214,7 +214,7 @@ def load_terminology() -> Terminology:
     matcher = Matcher(
         concepts=texts,
         context_rules=ContextRules.from_data(context_file.model_dump(), lexicon),
-        speller=Speller(_vocabulary(rule_files, vs, lexicon_file), set(_PROTECTED_WORDS)),
+        speller=Speller(_vocabulary(rule_files, vs, lexicon_file), set(_PROTECTED_WORDS) | _protected_words()),
         spinal_pain=re.compile("|".join(f"(?:{s})" for s in back_pain_sources), re.I),
         other_pain=compile_phrases(["{other-pain-site} {pain}", "{pain} (in|of|over|at|around) [{det}] [{side}] {other-pain-site}",
                                     "headache", "headaches", "migraine", "arthralgia", "angina", "chest pain", "abdo pain"], lexicon),
@@ -263,6 +263,13 @@ _PROTECTED_WORDS = ("tinkling", "detention", "retentive", "weakens", "clonic", "
                     "standing", "sitting", "bending", "lifting", "twisting", "moving", "retaining", "catheters",
                     "anaesthetic", "anesthetic", "anaesthetist", "anesthetist", "anaesthetics", "anesthetics",
                     "metastasis", "metastases", "metastatic", "malignancy", "malignant", "carcinoma", "carcinomas")
+def _protected_words() -> set[str]:
+    """Real words seen in public clinical text (language/protected-words.txt): never "corrected"."""
+    path = _HERE / "language" / "protected-words.txt"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return {w.strip().lower() for w in lines if w.strip() and not w.startswith("#")}
+
+
 def _vocabulary(rule_files: list[RuleFile], vs: dict[str, ValueSetFile], lexicon_file: LexiconFile) -> set[str]:
     """The literal long words of every phrase and lexicon class: what a misspelling may be corrected to."""
     phrases = [p for d in rule_files for p in d.phrases + d.qualifiers]

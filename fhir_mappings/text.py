@@ -403,6 +403,8 @@ def _cue_kinds_of(kinds, text: str, m: re.Match) -> list[tuple[str, str, int]]:
 
 
 # Sentence ends: line breaks, semicolons, bars and bullets, and a full stop or "!" before a space.
+# A quote mark at a word's edge (not the apostrophe of "can't"): "legs 'giving way'", "I can't feel my 'bum'".
+_EDGE_QUOTES = re.compile("(?<![A-Za-z])['\u2018\u2019\"\u201c\u201d]|['\u2018\u2019\"\u201c\u201d](?![A-Za-z])")
 _WRAP_WIDTH = 50  # a line this long that stops mid-sentence was wrapped, not ended
 _SENTENCE_END = re.compile(r"\n|;|\||•|(?<=[^\s.])[.!](?=\s|$)")
 _WORDS_BETWEEN = re.compile(r"[\w/+-]+")
@@ -410,6 +412,7 @@ _WORDS_BETWEEN = re.compile(r"[\w/+-]+")
 # metastases"); never the "not" of "not passed urine" or "walking not possible".
 _INNER_NEGATION = re.compile(r"negative|no evidence|free of|neg for", re.I)
 _PARAGRAPH_END = re.compile(r"\n\s*\n")
+_DEVELOPS = re.compile(r"(?:has )?develop\w*", re.I)  # "if she developed leg weakness" stays hypothetical
 _STRONG_TERMINATION = re.compile(r"but|however|whereas|although|though|yet|except|apart from|aside from", re.I)
 _NEW_LABEL = re.compile(r"[A-Za-z][A-Za-z/ ]{1,30}:\s|\s\d{1,2}[).]\s")
 _LIST_MARK = re.compile(r",|\b(?:or|and|nor)\b|/", re.I)
@@ -562,6 +565,7 @@ class TextContext:
         between = self.text[gap_start:gap_end]
         if any(c.category == "terminate" and gap_start <= c.start and c.end <= gap_end
                and ((cue.category != OTHER and forward) or _STRONG_TERMINATION.fullmatch(self.text, c.start, c.end))
+               and not (cue.category == HYPOTHETICAL and _DEVELOPS.fullmatch(self.text, c.start, c.end))
                for c in sentence.cues):
             return False  # a relative's story runs on ("brother developed cord compression"), and a cue
             # after its finding reaches back over "which" ("leg weakness, which resolved"), to a "but"
@@ -688,6 +692,7 @@ class Matcher:
         """Misspellings corrected and hard-wrapped lines joined (offsets map back to `text`)."""
         if "\n" in text:
             text = join_wrapped_lines(text)
+        text = _EDGE_QUOTES.sub(" ", text)
         fixed = self.speller.corrected(text)
         return fixed if fixed else (text, [])
 
