@@ -33,7 +33,7 @@ def default_text(field) -> str:
 
 
 def rows() -> list[tuple[str, str, str]]:
-    return [(PREFIX + name.upper(), default_text(field), (field.description or "").replace("|", "\\|"))
+    return [(PREFIX + name.upper(), default_text(field).replace("|", "\\|"), (field.description or "").replace("|", "\\|"))
             for name, field in Settings.model_fields.items()]
 
 

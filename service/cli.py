@@ -50,7 +50,7 @@ def evaluate(
     from fhir_mappings.bundle import InputError, read_path, split_by_patient
     from fhir_mappings.cards import cards_for
     from fhir_mappings.evaluate import assess
-    from service.settings import evaluation_settings, get_settings
+    from service.settings import card_settings, evaluation_settings, get_settings
 
     at = parse_now(now)
     try:
@@ -67,7 +67,8 @@ def evaluate(
     assessment = assess(resources, at, settings)
     if assessment.patient is None and patients:
         assessment.patient = patients[0]
-    out = assessment.to_json() | {"cards": cards_for(assessment, at)}
+    out = assessment.to_json() | {"cards": cards_for(assessment, at, get_settings().card_intent,
+                                                    settings=card_settings(get_settings()))}
     json.dump(out, sys.stdout, indent=2)
     sys.stdout.write("\n")
 

@@ -89,6 +89,24 @@ class Settings(BaseSettings):
                                           "(CORS); * for any")
     card_intent: Literal["proposal", "plan", "order"] = Field(
         "proposal", description="intent of the MRI ServiceRequest a patient-view card suggests")
+    # Card content (fhir_mappings/cards.py CardSettings; docs/cards.md)
+    mscc_coordinator_name: str | None = Field(
+        None, description="who the emergency card tells the clinician to call, e.g. \"MSCC coordinator, St Elsewhere "
+                          "acute oncology\"; unset: a generic line (acute oncology on call, through switchboard)")
+    mscc_coordinator_phone: str | None = Field(None, description="the MSCC coordinator's phone number on the "
+                                                                 "emergency card")
+    mscc_coordinator_url: str | None = Field(None, description="a link to the local MSCC pathway or coordinator "
+                                                               "page on the emergency card")
+    mri_code_emergency: str = Field(
+        "http://loinc.org|36531-2|MR Spine WO contrast",
+        description="system|code|display of the whole-spine MRI the emergency card proposes (LOINC/RSNA Radiology "
+                    "Playbook; no contrast for suspected MSCC); SNOMED CT 241645008 is always added")
+    mri_code_urgent: str = Field(
+        "http://loinc.org|36400-0|MR Spine WO and W contrast IV",
+        description="system|code|display of the whole-spine MRI the urgent card proposes")
+    mri_code_routine: str = Field(
+        "http://loinc.org|36400-0|MR Spine WO and W contrast IV",
+        description="system|code|display of the whole-spine MRI the routine card proposes")
     hook_timeout_seconds: float = Field(2.0, gt=0, le=30, description="time budget for fetching missing data from "
                                                                       "fhirServer; over it: 412, never a hang")
     # Terminology server (service/terminology_server.py; fhir_mappings/valuesets/server/terminology-roots.yaml)
@@ -174,7 +192,16 @@ class Settings(BaseSettings):
             raise ValueError("must be a Redis URL: redis://, rediss:// or unix://")
         return value
 
-    @field_validator("fhir_base_url", "subscription_endpoint", "public_base_url", "alert_webhook_url")
+    @field_validator("mri_code_emergency", "mri_code_urgent", "mri_code_routine")
+    @classmethod
+    def _coding(cls, value: str) -> str:
+        parts = value.split("|")
+        if len(parts) != 3 or not all(p.strip() for p in parts) or ":" not in parts[0]:
+            raise ValueError("must be system|code|display, e.g. http://loinc.org|36531-2|MR Spine WO contrast")
+        return value
+
+    @field_validator("fhir_base_url", "subscription_endpoint", "public_base_url", "alert_webhook_url",
+                     "mscc_coordinator_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value and not (value.startswith(("http://", "https://")) and value.split("://", 1)[1].strip("/")):
@@ -260,6 +287,22 @@ def evaluation_settings(settings: Settings, *, lookback_days: int | None = None)
 
     return EvaluationSettings(lookback_days=settings.lookback_days if lookback_days is None else lookback_days,
                               note_max_chars=settings.note_max_chars)
+
+
+def card_settings(settings: Settings):
+    """The pure core's CardSettings from ours (the CDS Hooks service and `spinewatch evaluate`)."""
+    from fhir_mappings.cards import CardSettings
+
+    def coding(value: str) -> tuple[str, str, str]:
+        system, code, display = (p.strip() for p in value.split("|"))
+        return system, code, display
+
+    return CardSettings(coordinator_name=settings.mscc_coordinator_name,
+                        coordinator_phone=settings.mscc_coordinator_phone,
+                        coordinator_url=settings.mscc_coordinator_url,
+                        mri_codes={"emergency": coding(settings.mri_code_emergency),
+                                   "urgent": coding(settings.mri_code_urgent),
+                                   "routine": coding(settings.mri_code_routine)})
 
 
 @lru_cache(maxsize=1)

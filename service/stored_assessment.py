@@ -15,7 +15,7 @@ from typing import Protocol
 
 import structlog
 
-from fhir_mappings.evaluate import Assessment, PendingOrder
+from fhir_mappings.evaluate import Assessment, PendingOrder, SpineXray
 from fhir_mappings.facts import Evidence, to_instant
 
 log = structlog.get_logger("spinewatch.stored_assessment")
@@ -47,6 +47,7 @@ def _evidence(data: dict) -> Evidence:
         concept=data["concept"], resource_type=rtype, resource_id=rid or None,
         version_id=data.get("versionId"), date=to_instant(data.get("date")), field=data.get("field", ""),
         code=data.get("code"), display=data.get("display"), quote=data.get("quote"), value=data.get("value"),
+        status=data.get("status"),
     )
 
 
@@ -66,6 +67,8 @@ def assessment_from_json(data: dict) -> Assessment:
                      for p in data.get("pending_mri", [])],
         problems=list(data.get("problems", [])),
         rule_versions=dict(data.get("rule_versions", {})),
+        spine_xrays=[SpineXray(x["reference"], x.get("state", "ordered"), to_instant(x.get("date")))
+                     for x in data.get("spine_xrays", [])],
     )
 
 

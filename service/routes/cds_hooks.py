@@ -46,7 +46,7 @@ from service.metrics import AUTH_FAILURES, CARDS_SERVED, EVALUATION_SECONDS, EVA
 from service.note_binaries import referenced_binaries
 from service.security import (AuthError, CdsClient, JwksCache, JwtVerifier, MemoryReplayCache, RedisReplayCache,
                               ReplayCacheUnavailable, parse_trusted_issuers)
-from service.settings import Settings, evaluation_settings
+from service.settings import Settings, card_settings, evaluation_settings
 from service.stored_assessment import StoredAssessments, default_source, fresh_assessment
 from service.terminology_server import TerminologyServer, consult
 
@@ -64,12 +64,13 @@ SERVICES = [
     {"hook": "patient-view", "id": PATIENT_VIEW, "title": "SpineWatch: spinal metastasis red flags",
      "description": "When a chart opens: a patient with a known cancer and back pain or cord-compression "
                     "symptoms gets a card with the NICE NG234 tier (emergency: whole-spine MRI within 24 h; "
-                    "urgent: within 1 week; routine: MRI, not X-ray) and a suggestion that orders the MRI.",
+                    "urgent: within 1 week; routine: MRI, not X-ray) and a suggestion that proposes the MRI.",
      "prefetch": PREFETCH_TEMPLATES, "usageRequirements": _USAGE},
 ] + [
     {"hook": hook, "id": ORDER_IMAGING, "title": "SpineWatch: MRI, not X-ray, for spinal metastasis",
      "description": "When a plain X-ray of the spine is ordered for a patient with a known cancer and back pain, "
-                    "a warning that an X-ray cannot exclude metastasis and a suggestion that replaces it with a "
+                    "a card following the tier (critical and 24 h for suspected cord compression, warning and 1 week, "
+                    "info) saying why an X-ray cannot exclude metastasis, and a suggestion that replaces it with a "
                     "whole-spine MRI.",
      "prefetch": PREFETCH_TEMPLATES, "usageRequirements": _USAGE}
     for hook in ("order-select", "order-sign")
@@ -349,7 +350,7 @@ async def call_service(service_id: str, request: Request, client: CdsClient = Cl
         patient = f"Patient/{context.patientId}"
         if req.hook == "patient-view":
             assessment, source = await _assessment(rt, req, context.patientId, now)
-            cards = cards_for(assessment, now, rt.settings.card_intent)
+            cards = cards_for(assessment, now, rt.settings.card_intent, settings=card_settings(rt.settings))
         else:
             cards, assessment, source = await _order_cards(rt, req, context, now)
     except SpineWatchError as exc:
@@ -489,4 +490,4 @@ async def _order_cards(rt: HookRuntime, req: HookRequest, context: OrderSignCont
     refs = [ref for ref in (reference(r) for r in xrays) if ref]
     intent = xrays[0].get("intent")
     intent = intent if intent in _SERVICE_REQUEST_INTENTS else "order"  # the MRI replaces the X-ray in kind
-    return [xray_card(assessment, refs, now, intent)], assessment, source
+    return [xray_card(assessment, refs, now, intent, settings=card_settings(rt.settings))], assessment, source

@@ -113,7 +113,8 @@ def test_pending_mri_order_removes_the_suggestion(env):
     response = env.call(PATIENT_VIEW, hook_request("patient-view", prefetch=prefetch_for(resources)))
     [card] = validate_cds_response(response.json())
     assert "suggestions" not in card and "selectionBehavior" not in card
-    assert "ServiceRequest/mri-ordered" in card["detail"]
+    assert "already ordered" in card["detail"] and "must be done by" in card["detail"]
+    assert "ServiceRequest/mri-ordered" not in card["detail"]  # ids stay out of the prose (issue 14)
 
 
 def test_resources_of_another_patient_are_ignored(env):

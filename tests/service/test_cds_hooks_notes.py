@@ -101,7 +101,8 @@ def test_without_fhir_server_the_binary_is_not_read_and_the_card_says_so(env, fh
     [card] = cards(call(env, prefetch_for(note_record()), server=None))
     assert not fhir.calls
     assert card["indicator"] == "info"  # the rest of the record: routine
-    assert "DocumentReference/d1" in card["detail"] and "not read" in card["detail"]
+    assert "clinical note" in card["detail"] and "not read" in card["detail"]
+    assert "DocumentReference/d1" not in card["detail"]  # named in words, not by id (issue 14)
 
 
 def test_a_binary_on_another_host_is_never_fetched(env, fhir):

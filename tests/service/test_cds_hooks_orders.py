@@ -36,11 +36,15 @@ HOOKS = ["order-select", "order-sign"]
 
 @pytest.mark.parametrize("hook", HOOKS)
 @pytest.mark.parametrize("tier", ["emergency", "urgent", "routine"])
-def test_spine_xray_for_an_in_scope_patient_gets_a_warning(env, hook, tier):
-    """Emergency and urgent patients get the X-ray card too, not only routine ones."""
+def test_spine_xray_for_an_in_scope_patient_gets_a_card_following_the_tier(env, hook, tier):
+    """Every in-scope tier gets the X-ray card, and it follows the tier (issue 14): critical and 24 h
+    for suspected cord compression, warning and 1 week for urgent, info for routine."""
     [card] = order_call(env, hook, [xray_order(), unrelated_order()], tier)
-    assert card["indicator"] == "warning"
+    assert card["indicator"] == {"emergency": "critical", "urgent": "warning", "routine": "info"}[tier]
     assert "X-ray cannot exclude metastasis" in card["summary"]
+    within = {"emergency": "within 24 h", "urgent": "within 1 week"}.get(tier)
+    if within:
+        assert within in card["summary"] and within in card["detail"] and within in card["suggestions"][0]["label"]
     assert "30-50 %" in card["detail"]  # why an X-ray cannot exclude metastasis
     [suggestion] = card["suggestions"]
     assert card["selectionBehavior"] == "at-most-one" and suggestion["isRecommended"] is True
@@ -48,7 +52,9 @@ def test_spine_xray_for_an_in_scope_patient_gets_a_warning(env, hook, tier):
     assert delete == {"type": "delete", "description": delete["description"], "resourceId": "ServiceRequest/xr-1"}
     assert create["type"] == "create"
     mri = create["resource"]
-    assert mri["resourceType"] == "ServiceRequest" and mri["code"]["coding"][0]["code"] == "36400-0"
+    # CLINICAL.md "What a card says" (corrected): no contrast for suspected MSCC.
+    expected = {"emergency": "36531-2"}.get(tier, "36400-0")
+    assert mri["resourceType"] == "ServiceRequest" and mri["code"]["coding"][0]["code"] == expected
     assert mri["intent"] == "order"  # the replacement is an order, like the X-ray it replaces
     assert mri["subject"] == {"reference": "Patient/p1"}
     assert mri["priority"] == {"emergency": "stat", "urgent": "urgent", "routine": "routine"}[tier]
