@@ -152,18 +152,30 @@ def list_events(request: Request, reviewer: Reviewer, filters: AuditFilters,
             "events": [r.to_json() for r in records]}
 
 
-def feedback_counts(records) -> dict:
-    """Cards accepted and overridden, and the override reasons, from feedback records."""
+def feedback_counts(records, card_records=()) -> dict:
+    """Cards accepted and overridden, and the override reasons, from feedback records; and the
+    same per card type (hook and tier), which the feedback reaches through its card's `card`
+    record (CDS Hooks feedback names only the card's uuid)."""
+    kind_of = {uuid: (d.get("hook") or "?", d.get("tier") or "?")
+               for r in card_records for d in [r.detail or {}] for uuid in d.get("cards") or []}
     outcomes, reasons = Counter(), Counter()
+    by_kind: dict[tuple[str, str], dict] = {}
     for r in records:
         d = r.detail or {}
         outcome = d.get("outcome") or r.outcome
         outcomes[outcome] += 1
+        row = by_kind.setdefault(kind_of.get(d.get("card"), ("unknown card", "?")),
+                                 {"accepted": 0, "overridden": 0, "reasons": Counter()})
+        if outcome in ("accepted", "overridden"):
+            row[outcome] += 1
         if outcome == "overridden":
             reasons[_reason_label(d)] += 1
+            row["reasons"][_reason_label(d)] += 1
+    per_card = [{"hook": hook, "tier": tier, "accepted": row["accepted"], "overridden": row["overridden"],
+                 "reasons": row["reasons"].most_common()} for (hook, tier), row in sorted(by_kind.items())]
     return {"accepted": outcomes.get("accepted", 0), "overridden": outcomes.get("overridden", 0),
             "other": sum(n for k, n in outcomes.items() if k not in ("accepted", "overridden")),
-            "reasons": reasons.most_common()}
+            "reasons": reasons.most_common(), "per_card": per_card}
 
 
 def _reason_label(detail: dict) -> str:
@@ -240,11 +252,13 @@ def review_page(request: Request, filters: AuditFilters):
     records, total = store.query(**filters.query(), limit=filters.limit, offset=filters.offset)
     if filters.patient:
         timeline = _page_records(store, list(TIMELINE_KINDS), filters)
-        feedback_records = _patient_feedback(store, filters, [r for r in timeline if r.kind == "card"])
+        card_records = [r for r in timeline if r.kind == "card"]
+        feedback_records = _patient_feedback(store, filters, card_records)
         timeline = sorted([r for r in timeline if r.kind != "feedback"] + feedback_records, key=lambda r: r.seq)
     else:
         timeline, feedback_records = [], _page_records(store, ["feedback"], filters)
-    feedback = feedback_counts(feedback_records)
+        card_records = _page_records(store, ["card"], filters)  # a card before the window: "unknown card"
+    feedback = feedback_counts(feedback_records, card_records)
     _record(request, "audit-access", "success", actor="reviewer", patient=filters.patient,
                  detail={"action": "page", "filters": filters.audit_detail(), "count": len(records)})
     base = {k: v for k, v in {"patient": filters.patient, "outcome": filters.outcome,

@@ -36,8 +36,9 @@ def seeded(url):
         ("notification", "success", "Patient/a", {"subscription": "Subscription/s1", "focus": ["Condition/c1"]}),
         ("evaluation", "success", "Patient/a", {"tier": "emergency", "flags": ["limb-weakness"],
                                                  "inputs": {"Condition/c1": "2"}}),
-        ("card", "success", "Patient/a", {"hook": "patient-view", "hookInstance": "h1", "cards": ["u1"]}),
-        ("card", "success", "Patient/b", {"hook": "order-sign", "hookInstance": "h2", "cards": ["u2"]}),
+        ("card", "success", "Patient/a", {"hook": "patient-view", "hookInstance": "h1", "cards": ["u1"],
+                                          "tier": "emergency"}),
+        ("card", "success", "Patient/b", {"hook": "order-sign", "hookInstance": "h2", "cards": ["u2"], "tier": "urgent"}),
         # As service/routes/cds_hooks.py records feedback: no patient (CDS Hooks feedback names the
         # card only), the outcome as the record's outcome, the override reason as system and code.
         ("feedback", "overridden", None, {"card": "u1", "overrideReason": {"system": OVERRIDE_SYSTEM,
@@ -130,6 +131,15 @@ def test_page_counts_all_feedback_without_a_patient(client):
     html = client.get("/audit").text
     assert 'id="count-accepted">1<' in html and 'id="count-overridden">1<' in html
     assert 'id="timeline"' not in html
+
+
+def test_feedback_is_counted_per_card_type_and_tier(client):
+    # Issue 14: override reasons beside acceptance, per hook and tier, through each card's record.
+    client.post("/audit/login", data={"token": TOKEN})
+    table = client.get("/audit").text.split('id="feedback-per-card"')[1].split("</table>")[0]
+    rows = [r for r in table.split("<tr>")[2:]]
+    assert "order-sign · urgent" in rows[0] and "<td>1</td>" in rows[0]
+    assert "patient-view · emergency" in rows[1] and "Patient declined (1)" in rows[1]
 
 
 def test_page_escapes_what_it_shows(client, seeded):
