@@ -10,35 +10,85 @@ the rest of the code only ever sees relative references.
 from __future__ import annotations
 
 import bz2
+import errno
 import gzip
 import json
+import os
+import stat
+import zlib
 from pathlib import Path
+
+# The most input read, uncompressed (bytes): one patient's record is far smaller; more is refused,
+# not read (a gzip bomb, /dev/zero).
+MAX_INPUT_BYTES = 200 * 1024 * 1024
 
 
 class InputError(ValueError):
     """The input as a whole cannot be read. The message is one line and holds no patient data."""
 
 
-def _open_text(path: Path) -> str:
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    elif raw[:3] == b"BZh":
-        raw = bz2.decompress(raw)
-    return raw.decode("utf-8")
+class _TooLarge(Exception):
+    pass
 
 
-def read_path(path: str | Path) -> list[dict]:
+class _NotRegular(Exception):
+    pass
+
+
+class _Corrupt(Exception):
+    pass
+
+
+def _open_text(path: Path, max_bytes: int = MAX_INPUT_BYTES) -> str:
+    """The file's text (gzip and bz2 unpacked), at most `max_bytes` of it. Only a regular file is
+    read: it is opened non-blocking (a FIFO does not wait for a writer) and checked before reading."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as raw:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory")
+        if not stat.S_ISREG(mode):
+            raise _NotRegular()
+        magic = raw.read(3)
+        raw.seek(0)
+        if magic[:2] == b"\x1f\x8b":
+            stream = gzip.GzipFile(fileobj=raw)
+        elif magic == b"BZh":
+            stream = bz2.BZ2File(raw)
+        else:
+            stream = raw
+        try:
+            data = stream.read(max_bytes + 1)
+        except (EOFError, zlib.error, OSError):  # gzip.BadGzipFile, bz2 "Invalid data stream" are OSErrors
+            if stream is raw:
+                raise
+            raise _Corrupt() from None
+    if len(data) > max_bytes:
+        raise _TooLarge()
+    return data.decode("utf-8")
+
+
+def read_path(path: str | Path, max_bytes: int = MAX_INPUT_BYTES) -> list[dict]:
     """All resources in the file at `path`, bundle entries unwrapped."""
     path = Path(path)
     try:
-        text = _open_text(path)
+        text = _open_text(path, max_bytes)
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise InputError(f"{path}: is a directory, expected a FHIR Bundle or NDJSON file") from None
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: cannot be read ({type(exc).__name__})") from None
+    except _NotRegular:
+        raise InputError(f"{path}: not a regular file (a device, FIFO or socket), expected a FHIR Bundle "
+                         "or NDJSON file") from None
+    except _TooLarge:
+        raise InputError(f"{path}: larger than {max_bytes:,} bytes uncompressed; not read") from None
+    except _Corrupt:
+        raise InputError(f"{path}: a corrupt or truncated compressed file") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text") from None
+    except OSError as exc:  # permission denied, not a directory, an I/O error
+        reason = exc.strerror or str(exc) or "an I/O error"
+        raise InputError(f"{path}: cannot be read ({reason[:1].lower() + reason[1:]})") from None
     return resources_from_text(text, name=str(path))
 
 

@@ -19,7 +19,7 @@ app = typer.Typer(help="Read, verify and export the audit log.", no_args_is_help
                   pretty_exceptions_enable=False)
 
 DbOption = Annotated[Optional[str], typer.Option("--db", help="audit database URL (default: SPINEWATCH_AUDIT_DB_URL)")]
-PatientOption = Annotated[Optional[str], typer.Option(help='only this patient, e.g. "Patient/123"')]
+PatientOption = Annotated[Optional[str], typer.Option(help='only this patient: "Patient/123" or the bare id "123"')]
 KindOption = Annotated[Optional[list[str]], typer.Option("--kind", "--type", help="only these kinds (repeatable)")]
 OutcomeOption = Annotated[Optional[str], typer.Option(help="only this outcome (success, failure, ...)")]
 SinceOption = Annotated[Optional[str], typer.Option(help="from this time (ISO-8601, inclusive)")]
@@ -28,9 +28,23 @@ UntilOption = Annotated[Optional[str], typer.Option(help="until this time (ISO-8
 
 def _store(db: str | None):
     from service.audit import current_store
-    from service.audit_store import store_for
+    from service.audit_store import sqlite_path, store_for
 
-    return store_for(db) if db else current_store()
+    if db is None:
+        return current_store()
+    # These commands read an existing log: a mistyped SQLite path must not become a new, empty
+    # (and so "intact") one.
+    path = sqlite_path(db)
+    if path is not None and not path.is_file():
+        typer.echo(f"spinewatch: --db: no audit log at {path} (no such SQLite file)", err=True)
+        raise typer.Exit(2)
+    return store_for(db)
+
+
+def _patient(value: str | None) -> str | None:
+    from service.routes.audit import normalise_patient
+
+    return normalise_patient(value)
 
 
 def _time(value: str | None, name: str) -> str | None:
@@ -57,8 +71,9 @@ def list_(db: DbOption = None, patient: PatientOption = None, kind: KindOption =
           limit: Annotated[int, typer.Option(min=1, max=100000)] = 50,
           as_json: Annotated[bool, typer.Option("--json", help="one JSON object a line")] = False) -> None:
     """List records, newest first."""
+    store = _store(db)
     try:
-        records, total = _store(db).query(patient=patient, kinds=kind, outcome=outcome, since=_time(since, "since"),
+        records, total = store.query(patient=_patient(patient), kinds=kind, outcome=outcome, since=_time(since, "since"),
                                           until=_time(until, "until"), limit=limit)
     except Exception as exc:  # noqa: BLE001
         _fail_unreadable(exc)
@@ -73,8 +88,9 @@ def list_(db: DbOption = None, patient: PatientOption = None, kind: KindOption =
 @app.command()
 def verify(db: DbOption = None) -> None:
     """Verify the hash chain; name the first broken record and exit 1 when it does not hold."""
+    store = _store(db)
     try:
-        result = _store(db).verify()
+        result = store.verify()
     except Exception as exc:  # noqa: BLE001
         _fail_unreadable(exc)
     if result.ok:
@@ -99,6 +115,7 @@ def export(db: DbOption = None,
         typer.echo(f"spinewatch: --format: fhir or json, not {format!r}", err=True)
         raise typer.Exit(2)
     store = _store(db)
+    patient = _patient(patient)
     since_t, until_t = _time(since, "since"), _time(until, "until")
     ctx = ExportContext(site=socket.gethostname())
     filtered = any((patient, kind, outcome, since_t, until_t))

@@ -224,9 +224,11 @@ class SmartBackendAuth:
         if r.status_code != 200:
             # RFC 6749 §5.2: {"error": "invalid_client" | "invalid_scope" | ...}; the code is safe to show.
             try:
-                code = r.json().get("error", "")
+                body = r.json()
             except ValueError:
-                code = ""
+                body = None
+            code = body.get("error", "") if isinstance(body, dict) else ""
+            code = code if isinstance(code, str) else ""
             raise FHIRAuthError(f"POST token endpoint: HTTP {r.status_code} {code}".rstrip())
         try:
             body = r.json()
@@ -399,9 +401,12 @@ class FHIRClient:
         if method == "DELETE" or not r.content:
             return {}
         try:
-            return r.json()
+            document = r.json()
         except ValueError:
             raise FHIRResponseError(f"{what}: the answer is not JSON", r.status_code) from None
+        if not isinstance(document, dict):  # every FHIR answer we read is a resource: a JSON object
+            raise FHIRResponseError(f"{what}: the answer is not a JSON object", r.status_code)
+        return document
 
 
 def _outcome_of(body: bytes) -> dict | None:

@@ -13,7 +13,9 @@ client with its private key. `JwtVerifier.verify` accepts a token only when all 
     the caller bring its own key).
   - the signature verifies with that key, whose type matches `alg` (EC P-384 / RSA >= 2048 bits).
   - `aud` is the URL called ("this value MUST be the URL of the CDS Service endpoint being invoked").
-  - `exp` is not past and `iat` not in the future, each with a small clock-skew allowance.
+  - `exp` is not past and `iat` not in the future, each with a small clock-skew allowance; both are
+    finite numbers (not strings, bools, NaN or 1e300), the lifetime `exp - iat` is at most
+    SPINEWATCH_JWT_MAX_LIFETIME_SECONDS and `iat` no older than that (CDS Hooks recommends 5 minutes).
   - `jti` has not been seen before while the token is valid (best practices: "short-term storage
     of JWTs previously processed"); recorded only after everything else passed, so a forged token
     cannot burn a real client's jti.
@@ -33,6 +35,7 @@ import base64
 import binascii
 import hashlib
 import json
+import math
 import ssl
 import threading
 import time
@@ -54,6 +57,7 @@ SANDBOX_ISSUER = "https://sandbox.cds-hooks.org"
 SANDBOX_JWKS = "https://sandbox.cds-hooks.org/.well-known/jwks.json"
 _REFETCH_UNKNOWN_KID_AFTER = 30.0  # seconds: key rotation is picked up, but a flood of bad kids is not a fetch flood
 _RETRY_FAILED_FETCH_AFTER = 5.0  # seconds: during a JWKS outage callers are not each held for a fetch timeout
+_TIME_CLAIM_LIMIT = 1e11  # seconds since 1970 (year ~5138): a larger or negative exp / iat is not a time
 
 
 @lru_cache(maxsize=1)
@@ -305,13 +309,20 @@ def _peek(token: str) -> tuple[dict, dict]:
         raise AuthError("malformed") from None
 
 
+def _is_time(value: object) -> bool:
+    """A NumericDate (rfc7519 2): a finite JSON number, not a bool, within a sane range."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and 0 <= value < _TIME_CLAIM_LIMIT)
+
+
 class JwtVerifier:
     def __init__(self, issuers: dict[str, IssuerTrust], *, jwks: JwksCache, replay: ReplayCache,
-                 clock_skew: int = 30):
+                 clock_skew: int = 30, max_lifetime: int = 3600):
         self.issuers = issuers
         self.jwks = jwks
         self.replay = replay
         self.clock_skew = clock_skew
+        self.max_lifetime = max_lifetime
 
     async def verify(self, token: str, audience: str) -> CdsClient:
         """The trusted caller of `token` at URL `audience`, or AuthError."""
@@ -328,6 +339,11 @@ class JwtVerifier:
         trust = self.issuers.get(iss) if isinstance(iss, str) else None
         if trust is None:
             raise AuthError("unknown-iss")
+        # Checked before PyJWT sees them: it takes int("123") and int(True), and int(inf) raises
+        # OverflowError. The claims checked here are the ones jwt.decode verifies (same payload).
+        for claim in ("exp", "iat"):
+            if claim in unverified and not _is_time(unverified[claim]):
+                raise AuthError("bad-time-claim", iss)
         jku = header.get("jku")
         if jku is not None:
             if not isinstance(jku, str) or jku not in trust.jku:
@@ -352,6 +368,9 @@ class JwtVerifier:
         jti = claims.get("jti")
         if not isinstance(jti, str) or not jti:
             raise AuthError("missing-claim", iss)
+        # With exp not past, this also caps iat's age at max_lifetime (+ skew), and so the jti's keep.
+        if claims["exp"] - claims["iat"] > self.max_lifetime:
+            raise AuthError("lifetime-too-long", iss)
         # Remember the jti for as long as the token could still be accepted (exp + skew).
         ttl = int(claims["exp"] - time.time()) + self.clock_skew + 1
         digest = hashlib.sha256(f"{iss}\x00{jti}".encode()).hexdigest()

@@ -13,6 +13,10 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PLACEHOLDER_SECRET = "dev-only-change-me"
+# Production secrets (reviewer token, notification token, webhook secret): at least this long, with at
+# least this many distinct characters, and no two the same (e.g. `openssl rand -hex 32`).
+SECRET_MIN_LENGTH = 32
+SECRET_MIN_DISTINCT = 10
 # What a Subscription may watch: the types of the patient's record the workers read (workers/pipeline.py
 # record_queries), whose resources name their patient (subject / patient) for the notification to route.
 SUBSCRIBABLE_TYPES = ("Condition", "Observation", "DocumentReference", "DiagnosticReport", "ClinicalImpression",
@@ -54,13 +58,15 @@ class Settings(BaseSettings):
                               description="SQLAlchemy URL of the audit log: a SQLite file (its directory is created) "
                                           "or postgresql://user:pass@host/db")
     reviewer_token: str = Field(PLACEHOLDER_SECRET,
-                                description="bearer token for GET /audit/events and the review page /audit")
+                                description="bearer token for GET /audit/events and the review page /audit; production: at "
+                                            "least 32 characters, 10 distinct, not shared with another secret")
     alert_default_recipient: str | None = Field(
         None, description="FHIR reference alerted when a patient has no active CareTeam and no generalPractitioner, "
                           "e.g. Organization/acute-oncology (no default: alerts with no recipient are dead-lettered)")
     alert_webhook_url: str | None = Field(None, description="optional webhook that also receives each alert (JSON)")
     alert_webhook_secret: str | None = Field(
-        None, description="HMAC-SHA256 key for the webhook's X-SpineWatch-Signature header; required with alert_webhook_url")
+        None, description="HMAC-SHA256 key for the webhook's X-SpineWatch-Signature header; required with "
+                    "alert_webhook_url (production: at least 32 characters, 10 distinct, not shared)")
     alert_dedup_days: int = Field(90, ge=1, le=3650,
                                   description="how long an alert for the same patient, tier and evidence is remembered")
     alert_timeout_seconds: float = Field(10.0, gt=0, le=120, description="HTTP timeout (seconds) for the alert webhook")
@@ -74,6 +80,9 @@ class Settings(BaseSettings):
     public_base_url: str | None = Field(None, description="the service's external base URL, e.g. https://cds.example.org "
                                                           "(behind a proxy): JWT `aud` must equal it + the path called")
     jwt_clock_skew_seconds: int = Field(30, ge=0, le=300, description="clock skew allowed on JWT exp / iat")
+    jwt_max_lifetime_seconds: int = Field(3600, ge=60, le=86400,
+                                          description="longest CDS client JWT lifetime (exp - iat) accepted, and "
+                                                      "oldest iat; longer or older: 401 (CDS Hooks recommends 300)")
     cds_jwks_cache_seconds: int = Field(300, ge=0, le=86400, description="how long a fetched JWKS is reused")
     cds_jti_redis_url: str | None = Field(None, description="Redis URL for the JWT jti replay cache (shared by all "
                                                             "processes); unset: in-memory, per process")
@@ -131,7 +140,8 @@ class Settings(BaseSettings):
                                        "dead letters (run it with appendonly yes: a queued event must survive a restart)")
     notification_token: str = Field(PLACEHOLDER_SECRET,
                                     description="secret the FHIR server sends with every notification "
-                                                "(channel.header `Authorization: Bearer <it>`); compared in constant time")
+                                                "(channel.header `Authorization: Bearer <it>`); compared in constant time; "
+                                                "production: at least 32 characters, 10 distinct, not shared")
     notification_max_bytes: int = Field(5_000_000, ge=1024, description="largest notification body accepted (bytes); "
                                                                         "larger: 413")
     fhir_base_url: str = Field("http://127.0.0.1:8080/fhir",
@@ -277,6 +287,28 @@ class Settings(BaseSettings):
                     if isinstance(value, str) and value == PLACEHOLDER_SECRET]
         if problems:
             raise ValueError(f"production refuses placeholder secrets in: {', '.join('SPINEWATCH_' + p.upper() for p in problems)}")
+        return self
+
+    @model_validator(mode="after")
+    def _refuse_weak_secrets_in_production(self) -> "Settings":
+        # Names the setting and why, never the value. The webhook secret counts once a webhook is set.
+        if self.environment != "production":
+            return self
+        names = ["reviewer_token", "notification_token"] + (["alert_webhook_secret"] if self.alert_webhook_url else [])
+        problems, seen = [], {}
+        for name in names:
+            value = getattr(self, name) or ""
+            why = ("is empty" if not value.strip()
+                   else f"is shorter than {SECRET_MIN_LENGTH} characters" if len(value) < SECRET_MIN_LENGTH
+                   else f"has fewer than {SECRET_MIN_DISTINCT} distinct characters"
+                   if len(set(value)) < SECRET_MIN_DISTINCT
+                   else f"is the same as SPINEWATCH_{seen[value].upper()}" if value in seen else None)
+            seen.setdefault(value, name)
+            if why:
+                problems.append(f"SPINEWATCH_{name.upper()} {why}")
+        if problems:
+            raise ValueError("production refuses weak secrets: " + "; ".join(problems)
+                             + " (use e.g. `openssl rand -hex 32`)")
         return self
 
 

@@ -33,6 +33,12 @@ _templates = Environment(loader=FileSystemLoader(Path(__file__).resolve().parent
                          autoescape=select_autoescape(["html"]))
 
 
+def normalise_patient(value: str | None) -> str | None:
+    """A patient filter as stored ("Patient/id"): the page, the API and `spinewatch audit` accept a bare id."""
+    value = (value or "").strip() or None
+    return f"Patient/{value}" if value and "/" not in value else value
+
+
 def normalise_time(value: str) -> str:
     """ISO-8601 date or date-time → the store's UTC string form (records compare as strings)."""
     from service.audit_store import utc_iso
@@ -99,9 +105,7 @@ class Filters:
     def __init__(self, patient: str | None = None, kind: list[str] | None = None, type: list[str] | None = None,
                  outcome: str | None = None, since: str | None = None, until: str | None = None,
                  limit: int = 50, offset: int = 0):
-        self.patient = (patient or "").strip() or None
-        if self.patient and "/" not in self.patient:
-            self.patient = f"Patient/{self.patient}"  # the page's box accepts a bare id
+        self.patient = normalise_patient(patient)
         self.kinds = [k for k in (kind or []) + (type or []) if k] or None
         self.outcome = (outcome or "").strip() or None
         try:

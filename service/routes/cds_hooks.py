@@ -107,7 +107,8 @@ def register(app: FastAPI) -> None:
     if settings.cds_verify_jwt:
         replay = RedisReplayCache(settings.cds_jti_redis_url) if settings.cds_jti_redis_url else MemoryReplayCache()
         verifier = JwtVerifier(issuers, jwks=JwksCache(ttl=settings.cds_jwks_cache_seconds), replay=replay,
-                               clock_skew=settings.jwt_clock_skew_seconds)
+                               clock_skew=settings.jwt_clock_skew_seconds,
+                               max_lifetime=settings.jwt_max_lifetime_seconds)
         if not issuers:
             log.warning("cds.no_trusted_issuers", detail="every CDS Hooks call will be refused (401); "
                                                           "set SPINEWATCH_CDS_TRUSTED_ISSUERS")

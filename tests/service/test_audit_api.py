@@ -217,3 +217,22 @@ def test_cli_export_json_is_the_stored_records(url, seeded):
     lines = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     assert [r["kind"] for r in lines] == ["alert", "alert"] and all(len(r["hash"]) == 64 for r in lines)
     assert runner.invoke(cli, ["audit", "export", "--db", url, "--format", "xml"]).exit_code == 2
+
+
+# -- issue 15 finding 13 ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", [["verify"], ["list"], ["export", "--format", "json"]])
+def test_cli_on_a_mistyped_sqlite_path_says_so_and_creates_nothing(tmp_path, command):
+    missing = tmp_path / "mistyped.sqlite"
+    out = runner.invoke(cli, ["audit", *command, "--db", f"sqlite:///{missing}"])
+    assert out.exit_code == 2
+    assert "no audit log at" in out.output and "intact" not in out.output
+    assert not missing.exists()
+
+
+def test_cli_list_and_export_accept_a_bare_patient_id_as_the_api_does(url, seeded):
+    bare = runner.invoke(cli, ["audit", "list", "--db", url, "--patient", "b", "--json"])
+    assert bare.exit_code == 0
+    assert [json.loads(line)["seq"] for line in bare.stdout.splitlines() if line.startswith("{")] == [8, 4]
+    res = runner.invoke(cli, ["audit", "export", "--db", url, "--format", "json", "--patient", "a"])
+    assert len([line for line in res.stdout.splitlines() if line.startswith("{")]) == 4

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from service.fhir_client import (BearerAuth, FHIRAuthError, FHIRBadRequest, FHIRClient, FHIRNotFound,
                                  FHIRNotSupported, FHIRPagingError, FHIRPreconditionFailed, FHIRServerError,
-                                 FHIRTransportError, SmartBackendAuth, auth_from_settings)
+                                 FHIRResponseError, FHIRTransportError, SmartBackendAuth, auth_from_settings)
 from service.settings import Settings
 
 BASE = "https://ehr.example/fhir"
@@ -91,6 +91,28 @@ def test_non_json_success_is_an_error(fhir):
     respx.get(f"{BASE}/Patient/p1").respond(200, text="<html>proxy</html>")
     with pytest.raises(Exception, match="not JSON"):
         fhir.read("Patient", "p1")
+
+
+@respx.mock
+@pytest.mark.parametrize("body", [[], [{"resourceType": "Patient"}], "Patient", 42, None, True])
+def test_json_success_that_is_not_an_object_is_a_permanent_response_error(fhir, body):
+    # Issue 15 finding 8: a 200 whose JSON is not an object was an AttributeError (dead-lettered untyped).
+    respx.get(f"{BASE}/Patient/p1").respond(200, content=json.dumps(body).encode(),
+                                            headers={"Content-Type": "application/fhir+json"})
+    respx.get(f"{BASE}/Condition").respond(200, content=json.dumps(body).encode())
+    for call in (lambda: fhir.read("Patient", "p1"), lambda: fhir.search_all("Condition", {"patient": "p1"})):
+        with pytest.raises(FHIRResponseError, match="not a JSON object") as caught:
+            call()
+        assert not caught.value.transient and caught.value.status == 200
+
+
+@respx.mock
+def test_token_endpoint_refusal_whose_json_is_not_an_object_is_an_auth_error():
+    pem, _ = keypair("RS384")
+    respx.post(TOKEN_URL).respond(400, json=["invalid_client"])
+    with FHIRClient(BASE, auth=SmartBackendAuth("c", pem, token_url=TOKEN_URL)) as client:
+        with pytest.raises(FHIRAuthError, match="HTTP 400"):
+            client.read("Patient", "p1")
 
 
 # ---------------- search and paging ----------------

@@ -297,3 +297,56 @@ def test_replay_cache_in_redis_is_shared(tmp_path, redis_url):
         assert_bare_401(_post(second, token))
     finally:
         reset_audit()
+
+
+# -- issue 15 finding 7: exp / iat must be finite numbers; lifetime and iat age are capped ---------
+
+def _now() -> int:
+    return int(time.time())
+
+
+BAD_CLAIMS = {
+    "exp a string": lambda: {"exp": str(_now() + 300)},
+    "iat a string": lambda: {"iat": str(_now())},
+    "exp a bool": lambda: {"exp": True},
+    "iat a bool": lambda: {"iat": True},
+    "exp NaN": lambda: {"exp": float("nan")},
+    "exp infinite": lambda: {"exp": float("inf")},
+    "exp 1e300": lambda: {"exp": 1e300},
+    "iat -1e300": lambda: {"iat": -1e300},
+    "exp a list": lambda: {"exp": [_now() + 300]},
+    "exp null": lambda: {"exp": None, "extra": 1},
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CLAIMS))
+def test_exp_and_iat_that_are_not_finite_numbers_are_a_bare_401(env, case):
+    claims = BAD_CLAIMS[case]()
+    aud = url(SERVICE_PATH)
+    token = jwt.encode({**env.issuer.claims(aud), **claims}, env.issuer.private_key, algorithm=env.issuer.alg,
+                       headers={"kid": env.issuer.kid, "typ": "JWT"})
+    assert_bare_401(_post(env, token))
+
+
+@pytest.mark.parametrize("iat,exp,reason", [
+    (0, 10 * 365 * 86400, "lifetime-too-long"),   # a ten-year token, issued now
+    (0, 3601, "lifetime-too-long"),
+    (-7200, 300, "lifetime-too-long"),             # issued two hours ago: iat older than the cap
+])
+def test_token_lifetime_and_iat_age_are_capped(env, iat, exp, reason):
+    now = _now()
+    response = _post(env, env.issuer.token(url(SERVICE_PATH), iat=now + iat, exp=now + exp))
+    assert_bare_401(response)
+    [failure] = env.audit_records("auth-failure")
+    assert failure.detail["reason"] == reason
+
+
+def test_the_lifetime_cap_is_a_setting(tmp_path):
+    env = make_env(tmp_path, jwt_max_lifetime_seconds=300)
+    try:
+        now = _now()
+        assert _post(env, env.issuer.token(url(SERVICE_PATH), iat=now, exp=now + 300)).status_code == 200
+        assert_bare_401(_post(env, env.issuer.token(url(SERVICE_PATH), iat=now, exp=now + 600)))
+        assert_bare_401(_post(env, env.issuer.token(url(SERVICE_PATH), iat=now - 400, exp=now + 60)))
+    finally:
+        reset_audit()

@@ -90,3 +90,56 @@ def test_a_note_in_the_bundle_is_read_with_the_note_cap_from_the_settings(tmp_pa
     out = json.loads(proc.stdout)
     assert out["urgency"] != "emergency"
     assert any("DocumentReference/d1" in p and "1000" in p for p in out["problems"]), out["problems"]
+
+
+# -- issue 15 finding 12: unreadable input is one line and exit 2, never a traceback or a hang -------
+
+def _bad_inputs(tmp_path):
+    import bz2
+    import gzip
+    import os
+
+    good = EXAMPLE.read_bytes()
+    corrupt_gz = bytearray(gzip.compress(good))
+    corrupt_gz[20:40] = b"\xff" * 20  # the deflate stream, not the header
+    (tmp_path / "corrupt.json.gz").write_bytes(bytes(corrupt_gz))
+    (tmp_path / "truncated.json.gz").write_bytes(gzip.compress(good)[:-30])
+    (tmp_path / "truncated.json.bz2").write_bytes(bz2.compress(good)[:-30])
+    (tmp_path / "garbled.json.bz2").write_bytes(b"BZh9" + b"\x00" * 200)
+    (tmp_path / "latin1.json").write_bytes(b'{"resourceType": "Patient", "id": "\xe9"}')
+    os.mkfifo(tmp_path / "fifo.json")
+    (tmp_path / "zero.json").symlink_to("/dev/zero")
+    (tmp_path / "file.json").write_bytes(good)
+    return {"corrupt gzip": tmp_path / "corrupt.json.gz", "truncated gzip": tmp_path / "truncated.json.gz",
+            "truncated bz2": tmp_path / "truncated.json.bz2", "garbled bz2": tmp_path / "garbled.json.bz2",
+            "not UTF-8": tmp_path / "latin1.json", "FIFO": tmp_path / "fifo.json",
+            "symlink to /dev/zero": tmp_path / "zero.json", "/dev/zero": Path("/dev/zero"),
+            "under a file": tmp_path / "file.json" / "x.json", "a directory": tmp_path}
+
+
+@pytest.mark.parametrize("case", ["corrupt gzip", "truncated gzip", "truncated bz2", "garbled bz2", "not UTF-8",
+                                  "FIFO", "symlink to /dev/zero", "/dev/zero", "under a file", "a directory"])
+def test_unreadable_input_is_one_line_and_exit_2(tmp_path, case):
+    proc = subprocess.run([sys.executable, "-m", "service.cli", "evaluate", str(_bad_inputs(tmp_path)[case])],
+                          capture_output=True, text=True, cwd=ROOT, timeout=20)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("spinewatch: ") and "Traceback" not in proc.stderr
+    assert "Error" not in line, "the reason is said in words, not as an exception class"
+
+
+def test_input_is_read_with_a_size_cap(tmp_path):
+    import gzip
+
+    from fhir_mappings.bundle import MAX_INPUT_BYTES, InputError, read_path
+
+    assert MAX_INPUT_BYTES == 200 * 1024 * 1024
+    bomb = tmp_path / "bomb.json.gz"
+    bomb.write_bytes(gzip.compress(b" " * 5_000_000))
+    with pytest.raises(InputError, match="larger than"):
+        read_path(bomb, max_bytes=1_000_000)
+    plain = tmp_path / "big.json"
+    plain.write_bytes(b" " * 2_000_000)
+    with pytest.raises(InputError, match="larger than"):
+        read_path(plain, max_bytes=1_000_000)

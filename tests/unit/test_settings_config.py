@@ -112,3 +112,59 @@ def test_trusted_issuers_must_be_a_json_object_of_jwks(monkeypatch, fresh_settin
     (line,) = refusal(monkeypatch, SPINEWATCH_CDS_TRUSTED_ISSUERS="https://ehr.example.org")
     assert line.startswith("invalid setting SPINEWATCH_CDS_TRUSTED_ISSUERS")
     assert line.endswith("is not valid JSON")
+
+
+# -- issue 15 finding 1: production refuses empty, short, low-variety or shared secrets ---------------
+
+STRONG_A = "9f3c1a7e5b2d8046f1e9c3a5b7d2e4f60a1b"
+STRONG_B = "Zx81-Qw72_Lp45.Mn36+Kj27=Hg18!Fd09"
+STRONG_C = "c0ffee-4d1e-4b2f-9a8c-7e6d5c4b3a29"
+
+
+@pytest.mark.parametrize("value,why", [
+    ("", "is empty"),
+    ("x", "is shorter than 32 characters"),
+    ("a" * 64, "has fewer than 10 distinct characters"),
+    ("ab" * 20, "has fewer than 10 distinct characters"),
+])
+def test_production_refuses_weak_secrets_by_name_never_by_value(monkeypatch, fresh_settings, value, why):
+    (line,) = refusal(monkeypatch, SPINEWATCH_ENVIRONMENT="production", SPINEWATCH_REVIEWER_TOKEN=value,
+                      SPINEWATCH_NOTIFICATION_TOKEN=STRONG_B)
+    assert line.startswith(f"invalid settings: production refuses weak secrets: SPINEWATCH_REVIEWER_TOKEN {why}")
+    if len(value) > 1:  # the value is never echoed
+        assert value not in line
+
+
+def test_production_refuses_a_secret_shared_by_two_settings(monkeypatch, fresh_settings):
+    (line,) = refusal(monkeypatch, SPINEWATCH_ENVIRONMENT="production", SPINEWATCH_REVIEWER_TOKEN=STRONG_A,
+                      SPINEWATCH_NOTIFICATION_TOKEN=STRONG_A)
+    assert "SPINEWATCH_NOTIFICATION_TOKEN is the same as SPINEWATCH_REVIEWER_TOKEN" in line
+    assert STRONG_A not in line
+
+
+def test_production_webhook_secret_counts_only_with_a_webhook(monkeypatch, fresh_settings):
+    monkeypatch.setenv("SPINEWATCH_ENVIRONMENT", "production")
+    monkeypatch.setenv("SPINEWATCH_REVIEWER_TOKEN", STRONG_A)
+    monkeypatch.setenv("SPINEWATCH_NOTIFICATION_TOKEN", STRONG_B)
+    assert get_settings().environment == "production"
+    get_settings.cache_clear()
+    (line,) = refusal(monkeypatch, SPINEWATCH_ALERT_WEBHOOK_URL="https://hooks.example.org/x",
+                      SPINEWATCH_ALERT_WEBHOOK_SECRET="short")
+    assert "SPINEWATCH_ALERT_WEBHOOK_SECRET is shorter than 32 characters" in line
+    get_settings.cache_clear()
+    monkeypatch.setenv("SPINEWATCH_ALERT_WEBHOOK_SECRET", STRONG_B)
+    (line,) = refusal(monkeypatch)
+    assert "SPINEWATCH_ALERT_WEBHOOK_SECRET is the same as SPINEWATCH_NOTIFICATION_TOKEN" in line
+    get_settings.cache_clear()
+    monkeypatch.setenv("SPINEWATCH_ALERT_WEBHOOK_SECRET", STRONG_C)
+    assert get_settings().alert_webhook_secret == STRONG_C
+
+
+@pytest.mark.parametrize("reviewer", ["", "x", STRONG_B])
+def test_check_config_exits_2_on_a_weak_or_shared_production_secret(reviewer):
+    proc = check_config(SPINEWATCH_ENVIRONMENT="production", SPINEWATCH_REVIEWER_TOKEN=reviewer,
+                        SPINEWATCH_NOTIFICATION_TOKEN=STRONG_B)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert "SPINEWATCH_REVIEWER_TOKEN" in line or "SPINEWATCH_NOTIFICATION_TOKEN is the same" in line
+    assert STRONG_B not in line and "Traceback" not in proc.stderr
