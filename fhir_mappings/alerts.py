@@ -1,8 +1,8 @@
 """Care-team alerts as FHIR R4 Communication resources, and the webhook body. Pure: no I/O, no clock.
 
-Which assessments alert (CLINICAL.md "Tiers"): `emergency` at once (priority `stat`) and `urgent`
+Which assessments alert (NG234 Boxes 1 and 2; QS56 statement 3): `emergency` at once (priority `stat`) and `urgent`
 (priority `urgent`); `routine` and `none` never do. The same patient with the same tier and the same
-evidence alerts once (CLINICAL.md "Suppression and de-duplication"): `alert_id` is a digest of
+evidence alerts once (de-duplication): `alert_id` is a digest of
 exactly those three, so it is the de-duplication key, the Communication.identifier (conditional
 create, FHIR R4 §3.1.0.8.1 `If-None-Exist`) and the webhook delivery id. An upgrade from urgent to
 emergency changes the tier, hence the id, hence alerts again.

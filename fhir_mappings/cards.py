@@ -1,7 +1,7 @@
 """Assessment → CDS Hooks 2.0 cards, and the whole-spine MRI ServiceRequest a card suggests.
 
-Card content follows CLINICAL.md "What a card says" and issue 14 ("cards a clinician reads in five
-seconds"): the detail says first what to do and by when, then the tier's own lines (emergency: call
+Card content follows NICE NG234 1.4, QS56 statement 3 and the CDS Hooks 2.0 Card, so that a
+clinician reads it in five seconds: the detail says first what to do and by when, then the tier's own lines (emergency: call
 the MSCC coordinator, what to do meanwhile; urgent: ask about and document neurology, safety-net;
 routine: MRI not X-ray, safety-net), then a few evidence lines in clinical words — what was found,
 where it was written, when — and never a resource id in the prose (ids stay in the machine-readable
@@ -76,8 +76,8 @@ WHY_NOT_XRAY = ("**Why not X-ray:** a plain X-ray shows a vertebral metastasis o
                 "vertebral body is destroyed; it must not be used to diagnose or exclude spinal metastases.")
 
 # MRI codes, LOINC/RSNA Radiology Playbook (https://loinc.org/kb/users-guide/radiology-playbook/;
-# LOINC long common names): 36531-2 "MR Spine WO contrast" for suspected MSCC (CLINICAL.md "What a
-# card says": no contrast, sagittal T1 and T2/STIR of the whole spine), 36400-0 "MR Spine WO and W
+# LOINC long common names): 36531-2 "MR Spine WO contrast" for suspected MSCC (NICE NG234 1.4 whole-spine MRI;
+# no contrast needed: sagittal T1 and T2/STIR of the whole spine), 36400-0 "MR Spine WO and W
 # contrast IV" for the urgent and routine work-up of suspected metastasis (ACR Low Back Pain,
 # variant 7). Sites order by their own codes: each is a setting (SPINEWATCH_MRI_CODE_<TIER>).
 MRI_CODES = {
@@ -306,7 +306,7 @@ def mri_code(a: Assessment, settings: CardSettings = DEFAULT_SETTINGS) -> dict:
 
 def mri_service_request(a: Assessment, now: datetime, intent: str = "proposal",
                         settings: CardSettings = DEFAULT_SETTINGS) -> dict:
-    """A draft whole-spine MRI order (CLINICAL.md "What a card says")."""
+    """A draft whole-spine MRI order (NG234 1.4, QS56 statement 3 and the CDS Hooks 2.0 Card)."""
     reasons = [{"reference": ref} for ref in dict.fromkeys(
         e.reference for e in a.cancers[:1] + a.evidence[:5] + (a.back_pain[:1] if not a.evidence else []))]
     request = {
@@ -365,7 +365,7 @@ def cards_for(a: Assessment, now: datetime, intent: str = "proposal", new_id: Ne
     """The patient-view card for an assessment: none for tier `none`."""
     if a.urgency == "none":
         return []
-    # No "order MRI" suggestion when one is already ordered (CLINICAL.md "Suppression"), and none
+    # No "order MRI" suggestion when one is already ordered (NG234 1.4 (MRI of the spine)), and none
     # without a patient to order it for (clinical identifiers never get defaults).
     suggestions = [] if a.pending_mri or not a.patient else [_mri_suggestion(a, now, intent, new_id,
                                                                              settings=settings)]

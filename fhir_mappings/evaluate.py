@@ -1,7 +1,7 @@
 """The clinical decision: assess(resources, now, settings) → Assessment.
 
-Pure: no I/O, no clock. The worker and the CDS Hooks service both call it. CLINICAL.md is the
-authority for every rule here; the codes and phrases are data (valuesets/, rules/).
+Pure: no I/O, no clock. The worker and the CDS Hooks service both call it. NICE NG234 (2023) is the
+source of every rule here (each rule file cites its section); the codes and phrases are data (valuesets/, rules/).
 """
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ from fhir_mappings.text import Mention
 
 TIERS = ("emergency", "urgent", "routine", "none")
 
-# CLINICAL.md "Who is evaluated" 1: a cancer Condition with these verification statuses is no cancer.
+# NG234 1.1 (any current or past cancer): a cancer Condition with these verification statuses is no cancer.
 # "unconfirmed" is the parent of provisional and differential in the R4 condition-ver-status codes.
 _CANCER_DOES_NOT_COUNT = {"refuted", "entered-in-error", "provisional", "differential", "unconfirmed"}
-# CLINICAL.md "Recent": evidence with these statuses never counts.
+# NG234 1.1 (recent spinal pain): evidence with these statuses never counts.
 _VERIFICATION_NEVER_COUNTS = {"refuted", "entered-in-error"}
 _OBSERVATION_NEVER_COUNTS = {"entered-in-error", "cancelled"}
 _CONDITION_INACTIVE = {"resolved", "inactive", "remission"}
 _CONDITION_ACTIVE = {"active", "recurrence", "relapse"}
-# Suppression and pending orders (CLINICAL.md "Suppression and de-duplication").
+# Suppression and pending orders: a spine MRI done answers the question (NG234 1.4).
 _REPORT_DONE = {"final", "amended", "corrected", "appended"}
 _ORDER_PENDING = {"active", "on-hold"}
 # A spine X-ray ordered (not yet done) or done within the lookback: the card then says why not X-ray.
@@ -35,7 +35,7 @@ _SPINAL_PAIN_FLAG = "thoracic-or-cervical-pain"  # a Box 1 flag that is itself b
 
 @dataclass(frozen=True)
 class EvaluationSettings:
-    lookback_days: int = 90  # CLINICAL.md "Recent": default 90 days; a deployment setting
+    lookback_days: int = 90  # NG234 1.1 (recent spinal pain): default 90 days; a deployment setting
     note_max_chars: int = NOTE_MAX_CHARS  # a longer note is named in `problems`, its start still read
 
     def __post_init__(self):
@@ -126,7 +126,7 @@ def _closed_before(item: Clinical, window_start: datetime) -> bool:
 
 
 def _is_recent(item: Clinical, window_start: datetime) -> bool:
-    """CLINICAL.md "Recent": own latest clinical date within the lookback; a Condition not closed
+    """NG234 1.1 (recent spinal pain): own latest clinical date within the lookback; a Condition not closed
     before the window; an undated Condition counts only while active."""
     if _closed_before(item, window_start):
         return False
@@ -163,7 +163,7 @@ def _is_spinal_site(term: Terminology, codings, texts) -> bool:
 
 
 def _is_spinal_pain_condition(term: Terminology, item: Clinical) -> bool:
-    """A pain Condition whose bodySite is spinal (CLINICAL.md "Who is evaluated" 2: back pain)."""
+    """A pain Condition whose bodySite is spinal (NG234 1.1 Box 1 (spinal pain): back pain)."""
     if item.resource_type != "Condition" or not (item.body_site_codings or item.body_site_texts):
         return False
     names_pain = any(term.matcher.pain_word.search(text) for text, field_name in item.texts if field_name == "Condition.code")
@@ -200,7 +200,7 @@ def _pain_reading(term: Terminology, item: Clinical) -> str | None:
 
 
 def _score_flag(rule: Rule, scores: list[Evidence]) -> list[Evidence]:
-    """Evidence for a score-based flag (CLINICAL.md Box 1 'progressive' and 'severe unremitting')."""
+    """Evidence for a score-based flag (NG234 Box 1 'progressive' and 'severe unremitting')."""
     spec = rule.score
     if not spec or not scores:
         return []
@@ -318,7 +318,7 @@ def assess_record(record: Record, now: datetime, settings: EvaluationSettings, t
         if from_scores:
             flags.setdefault(rule.id, []).extend(from_scores)
 
-    # A thoracic or cervical spinal pain is itself back pain (CLINICAL.md "Who is evaluated" 2).
+    # A thoracic or cervical spinal pain is itself back pain (NG234 1.1 Box 1 (spinal pain)).
     back_pain += [e for e in flags.get(_SPINAL_PAIN_FLAG, []) if e.reference not in {b.reference for b in back_pain}]
 
     ordered_rules = sorted(term.rules, key=lambda r: -r.box)  # Box 2 (emergency) first, stable

@@ -459,7 +459,7 @@ def read_record(resources: list[dict], term: Terminology, note_max_chars: int = 
 
 def concept_evidence(item: Clinical, concept: Concept, label: str | None = None) -> Evidence | None:
     """Evidence that `item` is an instance of `concept`: a coding first, the text fallback only when
-    no coding in a known system says anything about it (CLINICAL.md "Codes")."""
+    no coding in a known system says anything about it (SNOMED CT and ICD-10-CM)."""
     label = label or concept.id
     if concept.overriding is not None and any(concept.vetoed_by_text(text) for text, _ in item.texts):
         return None

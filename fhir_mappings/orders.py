@@ -1,6 +1,6 @@
 """Draft orders → what kind of spine imaging they ask for (order-select / order-sign).
 
-CLINICAL.md "Codes": a plain X-ray of the spine is what the order hooks challenge (NG234: it must
+A plain X-ray of the spine is what the order hooks challenge (NG234: it must
 not be used to diagnose or exclude spinal metastases); an MRI of the spine already among the drafts
 means the clinician is doing the right thing and needs no card. The codes and phrases are the
 reviewed value sets `xray-spine` and `mri-spine`; nothing here is a literal code.

@@ -1,7 +1,7 @@
 """Value sets and red-flag rules, loaded from the reviewed data files beside this module.
 
-Codes live in `valuesets/*.yaml` and `rules/*.yaml`, never as literals in logic (CLINICAL.md
-"Codes"). Matching is by `system|code`; with no terminology server, ICD-10-CM ranges match by
+Codes live in `valuesets/*.yaml` and `rules/*.yaml`, never as literals in logic (SNOMED CT,
+ICD-10-CM, LOINC: each file cites its sources). Matching is by `system|code`; with no terminology server, ICD-10-CM ranges match by
 prefix and SNOMED CT by explicit lists, with the clinical-language matcher (text.py) as the fallback.
 Every file is validated against its schema (schema.py) before it is compiled.
 """
@@ -23,7 +23,7 @@ SNOMED = "http://snomed.info/sct"
 LOINC = "http://loinc.org"
 CPT = "http://www.ama-assn.org/go/cpt"
 ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
-ICD10 = "http://hl7.org/fhir/sid/icd-10"  # accepted as ICD-10-CM (CLINICAL.md "Codes")
+ICD10 = "http://hl7.org/fhir/sid/icd-10"  # accepted as ICD-10-CM (SNOMED CT and ICD-10-CM)
 _ICD_SYSTEMS = (ICD10CM, ICD10)
 _EXACT_SYSTEMS = {"snomed": SNOMED, "loinc": LOINC, "cpt": CPT}
 KNOWN_SYSTEMS = frozenset({SNOMED, LOINC, CPT, ICD10CM, ICD10})
@@ -58,7 +58,7 @@ class CodeSet:
         return f"{system}|{code}" in self.keys
 
 
-# What a concept's text mention counts as, by its context (CLINICAL.md "Free text"; text.py).
+# What a concept's text mention counts as, by its context (ConText (Harkema et al. 2009) and NG234 1.2; text.py).
 _RAISES_FLAG = frozenset({"present", "uncertain"})
 _RAISES_HISTORY = frozenset({"present", "uncertain", "historical"})
 _RAISES_CANCER = frozenset({"present", "historical"})  # "suspected" cancer is not a known cancer

@@ -16,11 +16,11 @@ Three steps, each compiled once per rule set (`Matcher`):
    (`Family history:`, `Safety netting:`, `PMH:`) are handled explicitly; a plan's own cues decide.
 3. **Decision.** `Mention.status` is the strongest context found (absent > other > hypothetical >
    historical > uncertain > present). Whether a status raises the concept is data: present always;
-   uncertain for every red flag (CLINICAL.md "Free text": a documented suspicion of MSCC is itself a
+   uncertain for every red flag (ConText (Harkema et al. 2009) and NG234 1.2: a documented suspicion of MSCC is itself a
    reason for the emergency MRI) but not for a cancer ("suspected" is not a known cancer);
    historical only where the concept counts history (a past cancer, a recorded bone metastasis).
    Box 1 qualifiers (night, mechanical, straining, progressive, severe) are *anchored*: they count
-   only when they describe spinal pain (CLINICAL.md "Free text"; see `Matcher._anchor` and
+   only when they describe spinal pain (ConText (Harkema et al. 2009) and NG234 1.2; see `Matcher._anchor` and
    `Mention.anchored`). docs/clinical-language.md says it for clinicians, with the measured figures.
 
 Pure: no I/O. Offsets in `Mention` are into the text as given.

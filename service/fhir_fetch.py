@@ -18,7 +18,7 @@ SSRF: the service only ever calls hosts in SPINEWATCH_FHIR_ALLOWED_HOSTS, never 
 requires https in production ("The scheme MUST be https when production data is exchanged"), and
 sends the bearer token only to the fhirServer origin. The token is never logged or stored.
 
-Clinical notes (issue 11): the recent DocumentReferences come by their own prefetch key. A
+Clinical notes: the recent DocumentReferences come by their own prefetch key. A
 prefetch template can hold no computed date (2.0 §Prefetch tokens are context fields; §"Prefetch
 query restrictions" allow literal `date` values, `_count` and `_sort` for "most recent" queries),
 so the template asks for the most recent NOTES_PREFETCH_COUNT by date and the fallback reads the
@@ -63,7 +63,7 @@ class PrefetchKey:
         return f"{self.resource_type}?patient={{{{context.patientId}}}}{extra}"
 
 
-# What the rules read (CLINICAL.md): the patient, every Condition (a cancer counts whatever its
+# What the rules read (NG234 Box 2): the patient, every Condition (a cancer counts whatever its
 # date), every Observation (symptoms hide in valueString and notes), and the spine imaging that
 # suppresses a card or shows an MRI already ordered: reports, studies, orders, procedures.
 PREFETCH_KEYS = (
@@ -75,7 +75,7 @@ PREFETCH_KEYS = (
     PrefetchKey("serviceRequests", "ServiceRequest", False),
     PrefetchKey("procedures", "Procedure", False),
     # Clinical notes (US Core DocumentReference), newest first: where the history of the presenting
-    # complaint is written (issue 11).
+    # complaint is written.
     PrefetchKey("documentReferences", "DocumentReference", False,
                 (("_sort", "-date"), ("_count", str(NOTES_PREFETCH_COUNT))), NOTES_PREFETCH_COUNT),
 )

@@ -1,4 +1,4 @@
-"""Which Binary resources a patient's notes point at, and which of them may be fetched (issue 11).
+"""Which Binary resources a patient's notes point at, and which of them may be fetched.
 
 A clinical note (DocumentReference.content.attachment, R4) or a report's presentedForm
 (DiagnosticReport.presentedForm) carries its text inline (`data`, base64) or names it by `url`. The

@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     # Clinical
     lookback_days: int = Field(90, ge=1, le=3650,
                                description="how far back (days) back-pain and red-flag evidence counts as recent")
-    # Clinical notes (issue 11; workers/pipeline.py, service/fhir_fetch.py, fhir_mappings evaluation)
+    # Clinical notes (US Core Clinical Notes; workers/pipeline.py, service/fhir_fetch.py, fhir_mappings evaluation)
     note_max_chars: int = Field(200_000, ge=1000, le=10_000_000,
                                 description="longest note text read (characters); a longer note is named in "
                                             "`problems` and its first part still read")

@@ -1,6 +1,6 @@
 """`spinewatch subscribe`: make sure the FHIR server notifies us of every new or changed resource of
 the watched types, idempotently: SPINEWATCH_SUBSCRIPTION_TYPES, Condition and Observation by default,
-DocumentReference (clinical notes, issue 11) where the operator adds it.
+DocumentReference (clinical notes) where the operator adds it.
 
 For each watched type:
 1. choose the mechanism from the server's CapabilityStatement: an R5 Backport topic when the server

@@ -1,7 +1,7 @@
 """The optional FHIR R4 terminology server (SPINEWATCH_TERMINOLOGY_URL): SNOMED CT codes the local
 value sets do not classify, asked once each whether they descend from a concept's roots.
 
-CLINICAL.md "Codes": without a terminology server SNOMED CT is matched by explicit lists. With one,
+SNOMED CT and ICD-10-CM: without a terminology server SNOMED CT is matched by explicit lists. With one,
 before a record is assessed, the SNOMED CT codings of its Conditions and Observations (`code`,
 `valueCodeableConcept`, `bodySite`) that no local list includes or excludes are asked about, per
 root of `fhir_mappings/valuesets/server/terminology-roots.yaml`:

@@ -84,10 +84,10 @@ def _instant(when: datetime) -> str:
 def record_queries(patient_id: str, window_start: datetime) -> list[tuple[str, list[tuple[str, str]]]]:
     """The searches that fetch everything the rules read (fhir_mappings/facts.py MODELS).
 
-    Conditions and ServiceRequests at any date: a cancer counts "current or past" (CLINICAL.md), and
+    Conditions and ServiceRequests at any date: a cancer counts "current or past" (NG234 Box 2), and
     an MRI ordered long ago may still be pending. Observations, DiagnosticReports, Procedures and the
-    notes (DocumentReference, ClinicalImpression; issue 11) are many, and only recent ones can count
-    (CLINICAL.md "Recent"), so they are limited to the lookback window, twice: by clinical date
+    notes (DocumentReference, ClinicalImpression) are many, and only recent ones can count
+    (NG234 1.1 (recent spinal pain)), so they are limited to the lookback window, twice: by clinical date
     (`date`) and by `_lastUpdated`, because the rules use the latest of several dates
     (Observation.issued, a note's context.period) and `date` searches only one of them (and a note
     without `date` is found only by the second)."""

@@ -1,4 +1,4 @@
-"""Clinical notes end to end on real parts (issue 11): a new DocumentReference written to the real
+"""Clinical notes end to end on real parts: a new DocumentReference written to the real
 FHIR server sekmet-fhir, whose text says cord compression, reaches an emergency assessment and one
 care-team alert without anything else about the patient being written.
 

@@ -57,7 +57,7 @@ SKEW_CASES = {  # (iat offset, exp offset) from now, and whether it must pass wi
     "iat 60 s ahead (past skew)": (60, 300, False),
     "exp 20 s ago (within skew)": (-300, -20, True),
     "exp 60 s ago (past skew)": (-300, -60, False),
-    # Accepted before issue 15 (finding 7); lifetime and iat age are now capped (1 h by default).
+    # A one-year token was once accepted; lifetime and iat age are now capped (1 h by default).
     "iat far past, exp far future": (-86400, 86400 * 365, False),
 }
 

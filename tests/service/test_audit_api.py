@@ -134,7 +134,7 @@ def test_page_counts_all_feedback_without_a_patient(client):
 
 
 def test_feedback_is_counted_per_card_type_and_tier(client):
-    # Issue 14: override reasons beside acceptance, per hook and tier, through each card's record.
+    # Override reasons beside acceptance, per hook and tier, through each card's record.
     client.post("/audit/login", data={"token": TOKEN})
     table = client.get("/audit").text.split('id="feedback-per-card"')[1].split("</table>")[0]
     rows = [r for r in table.split("<tr>")[2:]]
@@ -219,7 +219,7 @@ def test_cli_export_json_is_the_stored_records(url, seeded):
     assert runner.invoke(cli, ["audit", "export", "--db", url, "--format", "xml"]).exit_code == 2
 
 
-# -- issue 15 finding 13 ---------------------------------------------------------------------------
+# -- the audit CLI: a mistyped --db, a bare patient id ------------------------------------------------
 
 @pytest.mark.parametrize("command", [["verify"], ["list"], ["export", "--format", "json"]])
 def test_cli_on_a_mistyped_sqlite_path_says_so_and_creates_nothing(tmp_path, command):

@@ -114,7 +114,7 @@ def test_pending_mri_order_removes_the_suggestion(env):
     [card] = validate_cds_response(response.json())
     assert "suggestions" not in card and "selectionBehavior" not in card
     assert "already ordered" in card["detail"] and "must be done by" in card["detail"]
-    assert "ServiceRequest/mri-ordered" not in card["detail"]  # ids stay out of the prose (issue 14)
+    assert "ServiceRequest/mri-ordered" not in card["detail"]  # ids stay out of the prose
 
 
 def test_resources_of_another_patient_are_ignored(env):

@@ -1,4 +1,4 @@
-"""Clinical notes in the CDS Hooks path (issue 11, item 5): discovery asks for the most recent
+"""Clinical notes in the CDS Hooks path (US Core Clinical Notes): discovery asks for the most recent
 DocumentReferences (a template may hold no computed date: CDS Hooks 2.0 "Prefetch query
 restrictions" allow `_sort` for "most recent" queries and `_count`), the fhirServer fallback reads
 the same, and a note whose text is a Binary on fhirServer is read from there (same origin only,
@@ -102,7 +102,7 @@ def test_without_fhir_server_the_binary_is_not_read_and_the_card_says_so(env, fh
     assert not fhir.calls
     assert card["indicator"] == "info"  # the rest of the record: routine
     assert "clinical note" in card["detail"] and "not read" in card["detail"]
-    assert "DocumentReference/d1" not in card["detail"]  # named in words, not by id (issue 14)
+    assert "DocumentReference/d1" not in card["detail"]  # named in words, not by id
 
 
 def test_a_binary_on_another_host_is_never_fetched(env, fhir):

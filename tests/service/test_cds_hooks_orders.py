@@ -37,7 +37,7 @@ HOOKS = ["order-select", "order-sign"]
 @pytest.mark.parametrize("hook", HOOKS)
 @pytest.mark.parametrize("tier", ["emergency", "urgent", "routine"])
 def test_spine_xray_for_an_in_scope_patient_gets_a_card_following_the_tier(env, hook, tier):
-    """Every in-scope tier gets the X-ray card, and it follows the tier (issue 14): critical and 24 h
+    """Every in-scope tier gets the X-ray card, and it follows the tier: critical and 24 h
     for suspected cord compression, warning and 1 week for urgent, info for routine."""
     [card] = order_call(env, hook, [xray_order(), unrelated_order()], tier)
     assert card["indicator"] == {"emergency": "critical", "urgent": "warning", "routine": "info"}[tier]
@@ -52,7 +52,7 @@ def test_spine_xray_for_an_in_scope_patient_gets_a_card_following_the_tier(env, 
     assert delete == {"type": "delete", "description": delete["description"], "resourceId": "ServiceRequest/xr-1"}
     assert create["type"] == "create"
     mri = create["resource"]
-    # CLINICAL.md "What a card says" (corrected): no contrast for suspected MSCC.
+    # NG234 1.4, QS56 statement 3 and the CDS Hooks 2.0 Card (corrected): no contrast for suspected MSCC.
     expected = {"emergency": "36531-2"}.get(tier, "36400-0")
     assert mri["resourceType"] == "ServiceRequest" and mri["code"]["coding"][0]["code"] == expected
     assert mri["intent"] == "order"  # the replacement is an order, like the X-ray it replaces

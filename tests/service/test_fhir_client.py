@@ -96,7 +96,7 @@ def test_non_json_success_is_an_error(fhir):
 @respx.mock
 @pytest.mark.parametrize("body", [[], [{"resourceType": "Patient"}], "Patient", 42, None, True])
 def test_json_success_that_is_not_an_object_is_a_permanent_response_error(fhir, body):
-    # Issue 15 finding 8: a 200 whose JSON is not an object was an AttributeError (dead-lettered untyped).
+    # A 200 whose JSON is not an object was an AttributeError (dead-lettered untyped).
     respx.get(f"{BASE}/Patient/p1").respond(200, content=json.dumps(body).encode(),
                                             headers={"Content-Type": "application/fhir+json"})
     respx.get(f"{BASE}/Condition").respond(200, content=json.dumps(body).encode())

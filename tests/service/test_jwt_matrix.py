@@ -299,7 +299,7 @@ def test_replay_cache_in_redis_is_shared(tmp_path, redis_url):
         reset_audit()
 
 
-# -- issue 15 finding 7: exp / iat must be finite numbers; lifetime and iat age are capped ---------
+# -- exp / iat must be finite numbers; lifetime and iat age are capped ---------
 
 def _now() -> int:
     return int(time.time())

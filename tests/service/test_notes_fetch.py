@@ -1,4 +1,4 @@
-"""Clinical notes reach the record (issue 11, item 5), with respx as the FHIR server: the worker
+"""Clinical notes reach the record (US Core Clinical Notes), with respx as the FHIR server: the worker
 searches DocumentReference and ClinicalImpression in the lookback window and reads the Binaries the
 notes name on the same server (same auth, size-capped, count-capped, text only); anything else is
 left for the core to name in `problems`. The pure parts (which URLs qualify) are tested first."""

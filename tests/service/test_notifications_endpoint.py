@@ -250,7 +250,7 @@ NOTE = {"resourceType": "DocumentReference", "id": "d1", "meta": {"versionId": "
 
 @pytest.mark.parametrize("deliver", ["rest-hook put", "medplum post", "backport id-only", "id-only without patient"])
 def test_a_note_is_routed_to_its_patient_like_a_condition(client, r, deliver):
-    """Clinical notes (issue 11): a DocumentReference focus evaluates its patient (subject), however
+    """Clinical notes: a DocumentReference focus evaluates its patient (subject), however
     it is delivered; a focus that names no patient is read first to find whose it is."""
     if deliver == "rest-hook put":
         response = client.put("/fhir/notifications/DocumentReference/d1", content=json.dumps(NOTE), headers=AUTH)

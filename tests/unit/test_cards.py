@@ -1,4 +1,4 @@
-"""Cards a clinician reads in five seconds and acts on (issue 14), on every card type: patient-view
+"""Cards a clinician reads in five seconds and acts on, on every card type: patient-view
 emergency / urgent / routine and the order-select/order-sign X-ray card for each tier.
 
 Budgets: `summary` under 140 characters; the detail before its evidence lines ("what to do and by

@@ -92,7 +92,7 @@ def test_a_note_in_the_bundle_is_read_with_the_note_cap_from_the_settings(tmp_pa
     assert any("DocumentReference/d1" in p and "1000" in p for p in out["problems"]), out["problems"]
 
 
-# -- issue 15 finding 12: unreadable input is one line and exit 2, never a traceback or a hang -------
+# -- unreadable input is one line and exit 2, never a traceback or a hang -------
 
 def _bad_inputs(tmp_path):
     import bz2

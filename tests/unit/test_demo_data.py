@@ -1,5 +1,5 @@
 """The demo patients decide as their files say: one per tier, one that must stay quiet, and one whose
-emergency is written only in a clinical note (issue 11)."""
+emergency is written only in a clinical note."""
 
 import base64
 

@@ -1,4 +1,4 @@
-"""Clinical notes read by the pure core (issue "Clinical notes"): DocumentReference content inline
+"""Clinical notes read by the pure core (US Core Clinical Notes): DocumentReference content inline
 or by Binary, plain / HTML / charset, statuses, unreadable formats named, the size cap, report and
 component text, and evidence that quotes the sentence with the note's type and date."""
 

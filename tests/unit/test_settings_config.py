@@ -114,7 +114,7 @@ def test_trusted_issuers_must_be_a_json_object_of_jwks(monkeypatch, fresh_settin
     assert line.endswith("is not valid JSON")
 
 
-# -- issue 15 finding 1: production refuses empty, short, low-variety or shared secrets ---------------
+# -- production refuses empty, short, low-variety or shared secrets ---------------
 
 STRONG_A = "9f3c1a7e5b2d8046f1e9c3a5b7d2e4f60a1b"
 STRONG_B = "Zx81-Qw72_Lp45.Mn36+Kj27=Hg18!Fd09"

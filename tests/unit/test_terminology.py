@@ -1,4 +1,4 @@
-"""Value sets and rules load from their data files and match by system|code (CLINICAL.md "Codes")."""
+"""Value sets and rules load from their data files and match by system|code (SNOMED CT and ICD-10-CM)."""
 
 from pathlib import Path
 
