@@ -264,10 +264,8 @@ class SpineWatchEngine:
         return set(self.matcher.findings(s.text, on_spinal_pain_resource=s.on_spinal_pain_resource))
 
     def reset(self) -> None:
-        """findings() memoises whole texts: clear that before a timed run, to time the reading."""
-        clear = getattr(getattr(self.matcher, "_findings", None), "cache_clear", None)
-        if clear is not None:
-            clear()
+        """The matcher memoises whole texts: forget them before a timed run, to time the reading."""
+        self.matcher.clear_caches()
 
     def target_context(self, text: str, start: int, end: int) -> TargetContext:
         c = self._context_of(text, start, end)

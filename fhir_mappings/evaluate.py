@@ -6,7 +6,7 @@ source of every rule here (each rule file cites its section); the codes and phra
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from fhir_mappings.facts import NOTE_MAX_CHARS, Clinical, Evidence, Record, concept_evidence, read_record
@@ -30,6 +30,8 @@ _ORDER_PENDING = {"active", "on-hold"}
 _XRAY_ORDER_OPEN = {"draft", "active", "on-hold"}
 _XRAY_DONE = {"available", "final", "amended", "corrected", "appended", "completed", "preliminary"}
 _MR_MODALITY = "MR"
+_NOTE_TYPES = frozenset({"DocumentReference", "DiagnosticReport", "ClinicalImpression"})
+_REPORT_BODY = frozenset({"DiagnosticReport.conclusion", "DiagnosticReport.presentedForm"})
 _SPINAL_PAIN_FLAG = "thoracic-or-cervical-pain"  # a Box 1 flag that is itself back pain
 
 
@@ -220,7 +222,16 @@ def _as_flag(e: Evidence, flag: str) -> Evidence:
                     e.status)
 
 
+def _named(item: Clinical) -> Clinical:
+    """The item as its code and title name it, without a report's body: which imaging a report is
+    its code says, and reading every report's full text to find out doubled an evaluation's time."""
+    if not any(field_name in _REPORT_BODY for _, field_name in item.texts):
+        return item
+    return replace(item, texts=[(t, f) for t, f in item.texts if f not in _REPORT_BODY])
+
+
 def _is_spine_mri(term: Terminology, item: Clinical) -> bool:
+    item = _named(item)
     if concept_evidence(item, term.mri_spine):
         return True
     if item.resource_type == "ImagingStudy" and _MR_MODALITY in item.modalities:
@@ -238,7 +249,7 @@ def _completed_mri(item: Clinical) -> bool:
 
 def _spine_xray(term: Terminology, item: Clinical, window_start: datetime) -> SpineXray | None:
     """A plain spine X-ray ordered and not done, or done within the lookback (value set xray-spine)."""
-    if not concept_evidence(item, term.xray_spine):
+    if not concept_evidence(_named(item), term.xray_spine):
         return None
     reference = f"{item.resource_type}/{item.resource_id}"
     if item.resource_type == "ServiceRequest":
@@ -304,6 +315,8 @@ def assess_record(record: Record, now: datetime, settings: EvaluationSettings, t
     # back pain is on record (text.py, Mention.anchored).
     patient_context = "patient" if back_pain else None
     for item, recent, pain, spinal_pain_record in evidence_items:
+        if not recent and item.resource_type in _NOTE_TYPES:
+            continue  # history counts where it is recorded (problem list, observations), not in every old note
         rules = [r for r in term.rules if recent or (r.counts_history and not _closed_before(item, window_start))]
         if not rules:
             continue

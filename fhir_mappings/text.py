@@ -681,8 +681,19 @@ class Matcher:
     other_symptom: re.Pattern[str]  # "SOB", "nausea", "disease": what else a qualifier may describe
     pain_word: re.Pattern[str]  # "pain", "ache", "sore": does a problem-list entry name pain?
     def __post_init__(self):
-        self._all = [p for c in self.concepts.values() for p in (c.pattern, c.qualifiers) if p is not None]
         self._findings = lru_cache(maxsize=16384)(self.read)
+        self._hits = lru_cache(maxsize=65536)(self._concepts_hit)
+
+    def clear_caches(self) -> None:
+        """Forget every text read (benchmarks time the reading, not the memory)."""
+        self._findings.cache_clear()
+        self._hits.cache_clear()
+
+    def _concepts_hit(self, norm: str) -> tuple[ConceptText, ...]:
+        """The concepts with a phrase in the (normalised) text: one search each, remembered, so the
+        pre-parse sieve and the reading that follows it do not scan the same text twice."""
+        return tuple(c for c in self.concepts.values()
+                     if any(p is not None and p.search(norm) for p in (c.pattern, c.qualifiers)))
 
     @property
     def patterns(self) -> dict[str, re.Pattern[str]]:
@@ -698,15 +709,14 @@ class Matcher:
 
     def may_mention(self, text: str) -> bool:
         """Could any concept be in this text (the pre-parse sieve)? Callers cache it per text."""
-        norm = self.normalised(text)[0]
-        return any(p.search(norm) for p in self._all)
+        return bool(self._hits(self.normalised(text)[0]))
 
     def mentions(self, text: str) -> list[Mention]:
         norm, anchors = self.normalised(text)
         ctx: TextContext | None = None  # built on the first hit only: most texts mention nothing
         sites = None
         out: list[Mention] = []
-        for concept in self.concepts.values():
+        for concept in self._hits(norm):
             for pattern, elliptical in ((concept.pattern, False), (concept.qualifiers, True)):
                 if pattern is None:
                     continue

@@ -13,48 +13,20 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 import uuid
-from pathlib import Path
 
 import httpx
 import pytest
 import redis
 
-from service.demo import stop_process_group
 from tests.support import cds_hooks as ch
+from tests.support.processes import ROOT, SPINEWATCH, Proc, http_up
 from tests.support.sekmet_server import SekmetServer, free_port
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[2]
-_SCRIPT = Path(sys.executable).parent / "spinewatch"  # the console script, as a user runs it
-SPINEWATCH = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "service.cli"]
 DB = 8  # a database of the session's redis-server of its own
 PATIENT_VIEW = "spinewatch-patient-view"
-
-
-class Proc:
-    def __init__(self, args: list[str], env: dict, log: Path, ready: callable, what: str):
-        self.log = log
-        self.proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        deadline = time.monotonic() + 40
-        while not ready():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"{what} did not start:\n" + log.read_text(errors="replace")[-3000:])
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        stop_process_group(self.proc, timeout=15)  # SIGTERM (Celery's warm shutdown), then SIGKILL
-
-
-def _up(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +49,7 @@ def spinewatch(sekmet_server: SekmetServer, redis_server, tmp_path_factory):
         "SPINEWATCH_ALERT_DEFAULT_RECIPIENT": "Organization/acute-oncology",
         "SPINEWATCH_RECONCILIATION_INTERVAL_SECONDS": "0", "PYTHONUNBUFFERED": "1",
     }
-    api = Proc([*SPINEWATCH, "serve", "--port", str(port)], env, tmp / "api.log", lambda: _up(f"{api_base}/healthz"),
+    api = Proc([*SPINEWATCH, "serve", "--port", str(port)], env, tmp / "api.log", lambda: http_up(f"{api_base}/healthz"),
                "spinewatch serve")
     worker = Proc([*SPINEWATCH, "worker", "--concurrency", "2", "--no-beat"], env, tmp / "worker.log",
                   lambda: b"ready." in (tmp / "worker.log").read_bytes(), "spinewatch worker")

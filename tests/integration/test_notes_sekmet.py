@@ -26,52 +26,25 @@ import base64
 import json
 import os
 import subprocess
-import sys
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import httpx
 import pytest
 import redis
 
 from fhir_mappings.alerts import ALERT_ID_SYSTEM
-from service.demo import stop_process_group
+from tests.support.fault_stack import wait_for as poll
+from tests.support.processes import ROOT, SPINEWATCH, Proc, http_up
 from tests.support.sekmet_server import SekmetServer, free_port
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[2]
-_SCRIPT = Path(sys.executable).parent / "spinewatch"  # the console script, as a user runs it
-SPINEWATCH = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "service.cli"]
 DB = 9  # a database of the session's redis-server of its own
 NOTE = ("ED note. 2/52 thoracic back pain, new BLE weakness 3/5 since yesterday, PVR 900 ml. "
         "Impression: suspected metastatic spinal cord compression.")
 CLINICAL = "http://terminology.hl7.org/CodeSystem/condition-clinical"
 VERIFIED = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
-
-
-class Proc:
-    def __init__(self, args: list[str], env: dict, log: Path, ready, what: str):
-        self.log = log
-        self.proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        deadline = time.monotonic() + 40
-        while not ready():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"{what} did not start:\n" + log.read_text(errors="replace")[-3000:])
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        stop_process_group(self.proc, timeout=15)  # SIGTERM (Celery's warm shutdown), then SIGKILL
-
-
-def _up(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +64,7 @@ def stack(sekmet_server: SekmetServer, redis_server, tmp_path_factory):
         "SPINEWATCH_RECONCILIATION_INTERVAL_SECONDS": "0", "SPINEWATCH_LOG_FORMAT": "json",
         "PYTHONUNBUFFERED": "1",
     }
-    api = Proc([*SPINEWATCH, "serve", "--port", str(port)], env, tmp / "api.log", lambda: _up(f"{api_base}/healthz"),
+    api = Proc([*SPINEWATCH, "serve", "--port", str(port)], env, tmp / "api.log", lambda: http_up(f"{api_base}/healthz"),
                "spinewatch serve")
     worker = Proc([*SPINEWATCH, "worker", "--concurrency", "2", "--no-beat"], env, tmp / "worker.log",
                   lambda: b"ready." in (tmp / "worker.log").read_bytes(), "spinewatch worker")
@@ -155,14 +128,11 @@ def stored(stack, pid: str) -> dict | None:
 
 
 def wait_for(what: str, check, stack, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    log = (stack["tmp"] / "worker.log").read_text(errors="replace")[-3000:]
-    raise AssertionError(f"timed out waiting for {what}\n{log}")
+    """fault_stack.wait_for, with the worker's log in the failure."""
+    try:
+        return poll(check, timeout, what, interval=0.1)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n" + (stack["tmp"] / "worker.log").read_text(errors="replace")[-3000:]) from None
 
 
 def communications(fhir: httpx.Client, pid: str) -> list[dict]:

@@ -13,13 +13,11 @@ import pytest
 import respx
 
 from service.fhir_fetch import NOTES_PREFETCH_COUNT
+from tests.support import cds_hooks as ch
 from tests.support.cds_hooks import PATIENT_VIEW, hook_request, make_env, prefetch_for, record, reset_audit, \
     searchset, validate_cds_response
 
-FHIR = "https://fhir.example.org/r4"
-ACCESS = "opaque-fhir-access-token-42"
-AUTHZ = {"access_token": ACCESS, "token_type": "Bearer", "expires_in": 300, "scope": "user/*.read",
-         "subject": "spinewatch"}
+FHIR, ACCESS, AUTHZ = ch.FHIR_SERVER, ch.FHIR_ACCESS_TOKEN, ch.FHIR_AUTHORIZATION
 NOTE = "2/52 thoracic back pain, new BLE weakness 3/5 since yesterday, PVR 900 ml"
 TEMPLATE = f"DocumentReference?patient={{{{context.patientId}}}}&_sort=-date&_count={NOTES_PREFETCH_COUNT}"
 

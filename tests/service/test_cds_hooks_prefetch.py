@@ -9,13 +9,11 @@ import httpx
 import pytest
 import respx
 
+from tests.support import cds_hooks as ch
 from tests.support.cds_hooks import (PATIENT_VIEW, PREFETCH_TYPES, hook_request, make_env, prefetch_for, record,
                                      reset_audit, searchset, validate_cds_response)
 
-FHIR = "https://fhir.example.org/r4"
-ACCESS = "opaque-fhir-access-token-42"
-AUTHZ = {"access_token": ACCESS, "token_type": "Bearer", "expires_in": 300, "scope": "user/*.read",
-         "subject": "spinewatch"}
+FHIR, ACCESS, AUTHZ = ch.FHIR_SERVER, ch.FHIR_ACCESS_TOKEN, ch.FHIR_AUTHORIZATION
 
 
 @pytest.fixture

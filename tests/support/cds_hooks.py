@@ -24,6 +24,11 @@ LOINC = "http://loinc.org"
 CPT = "http://www.ama-assn.org/go/cpt"
 BASE = "http://testserver"
 PATIENT_VIEW = "spinewatch-patient-view"
+# A hook call's fhirServer and fhirAuthorization (CDS Hooks 2.0 "FHIR Resource Access").
+FHIR_SERVER = "https://fhir.example.org/r4"
+FHIR_ACCESS_TOKEN = "opaque-fhir-access-token-42"
+FHIR_AUTHORIZATION = {"access_token": FHIR_ACCESS_TOKEN, "token_type": "Bearer", "expires_in": 300,
+                      "scope": "user/*.read", "subject": "spinewatch"}
 ORDER_IMAGING = "spinewatch-order-imaging"
 PREFETCH_TYPES = {"patient": "Patient", "conditions": "Condition", "observations": "Observation",
                   "diagnosticReports": "DiagnosticReport", "imagingStudies": "ImagingStudy",
