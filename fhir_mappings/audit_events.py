@@ -11,6 +11,9 @@ Which BALP pattern each SpineWatch record follows (https://profiles.ihe.net/ITI/
                    (the assessment is what is created; the inputs are extra entities, typed by
                    resource type, with their versionIds)
     card           PatientRead / Read      rest / read / R               the EHR (CDS client)  SpineWatch
+    evidence-view  PatientRead / Read      rest / read / R               the EHR (CDS client)  SpineWatch
+                   (a card's full-evidence page opened; the link is a capability, so the client named
+                   is the CDS client it was issued to, and the viewer's address is in the detail)
     feedback       PatientCreate / Create  rest / create / C             the EHR               SpineWatch
     alert          PatientCreate / Create  rest / create / C             SpineWatch worker     FHIR server
     audit-access   PatientQuery / Query    rest / search / E             the reviewer          SpineWatch
@@ -63,6 +66,7 @@ _PATTERNS = {
     "notification": ("Create", {"system": RESTFUL, "code": "create", "display": "create"}, "C", True),
     "evaluation": ("Create", {"system": RESTFUL, "code": "create", "display": "create"}, "C", True),
     "card": ("Read", {"system": RESTFUL, "code": "read", "display": "read"}, "R", True),
+    "evidence-view": ("Read", {"system": RESTFUL, "code": "read", "display": "read"}, "R", True),
     "feedback": ("Create", {"system": RESTFUL, "code": "create", "display": "create"}, "C", True),
     "alert": ("Create", {"system": RESTFUL, "code": "create", "display": "create"}, "C", False),
     "audit-access": ("Query", {"system": RESTFUL, "code": "search", "display": "search"}, "E", True),
@@ -167,6 +171,13 @@ def _data_entity(kind: str, record: dict) -> tuple[dict | None, list[str]]:
         entity = {"what": what, "type": SYSTEM_OBJECT, "role": REPORT,
                   "detail": _details({"hook": d.get("hook"), "cards": d.get("cards"), "indicator": d.get("indicator"),
                                       "service": d.get("service")})}
+        return entity, []
+    if kind == "evidence-view":
+        instance = d.get("hookInstance")
+        what = {"identifier": {"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{instance}"}} if instance \
+            else {"display": "full evidence of a card"}
+        entity = {"what": what, "type": SYSTEM_OBJECT, "role": REPORT,
+                  "detail": _details({k: d.get(k) for k in ("hook", "service", "tier", "findings", "via")})}
         return entity, []
     if kind == "feedback":
         card = d.get("card") or d.get("card_uuid")

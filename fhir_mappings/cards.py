@@ -170,15 +170,20 @@ def _where(e: Evidence) -> str:
     return "record"
 
 
-def _what(e: Evidence) -> str:
+def _plain(text: str) -> str:
+    """Patient text as plain text (the evidence page escapes it as HTML): whitespace folded only."""
+    return " ".join(text.split())
+
+
+def _what(e: Evidence, escape: Callable[[str], str] = _escape, quote_max: int = QUOTE_MAX) -> str:
     if e.quote:
-        quote = e.quote if len(e.quote) <= QUOTE_MAX else e.quote[:QUOTE_MAX - 1].rstrip() + "…"
-        return f'"{_escape(quote)}"' + (" (suspected)" if e.status == "uncertain" else "") \
+        quote = e.quote if len(e.quote) <= quote_max else e.quote[:quote_max - 1].rstrip() + "…"
+        return f'"{escape(quote)}"' + (" (suspected)" if e.status == "uncertain" else "") \
             + (" (past)" if e.status == "historical" else "")
     if e.value is not None:
         return f"pain {e.value:g}/10"
     if e.display:
-        return _escape(e.display)
+        return escape(e.display)
     if e.code:
         system, _, code = e.code.partition("|")
         return f"{_SYSTEM_NAMES.get(system, 'code')} {code}"
@@ -269,23 +274,34 @@ def _problem_lines(a: Assessment) -> list[str]:
     return lines
 
 
-def detail_parts(a: Assessment, now: datetime, xray: bool = False,
-                 settings: CardSettings = DEFAULT_SETTINGS) -> tuple[str, list[str], str]:
-    """(what to do, the evidence lines, the rest): the detail is their join; tests check each."""
+def _head_lines(a: Assessment, now: datetime, xray: bool, settings: CardSettings) -> list[str]:
+    """What to do and by when, the tier's own lines, an MRI already ordered (Markdown)."""
     head = [_action(a, now, xray), *_tier_lines(a, settings)]
     for order in a.pending_mri:
         due = f", due {_fmt_date(order.due)}" if order.due else ""
         deadline = DEADLINE.get(a.urgency)
         must = f"; it must be done by {_fmt_date(now + deadline)}" if deadline else ""
         head.append(f"**An MRI of the spine is already ordered** ({order.status}{due}){must}.")
-    evidence = _evidence_lines(a, now)
-    tail: list[str] = []
+    return head
+
+
+def _xray_lines(a: Assessment, now: datetime, xray: bool) -> list[str]:
+    lines: list[str] = []
     if xray or a.spine_xrays:
         if not xray:
             x = a.spine_xrays[0]
             when = _ago(x.date, now)
-            tail.append(f"A spine X-ray is {'ordered' if x.state == 'ordered' else 'on record'} ({when}).")
-        tail.append(WHY_NOT_XRAY)
+            lines.append(f"A spine X-ray is {'ordered' if x.state == 'ordered' else 'on record'} ({when}).")
+        lines.append(WHY_NOT_XRAY)
+    return lines
+
+
+def detail_parts(a: Assessment, now: datetime, xray: bool = False,
+                 settings: CardSettings = DEFAULT_SETTINGS) -> tuple[str, list[str], str]:
+    """(what to do, the evidence lines, the rest): the detail is their join; tests check each."""
+    head = _head_lines(a, now, xray, settings)
+    evidence = _evidence_lines(a, now)
+    tail = _xray_lines(a, now, xray)
     tail += _problem_lines(a)
     box = {"emergency": "Box 2, QS56", "urgent": "Box 1"}.get(a.urgency, "ACR variant 7")
     tail.append(f"Guideline: [NICE NG234]({NG234_URL}) ({box}).")
@@ -344,7 +360,15 @@ def _mri_suggestion(a: Assessment, now: datetime, intent: str, new_id: NewId, re
             "actions": actions}
 
 
-def _card(summary: str, detail: str, indicator: str, suggestions: list[dict], new_id: NewId) -> dict:
+def evidence_link(url: str, findings: int) -> dict:
+    """The card's link to the full evidence page (CDS Hooks 2.0 §Link, https://cds-hooks.hl7.org/2.0/#link):
+    an absolute URL the EHR opens as it is."""
+    return {"label": f"Full evidence ({findings} finding{'' if findings == 1 else 's'})", "url": url,
+            "type": "absolute"}
+
+
+def _card(summary: str, detail: str, indicator: str, suggestions: list[dict], new_id: NewId,
+          link: dict | None = None) -> dict:
     card = {
         "uuid": new_id(),
         "summary": summary,
@@ -352,7 +376,8 @@ def _card(summary: str, detail: str, indicator: str, suggestions: list[dict], ne
         "indicator": indicator,
         "source": SOURCE,
         "overrideReasons": OVERRIDE_REASONS,
-        "links": LINKS,
+        # LINKS is shared by every card: a copy when a link is added, never LINKS itself changed.
+        "links": LINKS if link is None else [dict(x) for x in LINKS] + [link],
     }
     if suggestions:
         card["suggestions"] = suggestions
@@ -361,21 +386,114 @@ def _card(summary: str, detail: str, indicator: str, suggestions: list[dict], ne
 
 
 def cards_for(a: Assessment, now: datetime, intent: str = "proposal", new_id: NewId = _new_uuid,
-              settings: CardSettings = DEFAULT_SETTINGS) -> list[dict]:
-    """The patient-view card for an assessment: none for tier `none`."""
+              settings: CardSettings = DEFAULT_SETTINGS, *, evidence_url: str | None = None) -> list[dict]:
+    """The patient-view card for an assessment: none for tier `none`. `evidence_url`: the page with
+    the full evidence (`evidence_view`), added as one more link; None: no such link."""
     if a.urgency == "none":
         return []
     # No "order MRI" suggestion when one is already ordered (NG234 1.4 (MRI of the spine)), and none
     # without a patient to order it for (clinical identifiers never get defaults).
     suggestions = [] if a.pending_mri or not a.patient else [_mri_suggestion(a, now, intent, new_id,
                                                                              settings=settings)]
-    return [_card(SUMMARY[a.urgency], _detail(a, now, False, settings), INDICATOR[a.urgency], suggestions, new_id)]
+    link = evidence_link(evidence_url, evidence_count(a)) if evidence_url else None
+    return [_card(SUMMARY[a.urgency], _detail(a, now, False, settings), INDICATOR[a.urgency], suggestions, new_id,
+                  link)]
 
 
 def xray_card(a: Assessment, xray_refs: list[str], now: datetime, intent: str = "order",
-              new_id: NewId = _new_uuid, settings: CardSettings = DEFAULT_SETTINGS) -> dict:
+              new_id: NewId = _new_uuid, settings: CardSettings = DEFAULT_SETTINGS, *,
+              evidence_url: str | None = None) -> dict:
     """order-select / order-sign: a spine X-ray is being ordered for an in-scope patient. The card
     follows the tier: `critical` and 24 h for an emergency, `warning` and 1 week for urgent, `info`."""
     suggestions = [] if a.pending_mri or not a.patient else [
         _mri_suggestion(a, now, intent, new_id, xray_refs, settings)]
-    return _card(XRAY_SUMMARY[a.urgency], _detail(a, now, True, settings), INDICATOR[a.urgency], suggestions, new_id)
+    link = evidence_link(evidence_url, evidence_count(a)) if evidence_url else None
+    return _card(XRAY_SUMMARY[a.urgency], _detail(a, now, True, settings), INDICATOR[a.urgency], suggestions, new_id,
+                 link)
+
+
+# ---------------------------------------------------------------------------------------------
+# The full evidence: what the card's "Full evidence" link opens (service/routes/evidence.py).
+# Every finding in the same clinical words as the card (what / where / when), in plain text (the
+# page escapes it as HTML); the resource reference only in each item's machine field `reference`.
+
+VIEW_VERSION = 1
+VIEW_QUOTE_MAX = 500  # a quote is one clause; bounded all the same
+TIER_TEXT = {"emergency": "Emergency: suspected metastatic spinal cord compression (NG234 Box 2)",
+             "urgent": "Urgent: suspected spinal metastasis (NG234 Box 1)",
+             "routine": "Routine: back pain in a patient with cancer (ACR Low Back Pain, variant 7)",
+             "none": "No SpineWatch tier: no card"}
+_MD_BOLD = re.compile(r"\*\*(.+?)\*\*")
+_MD_LINK = re.compile(r"\[([^\]]+)\]\((https?://[^)\s]+)\)")
+
+
+def _unmarkdown(text: str) -> str:
+    """One of our own card lines (no patient text in it) as plain text."""
+    return _MD_BOLD.sub(r"\1", _MD_LINK.sub(lambda m: f"{m.group(1)} ({m.group(2)})", text))
+
+
+def evidence_count(a: Assessment) -> int:
+    """How many findings the full evidence lists: red-flag evidence, back pain and cancers."""
+    return len(a.evidence) + len(a.back_pain) + len(a.cancers)
+
+
+def _view_item(e: Evidence, now: datetime, section: str, title: str) -> dict:
+    what = _what(e, _plain, VIEW_QUOTE_MAX)
+    where, when = _where(e), _ago(e.date, now)
+    item = {"section": section, "title": title, "what": what or "recorded", "where": where, "when": when,
+            "line": f"{title}: {what} ({where}, {when})" if what else f"{title} ({where}, {when})",
+            # machine fields: never shown as prose
+            "concept": e.concept, "reference": e.reference, "field": e.field}
+    if e.date is not None:
+        item["date"] = e.date.isoformat()
+    if e.status:
+        item["status"] = e.status
+    return item
+
+
+def evidence_view(a: Assessment, now: datetime, *, xray: bool = False,
+                  settings: CardSettings = DEFAULT_SETTINGS) -> dict:
+    """All the evidence of an assessment, JSON-serialisable, for the page a card links to: the tier,
+    the summary, what to do, the flags raised, every finding (what / where / when) and the notes the
+    card carries (an X-ray, entries that could not be read). Pure: `now` is the card's time."""
+    term = load_terminology()
+
+    def title_of(flag: str) -> str:
+        try:
+            return _short(term.rule(flag).title)
+        except LookupError:
+            return "Finding"
+
+    flags, findings = [], []
+    for flag in a.red_flags:
+        items = [e for e in a.evidence if e.concept == flag]
+        title = title_of(flag)
+        entry = {"id": flag, "title": title, "findings": len(items)}
+        try:
+            entry["box"] = term.rule(flag).box
+        except LookupError:
+            pass
+        flags.append(entry)
+        findings += [_view_item(e, now, "red-flag", title) for e in items]
+    findings += [_view_item(e, now, "red-flag", title_of(e.concept)) for e in a.evidence
+                 if e.concept not in a.red_flags]
+    findings += [_view_item(e, now, "back-pain", "Back pain") for e in a.back_pain]
+    cancers = sorted(a.cancers, key=lambda c: c.date.timestamp() if c.date else 0, reverse=True)
+    findings += [_view_item(e, now, "cancer", "Cancer") for e in cancers]
+    in_tier = a.urgency in SUMMARY
+    view = {
+        "version": VIEW_VERSION,
+        "evaluated_at": now.isoformat(),
+        "tier": a.urgency,
+        "tier_text": TIER_TEXT.get(a.urgency, a.urgency),
+        "summary": (XRAY_SUMMARY if xray else SUMMARY)[a.urgency] if in_tier else TIER_TEXT["none"],
+        "what_to_do": [_unmarkdown(line) for line in _head_lines(a, now, xray, settings)] if in_tier else [],
+        "flags": flags,
+        "findings": findings,
+        "count": len(findings),
+        "notes": [_unmarkdown(line) for line in _xray_lines(a, now, xray) + _problem_lines(a)],
+        "guideline": {"label": "NICE NG234", "url": NG234_URL},
+    }
+    if a.patient:
+        view["patient"] = a.patient  # machine field: the audit record's patient, not shown
+    return view

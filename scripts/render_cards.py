@@ -126,6 +126,26 @@ most three findings (what, where, when) and the cancer; "Why not X-ray" only whe
 ordered, pending or recent; NICE linked once; no resource ids in the prose; summary under 140
 characters; at most 600 characters before the findings.
 
+## Full evidence link
+
+A card shows at most three findings. When `SPINEWATCH_PUBLIC_BASE_URL` is set, each card also gets
+one more link, "Full evidence (N findings)", a CDS Hooks 2.0 Link of type `absolute`
+(https://cds-hooks.hl7.org/2.0/#link). It opens a page with every finding of the assessment in the
+same clinical words as the card (what was found, where it was written, when), the flags raised, the
+tier and what to do, and the card's notes (an X-ray, entries that could not be read). The page is a
+copy made when the card was shown; resource ids are not in it.
+
+The URL is a capability: anyone holding it can read the page until it expires, with no other
+login (an EHR opens a card's link as it is). So the token is 192 random bits, the link lives only
+`SPINEWATCH_EVIDENCE_LINK_TTL_SECONDS` (default one day), it is never logged, and the page is sent
+`Cache-Control: no-store`, `Referrer-Policy: no-referrer`, `X-Robots-Tag: noindex`, with a strict
+Content-Security-Policy (nothing but its own style; framed only by this origin). An unknown or
+expired link answers 404 and says to reopen the patient's record. Each page served is audited
+(`evidence-view`). Pages are kept in memory per process, or in Redis for several processes
+(`SPINEWATCH_EVIDENCE_LINK_REDIS_URL`); if they cannot be stored, the card is served without the
+link. Sites that cannot accept a link readable by whoever holds it set
+`SPINEWATCH_EVIDENCE_LINKS=false`. The pictures below are of cards without this link.
+
 """
 
 

@@ -50,4 +50,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     __import__("service.routes.audit", fromlist=["install"]).install(app)  # audit review + audit settings (issue 5)
     __import__("service.routes.cds_hooks", fromlist=["register"]).register(app)  # CDS Hooks + CORS (issue 3)
     app.include_router(__import__("service.routes.notifications", fromlist=["router"]).router)  # subscriptions (issue 4)
+    app.include_router(__import__("service.routes.evidence", fromlist=["router"]).router)  # cards' full-evidence page
     return app

@@ -10,6 +10,8 @@ IHE BALP AuditEvent profile on export, see fhir_mappings/audit_events.py):
     notification   a Subscription notification received           (actor: subscription / notifier)
     evaluation     a patient evaluated: inputs+versions, rules, tier (actor: worker or hook)
     card           cards served (hook, hookInstance, card uuids)  (actor: CDS client iss)
+    evidence-view  a card's full-evidence page opened (hook, hookInstance, tier; never the link's token)
+                                                                   (actor: the CDS client iss it was issued to)
     feedback       CDS Hooks feedback (card uuid, outcome, override reason code)
     alert          a care-team alert sent or failed (Communication reference, channel)
     auth-failure   a rejected caller (surface, reason code)       (HIPAA 164.312(b), ATNA)

@@ -116,6 +116,17 @@ class Settings(BaseSettings):
     mri_code_routine: str = Field(
         "http://loinc.org|36400-0|MR Spine WO and W contrast IV",
         description="system|code|display of the whole-spine MRI the routine card proposes")
+    # The card's "Full evidence" link (service/evidence_links.py, service/routes/evidence.py; docs/cards.md)
+    evidence_links: bool = Field(True, description="give each card a \"Full evidence\" link to a page listing all "
+                                                   "its findings (needs public_base_url); the URL is a capability "
+                                                   "readable by whoever holds it until it expires; false: no link")
+    evidence_link_ttl_seconds: int = Field(86_400, ge=1, le=7 * 86_400,
+                                           description="how long a card's full-evidence link can be opened "
+                                                       "(seconds); then 404")
+    evidence_link_redis_url: str | None = Field(
+        None, description="Redis URL that holds the full-evidence pages (shared by all processes; keys "
+                          "spinewatch:evidence:<token>, expiring with the link); unset: in memory, per process, "
+                          "at most 10,000")
     hook_timeout_seconds: float = Field(2.0, gt=0, le=30, description="time budget for fetching missing data from "
                                                                       "fhirServer; over it: 412, never a hang")
     # Terminology server (service/terminology_server.py; fhir_mappings/valuesets/server/terminology-roots.yaml)
@@ -195,7 +206,7 @@ class Settings(BaseSettings):
                                                                  "is remembered for de-duplication")
 
     # URLs are plain strings above; refuse a wrong scheme here, at start-up, rather than at first use.
-    @field_validator("redis_url", "cds_jti_redis_url")
+    @field_validator("redis_url", "cds_jti_redis_url", "evidence_link_redis_url")
     @classmethod
     def _redis_url(cls, value: str | None) -> str | None:
         if value and not value.startswith(("redis://", "rediss://", "unix://")):

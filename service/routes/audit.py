@@ -28,7 +28,7 @@ router = APIRouter(tags=["audit"])
 
 SESSION_COOKIE = "spinewatch_review"
 TIMELINE_KINDS = ("notification", "evaluation", "card", "feedback", "alert")
-KINDS = TIMELINE_KINDS + ("auth-failure", "audit-access")
+KINDS = TIMELINE_KINDS + ("evidence-view", "auth-failure", "audit-access")
 _templates = Environment(loader=FileSystemLoader(Path(__file__).resolve().parent.parent / "templates"),
                          autoescape=select_autoescape(["html"]))
 

@@ -6,6 +6,8 @@ order-sign and feedback.
     POST /cds-services/spinewatch-order-imaging  order-select / order-sign: challenge a spine X-ray
     POST /cds-services/{id}/feedback       feedback (index.html#feedback) → audit log
 
+A card may carry a "Full evidence" link (service/evidence_links.py; the page: service/routes/evidence.py).
+
 Every call is authenticated first (service/security.py, "Trusting CDS Clients"; failures are a bare
 401). A hook call then reads its data (service/fhir_fetch.py: prefetch, else fhirServer, else a
 stored assessment), evaluates at the request time with the pure core (SNOMED CT codes the local
@@ -35,12 +37,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware.cors import CORSMiddleware
 
 from fhir_mappings.bundle import patient_key
-from fhir_mappings.cards import cards_for, xray_card
+from fhir_mappings.cards import cards_for, evidence_view, xray_card
 from fhir_mappings.evaluate import Assessment, assess
 from fhir_mappings.orders import MRI_SPINE, XRAY_SPINE, classify_order, draft_resources, reference
 from service import audit
 from service.errors import (InvalidRequest, NotFound, PayloadTooLarge, PreconditionFailed, ServiceUnavailable,
                             SpineWatchError, Unauthorized)
+from service.evidence_links import EvidenceLinks, MemoryEvidenceStore
 from service.fhir_fetch import PREFETCH_TEMPLATES, FhirAccessError, FhirClient, gather, parse_hosts
 from service.metrics import AUTH_FAILURES, CARDS_SERVED, EVALUATION_SECONDS, EVALUATIONS
 from service.note_binaries import referenced_binaries
@@ -97,6 +100,7 @@ class HookRuntime:
     stored: StoredAssessments | None = None
     fhir_transport: httpx.AsyncBaseTransport | None = None  # tests and the bench may inject one
     terminology: TerminologyServer | None = None  # SPINEWATCH_TERMINOLOGY_URL unset: none
+    evidence: EvidenceLinks | None = None  # the cards' "Full evidence" links; None: no links
 
 
 def register(app: FastAPI) -> None:
@@ -120,7 +124,8 @@ def register(app: FastAPI) -> None:
                                                         "SPINEWATCH_PUBLIC_BASE_URL")
     app.state.cds_hooks = HookRuntime(settings, verifier, parse_hosts(settings.fhir_allowed_hosts),
                                       stored=default_source(settings),
-                                      terminology=TerminologyServer.from_settings(settings))
+                                      terminology=TerminologyServer.from_settings(settings),
+                                      evidence=EvidenceLinks.from_settings(settings))
     app.include_router(router)
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
     if origins:  # 2.0 §Cross-Origin Resource Sharing: browser-based CDS clients need it
@@ -349,11 +354,16 @@ async def call_service(service_id: str, request: Request, client: CdsClient = Cl
             raise InvalidRequest(f"service {service_id} does not answer {req.hook}")
         context = _validate(CONTEXTS[req.hook], req.context, "context")
         patient = f"Patient/{context.patientId}"
+        # Who a full-evidence link is issued to: its page's audit record names them (never the token).
+        issued = {"iss": client.iss, "service": service_id, "hook": req.hook, "hookInstance": hook_instance,
+                  "patient": patient}
         if req.hook == "patient-view":
             assessment, source = await _assessment(rt, req, context.patientId, now)
-            cards = cards_for(assessment, now, rt.settings.card_intent, settings=card_settings(rt.settings))
+            link = await _evidence_url(rt, assessment, now, issued)
+            cards = cards_for(assessment, now, rt.settings.card_intent, settings=card_settings(rt.settings),
+                              evidence_url=link)
         else:
-            cards, assessment, source = await _order_cards(rt, req, context, now)
+            cards, assessment, source, link = await _order_cards(rt, req, context, now, issued)
     except SpineWatchError as exc:
         log.info("cds.hook_refused", service=service, hook=hook, hookInstance=hook_instance,
                  status=exc.status_code, reason=exc.message)
@@ -367,7 +377,7 @@ async def call_service(service_id: str, request: Request, client: CdsClient = Cl
             "cards": [c["uuid"] for c in cards],
             "suggestions": [s["uuid"] for c in cards for s in c.get("suggestions", [])],
             "tier": assessment.urgency if assessment else None, "source": source,
-        })
+        } | ({"evidence_link": True} if link and cards else {}))
     log.info("cds.hook", service=service_id, hook=req.hook, hookInstance=hook_instance, status=200,
              cards=len(cards), tier=assessment.urgency if assessment else None, source=source,
              ms=round((time.perf_counter() - started) * 1000, 1))
@@ -470,25 +480,40 @@ async def _stored_assessment(rt: HookRuntime, patient: str, now: datetime) -> As
     return assessment
 
 
-async def _order_cards(rt: HookRuntime, req: HookRequest, context: OrderSignContext,
-                       now: datetime) -> tuple[list[dict], Assessment | None, str | None]:
+async def _evidence_url(rt: HookRuntime, assessment: Assessment, now: datetime, issued: dict,
+                        xray: bool = False) -> str | None:
+    """The card's full-evidence link: the page stored under a new token. None when links are off
+    (or SPINEWATCH_PUBLIC_BASE_URL unset), for tier none, or when the store fails (logged there)."""
+    if rt.evidence is None or assessment.urgency == "none":
+        return None
+    view = evidence_view(assessment, now, xray=xray, settings=card_settings(rt.settings))
+    if isinstance(rt.evidence.store, MemoryEvidenceStore):  # no I/O: no thread hop on the latency path
+        return rt.evidence.issue(view, issued)
+    return await run_in_threadpool(rt.evidence.issue, view, issued)
+
+
+async def _order_cards(rt: HookRuntime, req: HookRequest, context: OrderSignContext, now: datetime,
+                       issued: dict) -> tuple[list[dict], Assessment | None, str | None, str | None]:
     """order-select / order-sign: a warning when a plain spine X-ray is being ordered for an
-    in-scope patient (NG234: X-ray must not be used to diagnose or exclude spinal metastases)."""
+    in-scope patient (NG234: X-ray must not be used to diagnose or exclude spinal metastases).
+    Answers (cards, assessment, source, the full-evidence link or None)."""
     patient = f"Patient/{context.patientId}"
     drafts = [r for r in draft_resources(context.draftOrders) if patient_key(r) in (None, patient)]
     kinds = [classify_order(r) for r in drafts]
     if MRI_SPINE in kinds:  # the right test is already being ordered
-        return [], None, None
+        return [], None, None, None
     # order-select: "selections" are the orders just chosen; the others were seen by earlier calls.
     chosen = set(context.selections) if isinstance(context, OrderSelectContext) else None
     xrays = [r for r, kind in zip(drafts, kinds)
              if kind == XRAY_SPINE and (chosen is None or reference(r) in chosen)]
     if not xrays:  # nothing to challenge: no data needed, so none is fetched
-        return [], None, None
+        return [], None, None, None
     assessment, source = await _assessment(rt, req, context.patientId, now)
     if assessment.urgency == "none":  # out of scope, or an MRI done since the evidence
-        return [], assessment, source
+        return [], assessment, source, None
     refs = [ref for ref in (reference(r) for r in xrays) if ref]
     intent = xrays[0].get("intent")
     intent = intent if intent in _SERVICE_REQUEST_INTENTS else "order"  # the MRI replaces the X-ray in kind
-    return [xray_card(assessment, refs, now, intent, settings=card_settings(rt.settings))], assessment, source
+    link = await _evidence_url(rt, assessment, now, issued, xray=True)
+    card = xray_card(assessment, refs, now, intent, settings=card_settings(rt.settings), evidence_url=link)
+    return [card], assessment, source, link

@@ -225,3 +225,149 @@ def test_a_suspicion_is_shown_as_suspected():
     a.patient = PATIENT
     [card] = cards_for(a, NOW)
     assert card["indicator"] == "critical" and "(suspected)" in card["detail"]
+
+
+# ---------------------------------------------------------------- the full evidence and its link
+
+EVIDENCE_URL = "https://cds.example.org/evidence/abcdefghijklmnopqrstuvwxyz012345"
+MACHINE_KEYS = {"reference", "field", "concept", "id", "patient", "url", "date", "evaluated_at", "version",
+                "tier", "section", "status", "box", "findings", "count"}
+
+
+def _ids():
+    counter = iter(range(1, 1000))
+    return lambda: f"00000000-0000-4000-8000-{next(counter):012d}"
+
+
+def _prose_of_view(value, key: str = "") -> list[str]:
+    """Every string of an evidence view a clinician reads (machine fields left out)."""
+    if key in MACHINE_KEYS:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in _prose_of_view(v, k)]
+    if isinstance(value, list):
+        return [s for v in value for s in _prose_of_view(v)]
+    return []
+
+
+def _busy_emergency():
+    """More findings than a card shows: three more notes, each with red flags."""
+    from scripts.card_gallery import _note
+
+    return assessment("emergency", [
+        _note("ed-2", "Emergency department note", "Saddle anaesthesia reported this morning.", 0.1),
+        _note("gp-7", "GP consultation note", "Back pain wakes her at night for the past 3 weeks.", 3),
+        _note("on-3", "Oncology clinic letter", "Numbness in both legs, walking with difficulty.", 1)])
+
+
+@pytest.mark.parametrize("tier", ["emergency", "urgent", "routine"])
+def test_evidence_view_lists_every_evidence_item(tier):
+    import json
+
+    from fhir_mappings.cards import evidence_count, evidence_view
+
+    a = assessment(tier)
+    view = evidence_view(a, NOW)
+    assert json.loads(json.dumps(view)) == view  # JSON-serialisable as it is
+    items = a.evidence + a.back_pain + a.cancers
+    assert view["count"] == len(view["findings"]) == len(items) == evidence_count(a)
+    assert sorted(f["reference"] for f in view["findings"]) == sorted(e.reference for e in items)
+    assert [f["id"] for f in view["flags"]] == a.red_flags
+    assert view["tier"] == tier and view["summary"] == cards_for(a, NOW)[0]["summary"]
+    assert view["what_to_do"][0].startswith({"emergency": "Whole-spine MRI within 24 h",
+                                             "urgent": "Whole-spine MRI within 1 week",
+                                             "routine": "MRI of the spine, not X-ray"}[tier])
+    assert not any("**" in line for line in view["what_to_do"])  # plain text, not the card's Markdown
+    for item in view["findings"]:  # what, where, when
+        assert item["what"] and item["where"] and re.match(r"20\d\d-\d\d-\d\d, ", item["when"])
+        assert item["line"] == f"{item['title']}: {item['what']} ({item['where']}, {item['when']})"
+    assert any(f["line"].startswith("Cancer: Malignant neoplasm of breast (problem list, ")
+               for f in view["findings"])
+
+
+def test_evidence_view_holds_what_the_card_leaves_out():
+    from fhir_mappings.cards import evidence_view
+
+    a = _busy_emergency()
+    [card] = cards_for(a, NOW)
+    view = evidence_view(a, NOW)
+    assert "more finding(s) in the record" in card["detail"]  # the card shows MAX_EVIDENCE_LINES of them
+    assert view["count"] == len(a.evidence) + len(a.back_pain) + len(a.cancers) > MAX_EVIDENCE_LINES + 1
+    text = "\n".join(f["line"] for f in view["findings"])
+    for e in a.evidence + a.back_pain:
+        assert e.quote is None or e.quote in text, e.quote
+    for phrase in ("Saddle anaesthesia", "Numbness in both legs", "Oncology clinic letter", "wakes her at night"):
+        assert phrase in text
+
+
+def test_evidence_view_keeps_resource_ids_out_of_the_prose():
+    from fhir_mappings.cards import evidence_view
+
+    a = _busy_emergency()
+    a.problems = ["DocumentReference/gp-9 skipped: DocumentReference.date: invalid datetime",
+                  "Binary/bin-4: note content not read (over 2000000 bytes)"]
+    view = evidence_view(a, NOW)
+    prose = "\n".join(_prose_of_view(view))
+    assert not RESOURCE_ID.search(prose), RESOURCE_ID.search(prose).group(0)
+    for rid in ("ed-1", "ed-2", "gp-7", "on-3", "ca-1", "lbp-1", "gp-9", "bin-4", "demo"):
+        assert rid not in prose, rid
+    # the references are there, as machine fields
+    assert {"DocumentReference/ed-2", "DocumentReference/on-3", "Condition/ca-1"} <= {
+        f["reference"] for f in view["findings"]}
+    assert view["patient"] == PATIENT
+    # the problems, made clinical as on the card
+    assert "Note: 1 entry(ies) in the record could not be read; this assessment may be incomplete." in view["notes"]
+    assert "Note: Its content: note content not read (over 2000000 bytes)." in view["notes"]
+
+
+def test_evidence_view_quotes_patient_text_plain_for_the_page_to_escape():
+    from fhir_mappings.cards import evidence_view
+    from fhir_mappings.evaluate import assess
+    from scripts.card_gallery import record
+
+    note = {"resourceType": "Observation", "id": "o1", "status": "final", "code": {"text": "Clinical note"},
+            "subject": {"reference": PATIENT}, "effectiveDateTime": (NOW - timedelta(days=1)).isoformat(),
+            "valueString": "New leg weakness <img src=x> **now**"}
+    a = assess(record("routine") + [note], NOW)
+    view = evidence_view(a, NOW)
+    assert any("<img src=x> **now**" in f["what"] for f in view["findings"])  # not Markdown-escaped: HTML escapes
+
+
+def _without(card: dict) -> dict:
+    return {k: v for k, v in card.items() if k != "links"}
+
+
+@pytest.mark.parametrize("tier", ["emergency", "urgent", "routine"])
+@pytest.mark.parametrize("hook", ["patient-view", "order-sign"])
+def test_evidence_link_only_with_evidence_url_and_within_the_budgets(tier, hook):
+    import copy
+    import json
+
+    from fhir_mappings.cards import LINKS, evidence_view
+
+    before = copy.deepcopy(LINKS)
+    a = assessment(tier)
+
+    def make(**kw):
+        if hook == "patient-view":
+            return cards_for(a, NOW, "proposal", _ids(), COORDINATOR, **kw)[0]
+        return xray_card(a, ["ServiceRequest/xr-1"], NOW, "order", _ids(), COORDINATOR, **kw)
+
+    plain, none, linked = make(), make(evidence_url=None), make(evidence_url=EVIDENCE_URL)
+    assert json.dumps(none, sort_keys=True) == json.dumps(plain, sort_keys=True)  # byte for byte as before
+    assert plain["links"] == LINKS and all(link["url"] != EVIDENCE_URL for link in plain["links"])
+    count = evidence_view(a, NOW)["count"]
+    assert linked["links"] == LINKS + [{"label": f"Full evidence ({count} findings)", "url": EVIDENCE_URL,
+                                        "type": "absolute"}]
+    assert _without(linked) == _without(plain)  # summary, detail, suggestions: unchanged
+    assert len(linked["summary"]) < 140 and not RESOURCE_ID.search(prose(linked))
+    urls = [link["url"] for link in linked["links"]]
+    assert len(urls) == len(set(urls))
+    assert LINKS == before and linked["links"] is not LINKS  # the shared constant is never changed
+    assert make()["links"] == before  # and the next card without a link has no evidence link
+
+
+def test_gallery_cards_have_no_evidence_link():
+    assert all(not link["label"].startswith("Full evidence") for _, _, card in CARDS for link in card["links"])
