@@ -21,5 +21,5 @@ ENV SPINEWATCH_ENVIRONMENT=production
 EXPOSE 8000
 # --proxy-headers: behind a TLS-terminating proxy, trust its X-Forwarded-* (set FORWARDED_ALLOW_IPS).
 # No access log: RequestIdMiddleware writes one JSON line per request, without query strings.
-CMD ["uvicorn", "service.app:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000", \
+CMD ["uvicorn", "service.api.app:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000", \
      "--proxy-headers", "--no-access-log"]

@@ -3,7 +3,7 @@
 bench/hooks.py runs the whole service once per setting, so two runs minutes apart on a busy machine
 differ by more than the audit log costs. Here one server (built by bench/hooks.py, same JWTs, same
 20-entry prefetch, same load generator) serves alternating rounds with the audit log switched on and
-off between them (service.audit.configure), in the order on-off-off-on-on-off..., so drift in the
+off between them (service.infra.audit.writer.configure), in the order on-off-off-on-on-off..., so drift in the
 machine's load falls on both sides alike. Reported: the median over rounds of p50/p95/p99 and
 throughput for each setting, and the p95 ratio. Aim (issue 5): audit adds <= 5 % to patient-view p95.
 
@@ -35,8 +35,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from bench import hooks  # importable by name: its load generator runs in a spawned process
-    from service import audit
-    from service.audit_store import store_for
+    from service.infra.audit import writer as audit
+    from service.infra.audit.store import store_for
     from tests.support.cds_hooks import Issuer, hook_request, prefetch_for, record
 
     issuer = Issuer(hooks.ISSUER, alg="ES384")

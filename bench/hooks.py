@@ -129,17 +129,17 @@ class ServerTimer:
 def build_app(workdir: Path, issuer, audit: bool):
     from fastapi import Depends
 
-    from service.app import create_app
-    from service.routes.cds_hooks import cds_client
-    from service.security import CdsClient
-    from service.settings import Settings
+    from service.api.app import create_app
+    from service.api.routes.cds_hooks import cds_client
+    from service.infra.jwt import CdsClient
+    from service.core.settings import Settings
 
     jwks = workdir / "jwks.json"
     jwks.write_text(json.dumps(issuer.jwks))
     settings = Settings(environment="test", cds_trusted_issuers=json.dumps({ISSUER: str(jwks)}),
                         audit_enabled=audit, audit_db_url=f"sqlite:///{workdir / 'audit.sqlite'}",
                         log_level="WARNING", cors_origins="")
-    app = create_app(settings)  # it points the audit log at these settings (service/audit.configure)
+    app = create_app(settings)  # it points the audit log at these settings (service/infra/audit/writer.configure)
 
     async def jwt_only(request: Request, client: CdsClient = Depends(cds_client)) -> dict:
         """The baseline: the same JWT verification (signature, claims, jti) and nothing else. It

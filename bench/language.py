@@ -249,8 +249,8 @@ class SpineWatchEngine:
 
     def __init__(self) -> None:
         try:  # the matcher may be half-written: any failure here is one line, not a traceback
-            from fhir_mappings.terminology import load_terminology
-            from fhir_mappings.text import context_of
+            from fhir_mappings.clinical.terminology import load_terminology
+            from fhir_mappings.clinical.terminology import context_of
 
             matcher = getattr(load_terminology(), "matcher", None)
         except Exception as exc:  # noqa: BLE001
@@ -385,7 +385,7 @@ def _scored(patterns: dict[str, re.Pattern]) -> dict[str, re.Pattern]:
 def _patterns_without_engine() -> dict[str, re.Pattern] | None:
     """SpineWatch's patterns for medspaCy when the spinewatch engine is not run (or cannot be)."""
     try:
-        from fhir_mappings.terminology import load_terminology
+        from fhir_mappings.clinical.terminology import load_terminology
 
         return _scored(load_terminology().matcher.patterns)
     except Exception:  # noqa: BLE001  (the matcher is not there yet: the corpus part says so)

@@ -161,8 +161,8 @@ def event_notification(fhir_base: str = "http://ehr.bench/fhir", subscription: s
 # ---------------------------------------------------------------- the server (this process)
 
 def build_app(redis_url: str, workdir: Path, audit: bool, coalesce: float):
-    from service.app import create_app
-    from service.settings import Settings
+    from service.api.app import create_app
+    from service.core.settings import Settings
 
     settings = Settings(environment="test", redis_url=redis_url, notification_token=TOKEN,
                         coalesce_seconds=coalesce, audit_enabled=audit,
@@ -234,7 +234,7 @@ def e2e_benchmark(args, redis_url: str, workdir: Path) -> dict:
             "SPINEWATCH_RECONCILIATION_INTERVAL_SECONDS": "0"}
         log = open(workdir / "worker.log", "wb")
         script = Path(sys.executable).parent / "spinewatch"
-        command = [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]
+        command = [str(script)] if script.exists() else [sys.executable, "-m", "service.cli.main"]
         worker = subprocess.Popen([*command, "worker", "--no-beat",
                                    "--concurrency", str(args.worker_concurrency), "--loglevel", "WARNING"],
                                   env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -185,7 +185,7 @@ def main() -> int:
            # redelivered early; a killed worker's tasks come back after it.
            "SPINEWATCH_BROKER_VISIBILITY_TIMEOUT_SECONDS": "150",
            # Celery beat runs as its own process, as in docker-compose.yml: the watchdog (every
-           # 10 s here) sends again an evaluation the broker lost (service/queue.py recover_pending).
+           # 10 s here) sends again an evaluation the broker lost (service/infra/queue.py recover_pending).
            "SPINEWATCH_HEARTBEAT_WATCHDOG_SECONDS": "20"}
     print(f"soak: {args.notifications} notifications, {args.patients} patients, ~{args.rate:g}/s, "
           f"{args.duplicates:.0%} re-deliveries; faults: {args.child_kills} pool kill(s), {args.worker_kills} "
@@ -264,7 +264,7 @@ def main() -> int:
 
 def report(args, stack, run: Run, patients: dict[str, str], accepted: list[Delivery], missing: list[Delivery],
            started: float, sent_done: float, all_done: float) -> int:
-    from service.audit_store import store_for
+    from service.infra.audit.store import store_for
 
     records = stack.audit_records()
     kinds = Counter(r.kind for r in records)

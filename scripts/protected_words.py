@@ -1,11 +1,11 @@
-"""Write fhir_mappings/language/protected-words.txt: real words the spelling tolerance must never
+"""Write fhir_mappings/clinical/language/protected-words.txt: real words the spelling tolerance must never
 "correct" ("presents" is not "prevents"), taken from the public NegEx test set (2,376 sentences from
 120 de-identified clinical reports; chapmanbe/negex, Apache-2.0; ../shared/data/negex).
 
     .venv/bin/python scripts/protected_words.py [--negex DIR]
 
 Words of six letters or more, lower-cased, as they stand in those sentences. The speller corrects a
-word only when it is none of these and one edit from the clinical vocabulary (fhir_mappings/text.py).
+word only when it is none of these and one edit from the clinical vocabulary (fhir_mappings/clinical/text.py).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "fhir_mappings" / "language" / "protected-words.txt"
+OUT = ROOT / "fhir_mappings" / "clinical" / "language" / "protected-words.txt"
 NEGEX = ROOT.parent / "shared" / "data" / "negex"
 
 

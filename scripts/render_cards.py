@@ -113,7 +113,7 @@ HEADER = """# What the cards look like
 
 Every card type SpineWatch answers, as the CDS Hooks Sandbox renders it (detail as Markdown, the
 indicator as the colour of the edge, suggestions and links as buttons, Dismiss with the override
-reasons), for clinical sign-off. The cards are built by the real card code (`fhir_mappings/cards.py`)
+reasons), for clinical sign-off. The cards are built by the real card code (`fhir_mappings/cds/cards.py`)
 from the demo records in `scripts/card_gallery.py`, evaluated at 2026-12-01 09:00 UTC. Regenerate
 with `.venv/bin/python scripts/render_cards.py` (headless Chromium); `tests/unit/test_cards_doc.py`
 fails when the cards change and these pictures were not redone.

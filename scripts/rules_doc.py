@@ -1,5 +1,5 @@
 """Write docs/rules.md, the clinical rules as a document a clinician can review and sign, from the
-reviewed data files themselves (fhir_mappings/rules, valuesets, language) through their schema.
+reviewed data files themselves (fhir_mappings/clinical/rules, valuesets, language) through their schema.
 
     .venv/bin/python scripts/rules_doc.py            # print it
     .venv/bin/python scripts/rules_doc.py --write    # rewrite docs/rules.md
@@ -15,10 +15,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fhir_mappings.schema import (ContextFile, LexiconFile, RuleFile, TerminologyRootsFile, ValueSetFile,  # noqa: E402
+from fhir_mappings.clinical.schema import (ContextFile, LexiconFile, RuleFile, TerminologyRootsFile, ValueSetFile,  # noqa: E402
                                   load)
 
-DATA = ROOT / "fhir_mappings"
+DATA = ROOT / "fhir_mappings" / "clinical"
 DOC = ROOT / "docs" / "rules.md"
 SYSTEMS = {"snomed": "SNOMED CT", "loinc": "LOINC", "cpt": "CPT", "icd10cm_prefixes": "ICD-10-CM (code and all below it)"}
 CONTEXT_WORDS = {

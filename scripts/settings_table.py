@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from service.settings import Settings  # noqa: E402
+from service.core.settings import Settings  # noqa: E402
 
 PREFIX = Settings.model_config.get("env_prefix", "SPINEWATCH_")
 

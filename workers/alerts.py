@@ -36,11 +36,12 @@ from typing import Protocol
 import httpx
 import structlog
 
-from fhir_mappings.alerts import (DELIVERY_HEADER, SIGNATURE_HEADER, AlertInput, alert_id, alert_input,
+from fhir_mappings.cds.alerts import (DELIVERY_HEADER, SIGNATURE_HEADER, AlertInput, alert_id, alert_input,
                                   communication, if_none_exist, resolve_recipients, sign, webhook_body)
-from service.audit import audit_event
-from service.metrics import ALERTS
+from service.infra.audit.writer import audit_event
+from service.core.metrics import ALERTS
 
+from service.core.errors import AlertError, AlertFailed, AlertRetry, SpineWatchError, is_transient  # noqa: F401
 log = structlog.get_logger("spinewatch.alerts")
 
 KEY_PREFIX = "spinewatch:alert:"
@@ -48,21 +49,8 @@ LOCK_SECONDS = 120
 ACTOR = "spinewatch-worker"
 
 
-class AlertError(Exception):
-    transient = False  # the same convention as service.fhir_client.FHIRError
-
-
-class AlertRetry(AlertError):
-    """Transient: retry later (the task layer dead-letters after its last retry)."""
-    transient = True
-
-
-class AlertFailed(AlertError):
-    """Permanent: a retry cannot help; dead-letter now, never drop."""
-
-
 class FhirAlerts(Protocol):
-    """What alerts need from a FHIR client (service/fhir_client.py provides it; tests pass fakes)."""
+    """What alerts need from a FHIR client (service/infra/fhir/client.py provides it; tests pass fakes)."""
 
     def search(self, resource_type: str, params: dict) -> list[dict]: ...
     def read(self, resource_type: str, resource_id: str) -> dict | None: ...
@@ -200,12 +188,9 @@ def _fhir_call(fn, *args, **kwargs):
         raise
     except httpx.HTTPError as exc:
         raise AlertRetry(f"FHIR server unreachable ({type(exc).__name__})") from exc
-    except Exception as exc:
-        status = getattr(exc, "status", None) or getattr(exc, "status_code", None)
-        transient = getattr(exc, "transient", None)
-        if transient is None:
-            transient = status is None or status == 429 or status >= 500 or "Unavailable" in type(exc).__name__
-        raise (AlertRetry if transient else AlertFailed)(f"FHIR {type(exc).__name__} {status or ''}".strip()) from exc
+    except SpineWatchError as exc:  # the one retry rule (service/core/errors.py)
+        status = getattr(exc, "status", None)
+        raise (AlertRetry if is_transient(exc) else AlertFailed)(f"FHIR {type(exc).__name__} {status or ''}".strip()) from exc
 
 
 def _lock_ttl(r, lock_key: str) -> float:
@@ -254,14 +239,14 @@ def _redis(settings):
 
 
 def default_fhir(settings) -> "ClientAdapter":
-    """The workers' FHIR client (service/fhir_client.py) for SPINEWATCH_FHIR_BASE_URL, adapted."""
-    from service.fhir_client import FHIRClient
+    """The workers' FHIR client (service/infra/fhir/client.py) for SPINEWATCH_FHIR_BASE_URL, adapted."""
+    from service.infra.fhir.client import FHIRClient
 
     return ClientAdapter(FHIRClient.from_settings(settings))
 
 
 class ClientAdapter:
-    """service.fhir_client.FHIRClient as `FhirAlerts`.
+    """service.infra.fhir.client.FHIRClient as `FhirAlerts`.
 
     Conditional create: the Communication is searched by its identifier first, then created with
     If-None-Exist when the client can send it. The search makes a retry safe even on a server
@@ -275,7 +260,7 @@ class ClientAdapter:
         return self.client.search_all(resource_type, params)
 
     def read(self, resource_type: str, resource_id: str) -> dict | None:
-        from service.fhir_client import FHIRNotFound
+        from service.infra.fhir.client import FHIRNotFound
 
         try:
             return self.client.read(resource_type, resource_id)

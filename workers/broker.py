@@ -107,7 +107,7 @@ class QoS(kombu_redis.QoS):
                     message["properties"]["delivery_info"]["redelivered"] = True
                 except (KeyError, TypeError):
                     pass
-                # SpineWatch publishes to one direct queue named by its routing key (service/queue.py).
+                # SpineWatch publishes to one direct queue named by its routing key (service/infra/queue.py).
                 queue = channel._q_for_pri(routing_key, channel._get_message_priority(message, reverse=False))
                 pipe.rpush(queue, dumps(message))  # as kombu restores: next in line
 

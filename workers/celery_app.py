@@ -20,12 +20,39 @@ workers/tasks.py. Celery beat runs the heartbeat watchdog and the reconciliation
 
 from __future__ import annotations
 
+from typing import Any
+
+import structlog
 from celery import Celery
 from celery.signals import worker_process_init
 
-from service.logging import connect_celery_signals
-from service.queue import QUEUE, TASK_RECONCILE, TASK_WATCHDOG
-from service.settings import Settings, get_settings
+from service.core.logging import configure_logging
+from service.infra.queue import QUEUE, TASK_RECONCILE, TASK_WATCHDOG
+from service.core.settings import Settings, get_settings
+
+
+
+# Task ids in every log line of a task.
+
+def _bind_task(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    structlog.contextvars.bind_contextvars(task_id=task_id, task=getattr(task, "name", None))
+
+
+def _unbind_task(**_: Any) -> None:
+    structlog.contextvars.unbind_contextvars("task_id", "task")
+
+
+def connect_celery_signals(settings: Any = None) -> None:
+    """Call once where the Celery app is made: task ids in every log line of a task, and Celery's own
+    logging set up by configure_logging instead of Celery's (which is not JSON and not guarded)."""
+    from celery import signals
+
+    def _setup_logging(**_: Any) -> None:
+        configure_logging(settings)
+
+    signals.setup_logging.connect(_setup_logging, weak=False)
+    signals.task_prerun.connect(_bind_task, weak=False)
+    signals.task_postrun.connect(_unbind_task, weak=False)
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -74,7 +101,7 @@ def make_celery(settings: Settings) -> Celery:
 
 def _warm_up(**_):
     # Compile the clinical vocabulary once per worker process, before its first task.
-    from fhir_mappings.terminology import load_terminology
+    from fhir_mappings.clinical.terminology import load_terminology
 
     load_terminology()
 

@@ -9,7 +9,7 @@ twice (a redelivered or retried task): it reads current data and overwrites its 
     watchdog           Subscriptions gone quiet: $status (backport) or a read (classic); re-request
                        one the server put in error; evaluations queued but never started: again
 
-Errors propagate: service.fhir_client errors say whether they are transient (tasks.py retries
+Errors propagate: service.infra.fhir.client errors say whether they are transient (tasks.py retries
 those) or permanent (dead letter).
 """
 
@@ -21,18 +21,18 @@ from datetime import datetime, timedelta, timezone
 
 import structlog
 
-from fhir_mappings.bundle import patient_key
-from fhir_mappings.evaluate import Assessment, assess
-from fhir_mappings.notifications import (NotificationError, event_key, missing_event_numbers, parse_notification,
+from fhir_mappings.fhir.bundle import patient_key
+from fhir_mappings.clinical.evaluate import Assessment, assess
+from fhir_mappings.fhir.notifications import (NotificationError, event_key, missing_event_numbers, parse_notification,
                                          parse_status_bundle)
-from service.assessment_store import AssessmentStore
-from service.audit import audit_event
-from service.fhir_client import FHIRBadRequest, FHIRClient, FHIRError, FHIRNotFound, FHIRNotSupported
-from service.metrics import EVALUATION_SECONDS, EVALUATIONS
-from service.note_binaries import plan_binaries
-from service.queue import TASK_CATCH_UP, WorkQueue, redis_client
-from service.settings import Settings, evaluation_settings, get_settings
-from service.terminology_server import TerminologyServer, consult_sync
+from service.infra.assessments import AssessmentStore
+from service.infra.audit.writer import audit_event
+from service.infra.fhir.client import FHIRBadRequest, FHIRClient, FHIRError, FHIRNotFound, FHIRNotSupported
+from service.core.metrics import EVALUATION_SECONDS, EVALUATIONS
+from service.infra.fhir.binaries import plan_binaries
+from service.infra.queue import TASK_CATCH_UP, WorkQueue, redis_client
+from service.core.settings import Settings, evaluation_settings, get_settings
+from service.infra.fhir.terminology import TerminologyServer, consult_sync
 
 log = structlog.get_logger("spinewatch.pipeline")
 
@@ -82,7 +82,7 @@ def _instant(when: datetime) -> str:
 # ---------------- the record ----------------
 
 def record_queries(patient_id: str, window_start: datetime) -> list[tuple[str, list[tuple[str, str]]]]:
-    """The searches that fetch everything the rules read (fhir_mappings/facts.py MODELS).
+    """The searches that fetch everything the rules read (fhir_mappings/clinical/facts.py MODELS).
 
     Conditions and ServiceRequests at any date: a cancer counts "current or past" (NG234 Box 2), and
     an MRI ordered long ago may still be pending. Observations, DiagnosticReports, Procedures and the
@@ -164,7 +164,7 @@ def read_note_binaries(fhir: FHIRClient, patient: str, resources: list[dict], ma
                        limit: int) -> list[dict]:
     """The Binaries the notes (and report presentedForms) name by `url` on this FHIR server, read
     with the client's authentication: newest notes first, at most `limit`, each at most `max_bytes`
-    (service/note_binaries.py says which URLs qualify). One that is gone, too large, or refused is
+    (service/infra/fhir/binaries.py says which URLs qualify). One that is gone, too large, or refused is
     left out, and the core names its note in `problems` as not read; a transient failure propagates
     (the task is retried, as for any read). Logs carry references and counts, never content."""
     plan = plan_binaries(resources, fhir.base_url, limit)
@@ -335,7 +335,7 @@ def watchdog(d: Deps, now: datetime) -> list[dict]:
     A backport Subscription has heartbeats, so silence means trouble: $status tells its state and
     its event count (a count above ours means missed events: catch up). A classic Subscription has
     no heartbeats; its status is read. Either one in `error` is re-requested."""
-    from service.subscriptions import re_request
+    from service.infra.fhir.subscriptions import re_request
 
     report = []
     # Evaluations queued long ago and never started: their message was lost (queue.recover_pending).

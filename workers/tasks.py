@@ -1,4 +1,4 @@
-"""Celery tasks: thin shells over workers/pipeline.py, addressed by name (service/queue.py).
+"""Celery tasks: thin shells over workers/pipeline.py, addressed by name (service/infra/queue.py).
 
 Failure handling, the same for every task:
 - an error that says it is transient (`.transient`: FHIR unreachable, 5xx/429, Redis blip, an
@@ -15,19 +15,16 @@ from datetime import datetime, timezone
 import structlog
 from celery import Task
 
-from service.audit import audit_event
-from service.metrics import DEAD_LETTERS
-from service.queue import QueueUnavailable, TASK_CATCH_UP, TASK_EVALUATE, TASK_RECONCILE, TASK_RESOLVE, TASK_WATCHDOG
+from service.infra.audit.writer import audit_event
+from service.core.metrics import DEAD_LETTERS
+from service.core.errors import is_transient
+from service.infra.queue import TASK_CATCH_UP, TASK_EVALUATE, TASK_RECONCILE, TASK_RESOLVE, TASK_WATCHDOG
 from workers import pipeline
 from workers.celery_app import app
-from workers.dead_letters import DeadLetters
+from service.infra.dead_letters import DeadLetters
 
 log = structlog.get_logger("spinewatch.tasks")
 BACKOFF_CAP_SECONDS = 600.0  # well below the visibility timeout: a waiting retry is held unacknowledged
-
-
-def is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, QueueUnavailable) or bool(getattr(exc, "transient", False))
 
 
 def backoff(retries: int, base: float) -> float:

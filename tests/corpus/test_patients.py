@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fhir_mappings.bundle import read_path
-from fhir_mappings.evaluate import assess
+from fhir_mappings.fhir.bundle import read_path
+from fhir_mappings.clinical.evaluate import assess
 
 HERE = Path(__file__).parent / "patients"
 NOW = datetime(2026, 6, 1, 12, 0, 0, tzinfo=timezone.utc)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from fhir_mappings.terminology import load_terminology
+from fhir_mappings.clinical.terminology import load_terminology
 from tests.corpus.labels import BOX2, CONCEPTS, KINDS, NEVER_RAISE, STATUSES, expected_raise, load
 
 SNIPPETS = load("snippets.yaml")

@@ -40,8 +40,8 @@ def free_port() -> int:
 
 
 def seed(url: str) -> None:
-    from fhir_mappings.cards import OVERRIDE_SYSTEM
-    from service.audit_store import AuditStore
+    from fhir_mappings.cds.cards import OVERRIDE_SYSTEM
+    from service.infra.audit.store import AuditStore
 
     store = AuditStore(url)
     rows = [
@@ -69,7 +69,7 @@ class Service:
         self.base = f"http://127.0.0.1:{self.port}"
         env = os.environ | {"SPINEWATCH_ENVIRONMENT": "test", "SPINEWATCH_AUDIT_DB_URL": db_url,
                             "SPINEWATCH_REVIEWER_TOKEN": TOKEN}
-        self.proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory",
+        self.proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "service.api.app:create_app", "--factory",
                                       "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"],
                                      cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 30

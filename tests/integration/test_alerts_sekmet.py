@@ -14,13 +14,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from fhir_mappings.alerts import ALERT_ID_SYSTEM, SIGNATURE_HEADER, verify_signature
-from service import audit
-from service.assessment_store import AssessmentStore
-from service.audit_store import AuditStore
-from service.fhir_client import FHIRClient
-from service.queue import WorkQueue, redis_client
-from service.settings import Settings
+from fhir_mappings.cds.alerts import ALERT_ID_SYSTEM, SIGNATURE_HEADER, verify_signature
+from service.infra.audit import writer as audit
+from service.infra.assessments import AssessmentStore
+from service.infra.audit.store import AuditStore
+from service.infra.fhir.client import FHIRClient
+from service.infra.queue import WorkQueue, redis_client
+from service.core.settings import Settings
 from workers import pipeline
 
 pytestmark = pytest.mark.integration
@@ -171,7 +171,7 @@ def test_a_retry_after_the_redis_record_is_lost_writes_no_second_communication(w
 
 def test_an_undeliverable_alert_is_dead_lettered_through_the_task(world, monkeypatch):
     from workers import tasks
-    from workers.dead_letters import DeadLetters
+    from service.infra.dead_letters import DeadLetters
 
     # No CareTeam, no generalPractitioner, no default: nobody to tell.
     with world["server"].client() as c:

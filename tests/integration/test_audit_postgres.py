@@ -118,7 +118,7 @@ def sql(url, statement, *args):
 
 
 def filled(url, n=6):
-    from service.audit_store import AuditStore
+    from service.infra.audit.store import AuditStore
 
     store = AuditStore(url)
     for i in range(n):
@@ -163,7 +163,7 @@ def test_a_reordering_is_named(url):
 def test_the_cli_verifies_postgres_and_exits_non_zero_naming_the_record(url):
     from typer.testing import CliRunner
 
-    from service.cli import app
+    from service.cli.main import app
 
     filled(url).dispose()
     runner = CliRunner()
@@ -176,7 +176,7 @@ def test_the_cli_verifies_postgres_and_exits_non_zero_naming_the_record(url):
 
 
 def _writer(url, n, worker):
-    from service.audit_store import AuditStore
+    from service.infra.audit.store import AuditStore
 
     store = AuditStore(url)
     for i in range(n):
@@ -185,7 +185,7 @@ def _writer(url, n, worker):
 
 
 def test_concurrent_writers_keep_one_chain(url):
-    from service.audit_store import AuditStore
+    from service.infra.audit.store import AuditStore
 
     AuditStore(url).ensure_schema()
     ctx = multiprocessing.get_context("spawn")

@@ -8,9 +8,9 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import redis
 
-from fhir_mappings.evaluate import assess
-from service.assessment_store import AssessmentStore
-from service.stored_assessment import default_source
+from fhir_mappings.clinical.evaluate import assess
+from service.infra.assessments import AssessmentStore
+from service.infra.stored_assessments import default_source
 from tests.support.cds_hooks import PATIENT_VIEW, hook_request, make_env, record, reset_audit, validate_cds_response
 
 pytestmark = pytest.mark.integration

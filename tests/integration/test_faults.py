@@ -249,9 +249,9 @@ def test_an_evaluation_the_broker_lost_is_sent_again_by_the_watchdog(stack):
     """kombu's Redis transport pops a message with BRPOP: a worker SIGKILLed, or Redis crashing, as
     the message is handed over loses it (bench/soak.py found it). The patient's "queued" marker then
     swallowed every later event for PENDING_SECONDS; now the heartbeat watchdog sends again an
-    evaluation queued and never started (service/queue.py recover_pending)."""
-    from service.queue import WorkQueue
-    from service.settings import Settings
+    evaluation queued and never started (service/infra/queue.py recover_pending)."""
+    from service.infra.queue import WorkQueue
+    from service.core.settings import Settings
 
     stack.stop_worker()
     pid = stack.patient("emergency")

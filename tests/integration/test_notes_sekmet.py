@@ -34,7 +34,7 @@ import httpx
 import pytest
 import redis
 
-from fhir_mappings.alerts import ALERT_ID_SYSTEM
+from fhir_mappings.cds.alerts import ALERT_ID_SYSTEM
 from tests.support.fault_stack import wait_for as poll
 from tests.support.processes import ROOT, SPINEWATCH, Proc, http_up
 from tests.support.sekmet_server import SekmetServer, free_port
@@ -121,7 +121,7 @@ def note(pid: str, attachment: dict) -> dict:
 
 
 def stored(stack, pid: str) -> dict | None:
-    """The worker's stored assessment (service/assessment_store.py) with its revision."""
+    """The worker's stored assessment (service/infra/assessments.py) with its revision."""
     key = f"spinewatch:assessment:Patient/{pid}"
     raw, revision = stack["redis"].hmget(key, "json", "revision")
     return json.loads(raw) | {"revision": int(revision or 0)} if raw else None

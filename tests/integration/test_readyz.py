@@ -6,9 +6,9 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.routes.ops import register_check
-from service.settings import Settings
+from service.api.app import create_app
+from service.api.routes.ops import register_check
+from service.core.settings import Settings
 from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration

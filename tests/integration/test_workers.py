@@ -28,10 +28,10 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.assessment_store import AssessmentStore
-from service.demo import stop_process_group
-from service.settings import Settings
+from service.api.app import create_app
+from service.infra.assessments import AssessmentStore
+from service.cli.demo.run import stop_process_group
+from service.core.settings import Settings
 from tests.support import cds_hooks as ch
 from tests.support.redis_server import RedisServer, free_port
 
@@ -43,7 +43,7 @@ METRICS_PORT = free_port()
 DB = 7  # a database of the session's redis-server of its own: never flushed under the running worker
 # the installed console script, as a user runs it (next to this interpreter, e.g. .venv/bin/spinewatch)
 _SCRIPT = Path(sys.executable).parent / "spinewatch"
-SPINEWATCH = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "service.cli"]
+SPINEWATCH = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "service.cli.main"]
 
 
 # ---------------- a FHIR server whose behaviour the tests set ----------------

@@ -75,8 +75,8 @@ def _params(paths: list[Path]):
 def _assess(path: Path):
     # Imported here so the layout checks below still run (and say what is wrong) while the engine
     # is missing or broken; an ImportError fails every evaluation test rather than skipping it.
-    from fhir_mappings.bundle import read_path
-    from fhir_mappings.evaluate import assess
+    from fhir_mappings.fhir.bundle import read_path
+    from fhir_mappings.clinical.evaluate import assess
 
     return assess(read_path(path), NOW)
 

@@ -19,8 +19,8 @@ import redis
 import respx
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.settings import Settings
+from service.api.app import create_app
+from service.core.settings import Settings
 from tests.support.cds_hooks import (PATIENT_VIEW, Issuer, hook_request, make_env, prefetch_for, record, reset_audit,
                                      url, validate_cds_response)
 

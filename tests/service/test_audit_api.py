@@ -9,11 +9,11 @@ from fhir.resources.R4B.auditevent import AuditEvent
 from fhir.resources.R4B.bundle import Bundle
 from typer.testing import CliRunner
 
-from fhir_mappings.cards import OVERRIDE_SYSTEM
-from service.app import create_app
-from service.audit_store import AuditStore
-from service.cli import app as cli
-from service.settings import Settings
+from fhir_mappings.cds.cards import OVERRIDE_SYSTEM
+from service.api.app import create_app
+from service.infra.audit.store import AuditStore
+from service.cli.main import app as cli
+from service.core.settings import Settings
 
 TOKEN = "reviewer-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -39,7 +39,7 @@ def seeded(url):
         ("card", "success", "Patient/a", {"hook": "patient-view", "hookInstance": "h1", "cards": ["u1"],
                                           "tier": "emergency"}),
         ("card", "success", "Patient/b", {"hook": "order-sign", "hookInstance": "h2", "cards": ["u2"], "tier": "urgent"}),
-        # As service/routes/cds_hooks.py records feedback: no patient (CDS Hooks feedback names the
+        # As service/api/routes/cds_hooks.py records feedback: no patient (CDS Hooks feedback names the
         # card only), the outcome as the record's outcome, the override reason as system and code.
         ("feedback", "overridden", None, {"card": "u1", "overrideReason": {"system": OVERRIDE_SYSTEM,
                                                                             "code": "patient-declined"}}),

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from fhir_mappings.evaluate import assess
+from fhir_mappings.clinical.evaluate import assess
 from tests.support.cds_hooks import (ORDER_IMAGING, PATIENT_VIEW, PREFETCH_TYPES, FakeStoredAssessments, hook_request,
                                      make_env, prefetch_for, record, reset_audit, validate_cds_response,
                                      validate_discovery)

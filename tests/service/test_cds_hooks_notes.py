@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 import pytest
 import respx
 
-from service.fhir_fetch import NOTES_PREFETCH_COUNT
+from service.infra.fhir.fetch import NOTES_PREFETCH_COUNT
 from tests.support import cds_hooks as ch
 from tests.support.cds_hooks import PATIENT_VIEW, hook_request, make_env, prefetch_for, record, reset_audit, \
     searchset, validate_cds_response

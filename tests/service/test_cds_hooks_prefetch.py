@@ -275,7 +275,7 @@ def test_unusable_fhir_server_does_not_matter_when_prefetch_is_complete(env):
 
 
 def test_https_is_required_in_production():
-    from service.fhir_fetch import FhirAccessError, FhirClient
+    from service.infra.fhir.fetch import FhirAccessError, FhirClient
 
     hosts = frozenset({"fhir.example.org"})
     with pytest.raises(FhirAccessError, match="https"):

@@ -238,7 +238,7 @@ def test_redis_down_serves_the_card_without_the_link(tmp_path, caplog):
 
 
 def test_memory_store_is_bounded_oldest_first_and_copies():
-    from service.evidence_links import MemoryEvidenceStore
+    from service.infra.evidence_links import MemoryEvidenceStore
 
     store = MemoryEvidenceStore(max_entries=3, clock=lambda: 0.0)
     record_ = {"view": {"tier": "urgent"}}
@@ -253,7 +253,7 @@ def test_memory_store_is_bounded_oldest_first_and_copies():
 def test_evidence_view_audit_record_exports_as_a_balp_patient_read(env):
     from fhir.resources.R4B.auditevent import AuditEvent
 
-    from fhir_mappings.audit_events import BALP, audit_event
+    from fhir_mappings.fhir.audit_events import BALP, audit_event
 
     _, [card] = patient_view(env)
     assert open_link(env, the_link(card)[0]).status_code == 200

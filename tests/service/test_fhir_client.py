@@ -1,4 +1,4 @@
-"""service.fhir_client with respx at the transport: typed errors with FHIR meaning, paging, timeouts,
+"""service.infra.fhir.client with respx at the transport: typed errors with FHIR meaning, paging, timeouts,
 bearer and SMART Backend Services authentication."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import respx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from service.fhir_client import (BearerAuth, FHIRAuthError, FHIRBadRequest, FHIRClient, FHIRNotFound,
+from service.infra.fhir.client import (BearerAuth, FHIRAuthError, FHIRBadRequest, FHIRClient, FHIRNotFound,
                                  FHIRNotSupported, FHIRPagingError, FHIRPreconditionFailed, FHIRServerError,
                                  FHIRResponseError, FHIRTransportError, SmartBackendAuth, auth_from_settings)
-from service.settings import Settings
+from service.core.settings import Settings
 
 BASE = "https://ehr.example/fhir"
 TOKEN_URL = "https://ehr.example/auth/token"

@@ -13,9 +13,9 @@ import httpx
 import pytest
 import respx
 
-from service.fhir_client import BearerAuth, FHIRClient, FHIRServerError, FHIRTooLarge
-from service.note_binaries import binary_resource, binary_target, plan_binaries, referenced_binaries
-from service.settings import Settings, evaluation_settings
+from service.infra.fhir.client import BearerAuth, FHIRClient, FHIRServerError, FHIRTooLarge
+from service.infra.fhir.binaries import binary_resource, binary_target, plan_binaries, referenced_binaries
+from service.core.settings import Settings, evaluation_settings
 from workers import pipeline
 
 BASE = "http://ehr.test/fhir"

@@ -10,10 +10,10 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.metrics import AUTH_FAILURES
-from service.queue import GAP_GRACE_SECONDS, QUEUE, QueueUnavailable
-from service.settings import Settings
+from service.api.app import create_app
+from service.core.metrics import AUTH_FAILURES
+from service.infra.queue import GAP_GRACE_SECONDS, QUEUE, QueueUnavailable
+from service.core.settings import Settings
 
 SUBS = Path(__file__).resolve().parents[3] / "shared" / "data" / "subscriptions"
 TOKEN = "test-notification-secret"
@@ -47,7 +47,7 @@ def r(redis_url):
 @pytest.fixture
 def audits(monkeypatch):
     seen = []
-    monkeypatch.setattr("service.routes.notifications.audit_event",
+    monkeypatch.setattr("service.api.routes.notifications.audit_event",
                         lambda kind, outcome, **kw: seen.append({"kind": kind, "outcome": outcome, **kw}))
     return seen
 
@@ -190,7 +190,7 @@ def test_events_for_one_patient_close_together_are_evaluated_once(client, r):
 
 
 def test_a_started_evaluation_lets_the_next_event_queue_a_new_one(client, r, settings):
-    from service.queue import WorkQueue
+    from service.infra.queue import WorkQueue
 
     post(client, event(1))
     WorkQueue(settings).take_pending("Patient/p1")  # what the worker does first
@@ -333,7 +333,7 @@ def test_redis_down_is_503_so_that_the_server_retries(tmp_path):
 
 
 def test_a_failed_enqueue_releases_its_claim_so_the_retry_is_not_a_duplicate(client, app, r, monkeypatch):
-    from service.queue import WorkQueue
+    from service.infra.queue import WorkQueue
 
     post(client, params("handshake", since=0))
     queue = app.state.work_queue

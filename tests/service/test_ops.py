@@ -8,10 +8,10 @@ import pytest
 import respx
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.metrics import NOTIFICATIONS
-from service.routes.ops import audit_store_check, default_checks, fhir_check, register_check
-from service.settings import Settings
+from service.api.app import create_app
+from service.core.metrics import NOTIFICATIONS
+from service.api.routes.ops import audit_store_check, default_checks, fhir_check, register_check
+from service.core.settings import Settings
 
 
 @pytest.fixture
@@ -135,7 +135,7 @@ def test_request_id_is_made_or_kept_and_returned(client):
 def test_access_log_line_has_request_id_and_route_but_no_query(app):
     import io
 
-    from service.logging import configure_logging
+    from service.core.logging import configure_logging
 
     buf = io.StringIO()
     configure_logging(Settings(environment="test", log_level="DEBUG"), stream=buf)

@@ -5,8 +5,8 @@ import re
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.settings import Settings
+from service.api.app import create_app
+from service.core.settings import Settings
 
 pytestmark = pytest.mark.integration
 TOKEN = "metrics-test-secret"

@@ -58,7 +58,7 @@ def _json_body(schema: dict) -> dict:
 
 
 def _with_bodies(openapi: dict) -> dict:
-    from service.routes.cds_hooks import FeedbackRequest, HookRequest
+    from service.api.routes.cds_hooks import FeedbackRequest, HookRequest
 
     doc = copy.deepcopy(openapi)
     defs = doc.setdefault("components", {}).setdefault("schemas", {})
@@ -96,8 +96,8 @@ def fhir():
 
 @pytest.fixture
 def api_schema(redis_url, tmp_path, fhir):
-    from service.app import create_app
-    from service.settings import Settings
+    from service.api.app import create_app
+    from service.core.settings import Settings
 
     jwks = tmp_path / "jwks.json"
     jwks.write_text(json.dumps(ISSUER.jwks))

@@ -1,4 +1,4 @@
-"""service.subscriptions (`spinewatch subscribe`) against a respx-mocked FHIR server: classic or
+"""service.infra.fhir.subscriptions (`spinewatch subscribe`) against a respx-mocked FHIR server: classic or
 backport per the CapabilityStatement, idempotent create, update, re-request on error, off left alone."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pytest
 import respx
 from typer.testing import CliRunner
 
-from service.fhir_client import FHIRClient
-from service.settings import Settings
-from service.subscriptions import (BACKPORT_PROFILE, TAG_SYSTEM, TOPIC_CANONICAL, desired, ensure,
+from service.infra.fhir.client import FHIRClient
+from service.core.settings import Settings
+from service.infra.fhir.subscriptions import (BACKPORT_PROFILE, TAG_SYSTEM, TOPIC_CANONICAL, desired, ensure,
                                    subscription_capability, topic_triggers)
 
 BASE = "http://ehr.test/fhir"
@@ -194,13 +194,13 @@ def test_the_server_refusing_a_subscription_is_reported(settings):
 
 @respx.mock
 def test_cli_reports_each_subscription_and_fails_on_errors(settings, monkeypatch, tmp_path):
-    from service.cli import app
+    from service.cli.main import app
 
     env = {"SPINEWATCH_FHIR_BASE_URL": BASE, "SPINEWATCH_SUBSCRIPTION_ENDPOINT": ENDPOINT,
            "SPINEWATCH_NOTIFICATION_TOKEN": "sekrit", "SPINEWATCH_REDIS_URL": "redis://127.0.0.1:1/0"}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    from service.settings import get_settings
+    from service.core.settings import get_settings
 
     get_settings.cache_clear()
     try:
@@ -216,7 +216,7 @@ def test_cli_reports_each_subscription_and_fails_on_errors(settings, monkeypatch
 
 
 def test_desired_subscription_never_logs_or_reports_the_secret(settings):
-    from service.subscriptions import Plan, Report
+    from service.infra.fhir.subscriptions import Plan, Report
 
     sub = desired(Plan("Condition", "classic", "Condition?"), settings)
     assert sub["channel"]["header"] == ["Authorization: Bearer sekrit"]

@@ -1,4 +1,4 @@
-"""The optional terminology server (service/terminology_server.py) with respx playing it: SNOMED CT
+"""The optional terminology server (service/infra/fhir/terminology.py) with respx playing it: SNOMED CT
 codes the local value sets do not know, resolved by CodeSystem/$subsumes, in the worker's and the
 CDS Hooks evaluation; failures fall back to the local sets within the time bound; answers are
 cached; exclusions win; no URL, no HTTP."""
@@ -13,12 +13,12 @@ import httpx
 import pytest
 import respx
 
-from fhir_mappings.evaluate import assess
-from fhir_mappings.schema import TerminologyRootsFile, load
-from fhir_mappings.terminology import SNOMED, load_terminology
-from service.fhir_client import FHIRClient
-from service.settings import Settings
-from service.terminology_server import (LOCAL, ROOTS_PATH, AnswerCache, TerminologyServer, consult_sync, load_roots,
+from fhir_mappings.clinical.evaluate import assess
+from fhir_mappings.clinical.schema import TerminologyRootsFile, load
+from fhir_mappings.clinical.terminology import SNOMED, load_terminology
+from service.infra.fhir.client import FHIRClient
+from service.core.settings import Settings
+from service.infra.fhir.terminology import (LOCAL, ROOTS_PATH, AnswerCache, TerminologyServer, consult_sync, load_roots,
                                         questions, record_codes)
 from tests.support.cds_hooks import PATIENT_VIEW, hook_request, make_env, prefetch_for, reset_audit, validate_cds_response
 from workers import pipeline
@@ -342,7 +342,7 @@ def test_no_credentials_for_the_server_is_a_problem_not_a_crash(mock):
 def test_terminology_url_is_checked_and_shown_by_check_config(monkeypatch):
     from typer.testing import CliRunner
 
-    from service.cli import app
+    from service.cli.main import app
 
     for bad in ("ftp://tx.example.org", "https://user:pw@tx.example.org/fhir"):
         with pytest.raises(ValueError):

@@ -11,10 +11,10 @@ import pytest
 import redis
 import respx
 
-from service.assessment_store import AssessmentStore
-from service.fhir_client import FHIRClient, FHIRNotFound
-from service.queue import QUEUE, WorkQueue
-from service.settings import Settings
+from service.infra.assessments import AssessmentStore
+from service.infra.fhir.client import FHIRClient, FHIRNotFound
+from service.infra.queue import QUEUE, WorkQueue
+from service.core.settings import Settings
 from tests.support import cds_hooks as ch
 from workers import pipeline, tasks
 
@@ -303,8 +303,8 @@ def test_backoff_is_exponential_with_jitter_and_capped():
 
 
 def test_only_transient_errors_are_retried():
-    from service.fhir_client import FHIRBadRequest, FHIRServerError, FHIRTransportError
-    from service.queue import QueueUnavailable
+    from service.infra.fhir.client import FHIRBadRequest, FHIRServerError, FHIRTransportError
+    from service.infra.queue import QueueUnavailable
 
     assert tasks.is_transient(FHIRServerError("x", 503)) and tasks.is_transient(FHIRTransportError("x"))
     assert tasks.is_transient(QueueUnavailable("x"))
@@ -326,8 +326,8 @@ def test_celery_is_configured_for_at_least_once_delivery():
 
 
 def test_the_store_reads_back_with_a_client_that_does_not_decode(redis_url):
-    """The CDS Hooks side opens its own client (service/stored_assessment.py, bytes replies)."""
-    from fhir_mappings.evaluate import assess
+    """The CDS Hooks side opens its own client (service/infra/stored_assessments.py, bytes replies)."""
+    from fhir_mappings.clinical.evaluate import assess
 
     assessment = assess(ch.record("urgent", "p5"), datetime.now(timezone.utc))  # the record is dated from the clock
     AssessmentStore(redis.Redis.from_url(redis_url, decode_responses=True)).save(assessment.to_json(),

@@ -278,7 +278,7 @@ def validate_discovery(body: dict) -> None:
 
 
 class FakeStoredAssessments:
-    """Stands in for service/assessment_store.AssessmentStore (same `get`)."""
+    """Stands in for service/infra/assessments.AssessmentStore (same `get`)."""
 
     def __init__(self, records: dict[str, dict] | None = None):
         self.records = records or {}
@@ -315,7 +315,7 @@ class HookEnv:
         return self.client.post(path, json=body, headers=self.headers(path, **token_kw))
 
     def audit_records(self, kind: str) -> list:
-        from service.audit import flush
+        from service.infra.audit.writer import flush
 
         flush()  # a no-op while the test's store is installed (writes are synchronous), kept for safety
         return [r for r in self.audit.iter_all() if r.kind == kind]
@@ -323,7 +323,7 @@ class HookEnv:
 
 def reset_audit() -> None:
     """After a test: drop the test's audit store (use_store flushes first)."""
-    from service.audit import use_store
+    from service.infra.audit.writer import use_store
 
     use_store(None)
 
@@ -332,10 +332,10 @@ def make_env(tmp_path, *, issuer: Issuer | None = None, extra_issuers: dict | No
              stored: FakeStoredAssessments | None = None, **settings) -> HookEnv:
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
-    from service.audit import use_store
-    from service.audit_store import AuditStore
-    from service.settings import Settings
+    from service.api.app import create_app
+    from service.infra.audit.writer import use_store
+    from service.infra.audit.store import AuditStore
+    from service.core.settings import Settings
 
     issuer = issuer or Issuer("https://ehr.example.org")
     jwks_path = tmp_path / f"jwks-{issuer.kid}.json"

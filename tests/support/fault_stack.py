@@ -6,7 +6,7 @@
                  `spinewatch worker` processes started as a user starts them, in sessions of their own,
                  so a kill reaches every process of a worker and nothing outlives `close()`
 
-No pytest import here: bench/soak.py uses it too. Process plumbing comes from service/demo.py
+No pytest import here: bench/soak.py uses it too. Process plumbing comes from service/cli/demo/run.py
 (`Processes`, `stop_process_group`, `free_port`).
 """
 
@@ -27,7 +27,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
-from service.demo import Managed, Processes, free_port, stop_process_group
+from service.cli.demo.run import Managed, Processes, free_port, stop_process_group
 from tests.support.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -392,7 +392,7 @@ class Stack:
                              timeout=timeout)
 
     def stored(self, pid: str) -> dict | None:
-        from service.assessment_store import AssessmentStore
+        from service.infra.assessments import AssessmentStore
 
         client = self.redis_client()
         try:
@@ -408,7 +408,7 @@ class Stack:
             client.close()
 
     def audit_records(self, kind: str | None = None, patient: str | None = None) -> list:
-        from service.audit_store import store_for
+        from service.infra.audit.store import store_for
 
         store = store_for(self.env["SPINEWATCH_AUDIT_DB_URL"])
         try:

@@ -15,13 +15,13 @@ import pytest
 import respx
 from fhir.resources.R4B.communication import Communication
 
-from fhir_mappings.alerts import (ALERT_ID_SYSTEM, SIGNATURE_HEADER, alert_id, alert_input, communication,
+from fhir_mappings.cds.alerts import (ALERT_ID_SYSTEM, SIGNATURE_HEADER, alert_id, alert_input, communication,
                                   resolve_recipients, sign, verify_signature, webhook_body)
-from fhir_mappings.bundle import read_path
-from fhir_mappings.evaluate import assess
-from service import audit
-from service.audit_store import AuditStore
-from service.settings import Settings
+from fhir_mappings.fhir.bundle import read_path
+from fhir_mappings.clinical.evaluate import assess
+from service.infra.audit import writer as audit
+from service.infra.audit.store import AuditStore
+from service.core.settings import Settings
 from workers.alerts import AlertFailed, AlertRetry, ClientAdapter, alert_if_needed
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -292,7 +292,7 @@ def test_webhook_without_secret_or_refusing_fails_permanently(store):
 
 @respx.mock
 def test_the_fhir_client_adapter_searches_then_conditionally_creates():
-    from service.fhir_client import FHIRClient
+    from service.infra.fhir.client import FHIRClient
 
     base = "https://fhir.example.org/r4"
     existing = {"resourceType": "Bundle", "type": "searchset", "entry": []}
@@ -315,7 +315,7 @@ def test_the_fhir_client_adapter_searches_then_conditionally_creates():
 
 @respx.mock
 def test_fhir_server_errors_are_retried_and_client_errors_are_not(store):
-    from service.fhir_client import FHIRClient
+    from service.infra.fhir.client import FHIRClient
 
     base = "https://fhir.example.org/r4"
     respx.get(f"{base}/CareTeam").mock(return_value=httpx.Response(503))

@@ -7,7 +7,7 @@ import pytest
 from fhir.resources.R4B.auditevent import AuditEvent
 from fhir.resources.R4B.bundle import Bundle
 
-from fhir_mappings.audit_events import BALP, ExportContext, audit_event, bundle
+from fhir_mappings.fhir.audit_events import BALP, ExportContext, audit_event, bundle
 
 H0, H1 = "0" * 64, "1" * 64
 

@@ -6,9 +6,9 @@ import sqlite3
 
 import pytest
 
-from service import audit
-from service.audit_store import GENESIS_HASH, AuditStore, sanitise_detail, store_for
-from service.settings import Settings
+from service.infra.audit import writer as audit
+from service.infra.audit.store import GENESIS_HASH, AuditStore, sanitise_detail, store_for
+from service.core.settings import Settings
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def test_an_edit_of_the_detail_is_named(store, db):
 
 
 def test_an_edit_that_recomputes_its_own_hash_breaks_the_next_link(store, db):
-    from service.audit_store import record_hash
+    from service.infra.audit.store import record_hash
 
     fill(store)
     with sqlite3.connect(db) as conn:
@@ -164,7 +164,7 @@ def test_concurrent_writers_in_several_processes_keep_one_unbroken_chain(db):
 
 
 def test_audit_event_writes_to_the_configured_store_and_can_be_switched_off(tmp_path, monkeypatch):
-    from service.settings import get_settings
+    from service.core.settings import get_settings
 
     url = f"sqlite:///{tmp_path}/a.sqlite"
     monkeypatch.setattr(audit, "_configured", None)  # no app in this process: the environment decides
@@ -190,7 +190,7 @@ def test_a_broken_store_never_raises_into_the_caller(tmp_path):
 
 
 def test_an_app_points_audit_event_at_its_own_settings(tmp_path, monkeypatch):
-    from service.app import create_app
+    from service.api.app import create_app
 
     monkeypatch.setattr(audit, "_configured", None)
     url = f"sqlite:///{tmp_path}/app.sqlite"
@@ -209,8 +209,8 @@ def test_an_app_points_audit_event_at_its_own_settings(tmp_path, monkeypatch):
 
 
 def test_a_background_write_that_fails_is_counted_and_the_writer_goes_on(tmp_path, monkeypatch):
-    from service.app import create_app
-    from service.metrics import AUDIT_WRITES
+    from service.api.app import create_app
+    from service.core.metrics import AUDIT_WRITES
 
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fhir_mappings.bundle import InputError, read_path, resources_from_json, split_by_patient
+from fhir_mappings.fhir.bundle import InputError, read_path, resources_from_json, split_by_patient
 
 PATIENT = {"resourceType": "Patient", "id": "p1"}
 CONDITION = {"resourceType": "Condition", "id": "c1", "subject": {"reference": "urn:uuid:aaa"},

@@ -12,7 +12,7 @@ from datetime import timedelta
 
 import pytest
 
-from fhir_mappings.cards import (DETAIL_BUDGET, MAX_EVIDENCE_LINES, NG234_URL, CardSettings, cards_for, detail_parts,
+from fhir_mappings.cds.cards import (DETAIL_BUDGET, MAX_EVIDENCE_LINES, NG234_URL, CardSettings, cards_for, detail_parts,
                                  mri_service_request, xray_card)
 from scripts.card_gallery import COORDINATOR, NOW, PATIENT, assessment, gallery, xray_order
 
@@ -186,7 +186,7 @@ def test_suggestion_label_says_what_the_ehr_will_do(intent, label):
 
 
 def test_settings_feed_the_cards(monkeypatch):
-    from service.settings import Settings, card_settings
+    from service.core.settings import Settings, card_settings
 
     s = card_settings(Settings(mscc_coordinator_name="Dr On Call", mscc_coordinator_phone="bleep 1234",
                                mri_code_emergency="http://loinc.org|36531-2|MR Spine WO contrast"))
@@ -205,7 +205,7 @@ def test_patient_text_cannot_inject_markdown():
     note = {"resourceType": "Observation", "id": "o1", "status": "final", "code": {"text": "Clinical note"},
             "subject": {"reference": PATIENT}, "effectiveDateTime": (NOW - timedelta(days=1)).isoformat(),
             "valueString": "New leg weakness [click](https://evil.example) <img src=x> **now**"}
-    from fhir_mappings.evaluate import assess
+    from fhir_mappings.clinical.evaluate import assess
     from scripts.card_gallery import record
 
     a = assess(record("routine") + [note], NOW)
@@ -218,7 +218,7 @@ def test_patient_text_cannot_inject_markdown():
 
 
 def test_a_suspicion_is_shown_as_suspected():
-    from fhir_mappings.evaluate import assess
+    from fhir_mappings.clinical.evaluate import assess
     from scripts.card_gallery import _note, record
 
     a = assess(record("routine") + [_note("ed-2", "Emergency department note", "?cauda equina syndrome.", 0.5)], NOW)
@@ -266,7 +266,7 @@ def _busy_emergency():
 def test_evidence_view_lists_every_evidence_item(tier):
     import json
 
-    from fhir_mappings.cards import evidence_count, evidence_view
+    from fhir_mappings.cds.cards import evidence_count, evidence_view
 
     a = assessment(tier)
     view = evidence_view(a, NOW)
@@ -288,7 +288,7 @@ def test_evidence_view_lists_every_evidence_item(tier):
 
 
 def test_evidence_view_holds_what_the_card_leaves_out():
-    from fhir_mappings.cards import evidence_view
+    from fhir_mappings.cds.cards import evidence_view
 
     a = _busy_emergency()
     [card] = cards_for(a, NOW)
@@ -303,7 +303,7 @@ def test_evidence_view_holds_what_the_card_leaves_out():
 
 
 def test_evidence_view_keeps_resource_ids_out_of_the_prose():
-    from fhir_mappings.cards import evidence_view
+    from fhir_mappings.cds.cards import evidence_view
 
     a = _busy_emergency()
     a.problems = ["DocumentReference/gp-9 skipped: DocumentReference.date: invalid datetime",
@@ -323,8 +323,8 @@ def test_evidence_view_keeps_resource_ids_out_of_the_prose():
 
 
 def test_evidence_view_quotes_patient_text_plain_for_the_page_to_escape():
-    from fhir_mappings.cards import evidence_view
-    from fhir_mappings.evaluate import assess
+    from fhir_mappings.cds.cards import evidence_view
+    from fhir_mappings.clinical.evaluate import assess
     from scripts.card_gallery import record
 
     note = {"resourceType": "Observation", "id": "o1", "status": "final", "code": {"text": "Clinical note"},
@@ -345,7 +345,7 @@ def test_evidence_link_only_with_evidence_url_and_within_the_budgets(tier, hook)
     import copy
     import json
 
-    from fhir_mappings.cards import LINKS, evidence_view
+    from fhir_mappings.cds.cards import LINKS, evidence_view
 
     before = copy.deepcopy(LINKS)
     a = assessment(tier)

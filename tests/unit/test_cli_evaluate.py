@@ -12,7 +12,7 @@ EXAMPLE = ROOT / "examples" / "emergency-breast-cancer-leg-weakness.json"
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "service.cli", "evaluate", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "service.cli.main", "evaluate", *map(str, args)],
                           capture_output=True, text=True, cwd=ROOT, timeout=60)
 
 
@@ -84,7 +84,7 @@ def test_a_note_in_the_bundle_is_read_with_the_note_cap_from_the_settings(tmp_pa
     assert out["patient"] == "Patient/n1" and out["urgency"] == "emergency" and not out["problems"]
 
     path.write_text(json.dumps(_note_bundle("Seen in clinic. " * 100 + note)))  # the finding past the cap
-    proc = subprocess.run([sys.executable, "-m", "service.cli", "evaluate", str(path), "--now",
+    proc = subprocess.run([sys.executable, "-m", "service.cli.main", "evaluate", str(path), "--now",
                            "2026-06-01T12:00:00Z"], capture_output=True, text=True, cwd=ROOT, timeout=60,
                           env={"PATH": "/usr/bin:/bin", "SPINEWATCH_NOTE_MAX_CHARS": "1000"})
     out = json.loads(proc.stdout)
@@ -120,7 +120,7 @@ def _bad_inputs(tmp_path):
 @pytest.mark.parametrize("case", ["corrupt gzip", "truncated gzip", "truncated bz2", "garbled bz2", "not UTF-8",
                                   "FIFO", "symlink to /dev/zero", "/dev/zero", "under a file", "a directory"])
 def test_unreadable_input_is_one_line_and_exit_2(tmp_path, case):
-    proc = subprocess.run([sys.executable, "-m", "service.cli", "evaluate", str(_bad_inputs(tmp_path)[case])],
+    proc = subprocess.run([sys.executable, "-m", "service.cli.main", "evaluate", str(_bad_inputs(tmp_path)[case])],
                           capture_output=True, text=True, cwd=ROOT, timeout=20)
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == ""
@@ -132,7 +132,7 @@ def test_unreadable_input_is_one_line_and_exit_2(tmp_path, case):
 def test_input_is_read_with_a_size_cap(tmp_path):
     import gzip
 
-    from fhir_mappings.bundle import MAX_INPUT_BYTES, InputError, read_path
+    from fhir_mappings.fhir.bundle import MAX_INPUT_BYTES, InputError, read_path
 
     assert MAX_INPUT_BYTES == 200 * 1024 * 1024
     bomb = tmp_path / "bomb.json.gz"

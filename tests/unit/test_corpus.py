@@ -5,8 +5,8 @@ import collections
 import glob
 from datetime import datetime, timezone
 
-from fhir_mappings.bundle import read_path, split_by_patient
-from fhir_mappings.evaluate import EvaluationSettings, assess
+from fhir_mappings.fhir.bundle import read_path, split_by_patient
+from fhir_mappings.clinical.evaluate import EvaluationSettings, assess
 
 NOW = datetime(2026, 11, 25, tzinfo=timezone.utc)
 FHIR_TYPES = ("Bundle", "Condition", "Observation")

@@ -5,7 +5,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from fhir_mappings.evaluate import EvaluationSettings, assess
+from fhir_mappings.clinical.evaluate import EvaluationSettings, assess
 
 NOW = datetime(2026, 6, 1, 12, tzinfo=timezone.utc)
 SNOMED = "http://snomed.info/sct"

@@ -5,7 +5,7 @@ from datetime import datetime, timedelta, timezone
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fhir_mappings.evaluate import TIERS, assess
+from fhir_mappings.clinical.evaluate import TIERS, assess
 
 NOW = datetime(2026, 6, 1, 12, tzinfo=timezone.utc)
 RANK = {tier: i for i, tier in enumerate(reversed(TIERS))}  # none < routine < urgent < emergency

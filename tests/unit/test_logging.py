@@ -7,8 +7,8 @@ import logging
 import pytest
 import structlog
 
-from service.logging import (REDACTED, PatientDataGuard, SensitiveLogData, configure_logging,
-                             connect_celery_signals, is_sensitive_key)
+from service.core.logging import REDACTED, PatientDataGuard, SensitiveLogData, configure_logging, is_sensitive_key
+from workers.celery_app import connect_celery_signals
 
 JWT = "eyJhbGciOiJSUzM4NCJ9.eyJpc3MiOiJodHRwczovL2VociJ9.c2lnbmF0dXJlLWJ5dGVz"
 PATIENT = {"resourceType": "Patient", "id": "123", "name": [{"family": "Smith", "given": ["Ann"]}],

@@ -5,9 +5,9 @@ component text, and evidence that quotes the sentence with the note's type and d
 import base64
 from datetime import datetime, timezone
 
-from fhir_mappings.bundle import split_by_patient
-from fhir_mappings.evaluate import EvaluationSettings, assess
-from fhir_mappings.notes import html_text
+from fhir_mappings.fhir.bundle import split_by_patient
+from fhir_mappings.clinical.evaluate import EvaluationSettings, assess
+from fhir_mappings.fhir.notes import html_text
 
 NOW = datetime(2026, 6, 1, 12, tzinfo=timezone.utc)
 SNOMED = "http://snomed.info/sct"

@@ -1,4 +1,4 @@
-"""fhir_mappings.notifications: every notification in ../shared/data/subscriptions/ parsed, with the
+"""fhir_mappings.fhir.notifications: every notification in ../shared/data/subscriptions/ parsed, with the
 action each one calls for; the R4B and classic shapes; malformed input refused with a reason."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fhir_mappings.notifications import (NotificationError, event_key, missing_event_numbers, parse_notification,
+from fhir_mappings.fhir.notifications import (NotificationError, event_key, missing_event_numbers, parse_notification,
                                          parse_resource, parse_rest_hook, parse_status_bundle, ping,
                                          relative_reference, version_key)
 

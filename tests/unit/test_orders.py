@@ -1,11 +1,11 @@
-"""fhir_mappings.orders: which draft orders are a plain spine X-ray or a spine MRI (value sets
+"""fhir_mappings.clinical.orders: which draft orders are a plain spine X-ray or a spine MRI (value sets
 xray-spine and mri-spine; CLINICAL.md "Codes")."""
 
 from __future__ import annotations
 
 import pytest
 
-from fhir_mappings.orders import MRI_SPINE, XRAY_SPINE, classify_order, draft_resources, reference
+from fhir_mappings.clinical.orders import MRI_SPINE, XRAY_SPINE, classify_order, draft_resources, reference
 
 CPT = "http://www.ama-assn.org/go/cpt"
 LOINC = "http://loinc.org"

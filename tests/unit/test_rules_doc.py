@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from fhir_mappings.schema import RuleFile, RuleFileError, ValueSetFile, load
-from fhir_mappings.terminology import load_terminology
+from fhir_mappings.clinical.schema import RuleFile, RuleFileError, ValueSetFile, load
+from fhir_mappings.clinical.terminology import load_terminology
 
 ROOT = Path(__file__).resolve().parents[2]
-RULE = (ROOT / "fhir_mappings" / "rules" / "limb-weakness.yaml").read_text()
+RULE = (ROOT / "fhir_mappings" / "clinical" / "rules" / "limb-weakness.yaml").read_text()
 
 
 def _render() -> str:
@@ -41,14 +41,14 @@ def test_a_rule_file_with_a_typo_fails_at_load_naming_the_field(tmp_path, broken
 
 def test_every_rule_names_fixtures_that_raise_and_stay_quiet():
     for rule in load_terminology().rules:
-        data = load(ROOT / "fhir_mappings" / "rules" / f"{rule.id}.yaml", RuleFile)
+        data = load(ROOT / "fhir_mappings" / "clinical" / "rules" / f"{rule.id}.yaml", RuleFile)
         assert data.fixtures, rule.id
         for directory in data.fixtures:
             assert list((ROOT / directory).glob("raises__*.json")) and list((ROOT / directory).glob("quiet__*.json")), directory
 
 
 def test_every_code_has_a_display_name():
-    for path in sorted((ROOT / "fhir_mappings").glob("*/*.yaml")):
+    for path in sorted((ROOT / "fhir_mappings" / "clinical").glob("*/*.yaml")):
         if path.parent.name == "language":
             continue
         model = RuleFile if path.parent.name == "rules" else ValueSetFile

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from service.config_check import InvalidSettings, shown_value
-from service.settings import Settings, get_settings
+from service.core.config_check import InvalidSettings, shown_value
+from service.core.settings import Settings, get_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,7 +53,7 @@ def test_values_of_secret_settings_are_never_echoed(monkeypatch, fresh_settings)
 
 def test_the_process_stops_with_the_message_and_no_traceback():
     env = {"SPINEWATCH_LOOKBACK_DAYS": "ninety", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-c", "from service.app import create_app; create_app()"],
+    proc = subprocess.run([sys.executable, "-c", "from service.api.app import create_app; create_app()"],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
     assert proc.returncode == 1
     assert proc.stderr.strip() == ("spinewatch: invalid setting SPINEWATCH_LOOKBACK_DAYS='ninety': "
@@ -61,7 +61,7 @@ def test_the_process_stops_with_the_message_and_no_traceback():
 
 
 def check_config(**env):
-    return subprocess.run([sys.executable, "-m", "service.cli", "check-config"], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "service.cli.main", "check-config"], capture_output=True,
                           text=True, cwd=ROOT, env={"PATH": "/usr/bin:/bin", **env}, timeout=60)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from service.settings import Settings
+from service.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMES = ["SPINEWATCH_" + name.upper() for name in Settings.model_fields]

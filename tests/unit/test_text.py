@@ -1,4 +1,4 @@
-"""The clinical-language matcher (fhir_mappings/text.py): vocabulary, context, anchoring, spelling.
+"""The clinical-language matcher (fhir_mappings/clinical/text.py): vocabulary, context, anchoring, spelling.
 
 The corpus in tests/corpus measures it; these pin the behaviours each part of text.py exists for.
 """
@@ -7,8 +7,9 @@ import re
 
 import pytest
 
-from fhir_mappings.terminology import load_terminology
-from fhir_mappings.text import PhraseError, compile_phrase, compile_phrases, context_of
+from fhir_mappings.clinical.terminology import load_terminology
+from fhir_mappings.clinical.terminology import context_of
+from fhir_mappings.clinical.text import PhraseError, compile_phrase, compile_phrases
 
 
 def raised(text: str, on_spinal_pain_resource: bool = False) -> set[str]:

@@ -1,0 +1,57 @@
+"""Request ids: every request gets one (a well-formed incoming X-Request-ID, or a new one), bound
+to the log context and returned on the response; one log line per request."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+import structlog
+from starlette.datastructures import MutableHeaders
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")  # anything else could forge log lines
+_QUIET_PATHS = {"/healthz", "/readyz", "/metrics"}  # probes: DEBUG, not INFO
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+class RequestIdMiddleware:
+    """ASGI middleware: take a well-formed incoming X-Request-ID or make one, bind it to the log
+    context for the request, return it on the response, and log one line per request (route
+    template, never the query string)."""
+
+    def __init__(self, app: Any):
+        self.app = app
+        self.log = structlog.get_logger("spinewatch.http")
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = dict(scope.get("headers") or []).get(REQUEST_ID_HEADER.lower().encode(), b"").decode("latin-1")
+        request_id = incoming if _REQUEST_ID_OK.match(incoming) else new_request_id()
+        tokens = structlog.contextvars.bind_contextvars(request_id=request_id)
+        status = 500
+        started = time.perf_counter()
+
+        async def send_with_id(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message).append(REQUEST_ID_HEADER, request_id)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or scope.get("path", "")
+            level = logging.DEBUG if scope.get("path") in _QUIET_PATHS else logging.INFO
+            self.log.log(level, "http.request", method=scope.get("method"), route=route, status=status,
+                         duration_ms=round((time.perf_counter() - started) * 1000, 1))
+            structlog.contextvars.reset_contextvars(**tokens)

@@ -1,0 +1,203 @@
+"""The one exception tree of the service, and the one rule for retrying.
+
+    SpineWatchError                      status 500, not transient
+    ├── RequestError                     the caller's request is refused (answered as an OperationOutcome)
+    │   ├── InvalidRequest        400    malformed JSON, wrong shape, unknown hook
+    │   ├── Unauthorized          401    bare: no reason in the body (CDS Hooks 2.0 "Trusting CDS Clients")
+    │   ├── NotFound              404
+    │   ├── PreconditionFailed    412    data a decision needs cannot be had (CDS Hooks 2.0 §Prefetch)
+    │   ├── PayloadTooLarge       413
+    │   └── ServiceUnavailable    503    a dependency is down: the caller retries          transient
+    └── DependencyError                  something SpineWatch calls failed
+        ├── FHIRError                    a FHIR server (service.infra.fhir)
+        │   ├── FHIRTransportError       unreachable, timed out                            transient
+        │   ├── FHIRAuthError            401/403, or no token could be had
+        │   ├── FHIRPagingError          a search's `next` chain misbehaved
+        │   ├── FHIRTooLarge             a body over the configured cap
+        │   ├── FHIRAccessError          a hook's fetch failed (answered 412)
+        │   └── FHIRResponseError        any other HTTP error, by status (R4 §3.1.0.8)
+        │       ├── FHIRBadRequest, FHIRNotFound, FHIRPreconditionFailed, FHIRNotSupported
+        │       └── FHIRServerError      5xx, 408, 409, 429                                 transient
+        ├── QueueUnavailable             Redis, the broker and its bookkeeping             transient
+        ├── ReplayCacheUnavailable       the JWT jti store (answered 503)                   transient
+        ├── EvidenceStoreUnavailable     the full-evidence page store                      transient
+        ├── TerminologyUnavailable       the optional terminology server (never required)  transient
+        └── AlertError                   a care-team alert could not be delivered
+            ├── AlertRetry                                                                  transient
+            └── AlertFailed              a retry cannot help: dead-letter now
+
+`transient` is the one retry rule: a class attribute, True where waiting and trying again can
+help. Workers retry exactly the errors for which `is_transient(exc)` is true and dead-letter the
+rest; nothing else decides. Errors from outside the tree (a bug) are never transient.
+
+Messages are written for the caller and the log: never patient data, tokens or request bodies.
+`AuthError` (a CDS client's JWT refused) stays beside the JWT verifier: it carries a reason code
+for metrics, and the API answers it as `Unauthorized`.
+"""
+
+from __future__ import annotations
+
+
+class SpineWatchError(Exception):
+    status_code = 500
+    code = "exception"  # OperationOutcome.issue.code (http://hl7.org/fhir/R4/valueset-issue-type.html)
+    transient = False
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+def is_transient(exc: BaseException) -> bool:
+    """The one retry rule (see the tree above)."""
+    return isinstance(exc, SpineWatchError) and exc.transient
+
+
+# ---- refusing a request ------------------------------------------------------------------------
+
+class RequestError(SpineWatchError):
+    """The caller's request is refused; the API answers `status_code` with an OperationOutcome."""
+
+
+class InvalidRequest(RequestError):
+    status_code, code = 400, "invalid"
+
+
+class Unauthorized(RequestError):
+    status_code, code = 401, "login"
+
+
+class NotFound(RequestError):
+    status_code, code = 404, "not-found"
+
+
+class PreconditionFailed(RequestError):
+    status_code, code = 412, "incomplete"
+
+
+class PayloadTooLarge(RequestError):
+    status_code, code = 413, "too-costly"
+
+
+class ServiceUnavailable(RequestError):
+    status_code, code, transient = 503, "transient", True
+
+
+# ---- something SpineWatch calls failed ---------------------------------------------------------
+
+class DependencyError(SpineWatchError):
+    """A dependency failed. Where one escapes to the API it is a 503 if transient, else a 500."""
+
+
+class QueueUnavailable(DependencyError):
+    """Redis (the broker and the bookkeeping) cannot be reached: nothing was queued."""
+    transient = True
+
+
+class ReplayCacheUnavailable(DependencyError):
+    """The jti replay store cannot be reached: the call cannot be checked, so it is refused (503)."""
+    transient = True
+
+
+class EvidenceStoreUnavailable(DependencyError):
+    """The full-evidence store cannot be read (Redis down): not the same as an unknown or expired link."""
+    transient = True
+
+
+class TerminologyUnavailable(DependencyError):
+    """The terminology server could not be consulted; the message says why, without codes or patient data."""
+    transient = True
+
+
+class AlertError(DependencyError):
+    """A care-team alert could not be delivered."""
+
+
+class AlertRetry(AlertError):
+    """Transient: retry later (the task layer dead-letters after its last retry)."""
+    transient = True
+
+
+class AlertFailed(AlertError):
+    """Permanent: a retry cannot help; dead-letter now, never drop."""
+
+
+# ---- FHIR servers ------------------------------------------------------------------------------
+
+class FHIRError(DependencyError):
+    pass
+
+
+class FHIRTransportError(FHIRError):
+    transient = True
+
+
+class FHIRAuthError(FHIRError):
+    pass
+
+
+class FHIRPagingError(FHIRError):
+    pass
+
+
+class FHIRTooLarge(FHIRError):
+    pass
+
+
+class FHIRAccessError(FHIRError):
+    """A hook's fetch from the FHIR server failed. The message is for the 412 answer: no patient data."""
+    status_code, code = 412, "incomplete"
+
+
+class FHIRResponseError(FHIRError):
+    def __init__(self, message: str, status: int, outcome: dict | None = None):
+        super().__init__(message)
+        self.status = status
+        self.outcome = outcome  # the server's OperationOutcome, when it sent one
+
+    def __reduce__(self):
+        # Pickleable as itself: Celery pickles a failed task's exception, and would otherwise fall
+        # back to the nearest base class that pickles (FHIRError), losing the type.
+        return type(self), (self.message, self.status, self.outcome)
+
+    @property
+    def issue_codes(self) -> list[str]:
+        return [i.get("code") for i in (self.outcome or {}).get("issue", []) if isinstance(i, dict)]
+
+
+class FHIRBadRequest(FHIRResponseError):
+    pass
+
+
+class FHIRNotFound(FHIRResponseError):
+    pass
+
+
+class FHIRPreconditionFailed(FHIRResponseError):
+    pass
+
+
+class FHIRNotSupported(FHIRResponseError):
+    pass
+
+
+class FHIRServerError(FHIRResponseError):
+    transient = True
+
+
+_BY_STATUS: dict[int, type[FHIRResponseError]] = {
+    400: FHIRBadRequest, 422: FHIRBadRequest,
+    404: FHIRNotFound, 410: FHIRNotFound,
+    412: FHIRPreconditionFailed,
+    405: FHIRNotSupported, 501: FHIRNotSupported,
+    # 409: version conflict on a concurrent write (R4 §3.1.0.8.3); 408/429: asked to come back later.
+    408: FHIRServerError, 409: FHIRServerError, 429: FHIRServerError,
+}
+
+
+def fhir_error_for(status: int, what: str, outcome: dict | None) -> FHIRError:
+    """The FHIR error for an HTTP status (`what` names the request, never its data)."""
+    if status in (401, 403):
+        return FHIRAuthError(f"{what}: HTTP {status} (not authorised)")
+    cls = _BY_STATUS.get(status) or (FHIRServerError if status >= 500 else FHIRBadRequest)
+    return cls(f"{what}: HTTP {status}", status, outcome)
