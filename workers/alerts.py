@@ -230,11 +230,11 @@ _redis_clients: dict[tuple[int, str], object] = {}
 
 def _redis(settings):
     """One client per Redis URL per process (a forked worker child makes its own)."""
-    import redis
+    from service.infra.redis import redis_client
 
     key = (os.getpid(), settings.redis_url)
     if key not in _redis_clients:
-        _redis_clients[key] = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+        _redis_clients[key] = redis_client(settings.redis_url, 5.0)
     return _redis_clients[key]
 
 

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import time
 
-import redis
 from kombu.log import get_logger
 from kombu.transport import redis as kombu_redis
+
+from service.infra.redis import redis_client
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
@@ -74,8 +75,7 @@ class QoS(kombu_redis.QoS):
         deadline = time.monotonic() + RESTORE_FOR_SECONDS
         while True:
             try:
-                client = redis.Redis.from_url(self.channel._spinewatch_broker_url, socket_timeout=2,
-                                              socket_connect_timeout=1)
+                client = redis_client(self.channel._spinewatch_broker_url, 2.0, connect_timeout=1.0)
                 try:
                     action(client)
                     return True

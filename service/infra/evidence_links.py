@@ -87,10 +87,9 @@ class RedisEvidenceStore:
 
     def __init__(self, url: str, client=None):
         if client is None:
-            import redis
+            from service.infra.redis import redis_client
 
-            client = redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_SECONDS,
-                                          socket_connect_timeout=REDIS_TIMEOUT_SECONDS)
+            client = redis_client(url, REDIS_TIMEOUT_SECONDS)
         self.client = client
 
     @staticmethod

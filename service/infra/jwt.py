@@ -213,19 +213,17 @@ class RedisReplayCache:
     """Shared by every API process: SET NX EX is one atomic check-and-record."""
 
     def __init__(self, url: str, prefix: str = "spinewatch:cds:jti:"):
-        import redis.asyncio as redis_asyncio
-
         self._url = url
         self._prefix = prefix
         self._clients: dict[int, object] = {}  # one client per event loop (TestClient, uvicorn)
-        self._redis = redis_asyncio
 
     def _client(self):
         loop_id = id(asyncio.get_running_loop())
         client = self._clients.get(loop_id)
         if client is None:
-            client = self._clients[loop_id] = self._redis.from_url(self._url, socket_timeout=2,
-                                                                  socket_connect_timeout=2)
+            from service.infra.redis import async_redis_client
+
+            client = self._clients[loop_id] = async_redis_client(self._url, 2.0)
         return client
 
     async def first_use(self, key: str, ttl_seconds: int) -> bool:

@@ -53,6 +53,7 @@ PENDING_DUE = "pending-due"  # zset: patient -> when its queued evaluation is du
 STALE_PENDING_SECONDS = 60.0  # a queued evaluation this late is sent again (recover_pending)
 BUSY_WAITS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0)  # ~90 ms in all
 
+from service.infra.redis import redis_client as make_redis_client
 from service.core.errors import QueueUnavailable  # noqa: F401 - re-exported
 log = structlog.get_logger("spinewatch.queue")
 
@@ -121,9 +122,8 @@ return prev
 
 
 def redis_client(url: str, timeout: float = 2.0) -> redis.Redis:
-    # Short timeouts: when Redis is down the notifier must hear 503 quickly, not hang.
-    return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                health_check_interval=30, decode_responses=True)
+    """The queue's client: strings in and out (service/infra/redis.py sets the timeouts)."""
+    return make_redis_client(url, timeout, decode_responses=True, health_check_interval=30)
 
 
 def producer(settings) -> Celery:

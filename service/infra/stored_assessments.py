@@ -28,16 +28,12 @@ class StoredAssessments(Protocol):
 
 def default_source(settings) -> StoredAssessments | None:
     """The workers' store when it and a Redis URL exist; None otherwise (no stored answers)."""
-    url = getattr(settings, "redis_url", None)
-    if not url:
+    if not settings.redis_url:
         return None
-    try:
-        import redis
+    from service.infra.assessments import AssessmentStore
+    from service.infra.redis import redis_client
 
-        from service.infra.assessments import AssessmentStore
-    except ImportError:
-        return None
-    return AssessmentStore(redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1))
+    return AssessmentStore(redis_client(settings.redis_url, timeout=1))
 
 
 def _evidence(data: dict) -> Evidence:

@@ -163,23 +163,27 @@ def test_concurrent_writers_in_several_processes_keep_one_unbroken_chain(db):
     assert result.ok and result.checked == 160, result.message()
 
 
-def test_audit_event_writes_to_the_configured_store_and_can_be_switched_off(tmp_path, monkeypatch):
-    from service.core.settings import get_settings
+def test_an_audit_log_writes_to_its_store_and_can_be_switched_off(tmp_path):
+    from service.infra.audit.writer import AuditLog
 
     url = f"sqlite:///{tmp_path}/a.sqlite"
-    monkeypatch.setattr(audit, "_configured", None)  # no app in this process: the environment decides
-    monkeypatch.setattr(audit, "_background", False)
-    monkeypatch.setenv("SPINEWATCH_AUDIT_DB_URL", url)
-    get_settings.cache_clear()
-    try:
-        audit.audit_event("evaluation", "success", actor="worker", patient="Patient/1", detail={"tier": "urgent"})
-        assert store_for(url).query()[1] == 1
-        monkeypatch.setenv("SPINEWATCH_AUDIT_ENABLED", "false")
-        get_settings.cache_clear()
-        audit.audit_event("evaluation", "success", actor="worker")
-        assert store_for(url).query()[1] == 1
-    finally:
-        get_settings.cache_clear()
+    AuditLog(Settings(environment="test", audit_db_url=url)).event(
+        "evaluation", "success", actor="worker", patient="Patient/1", detail={"tier": "urgent"})
+    assert store_for(url).query()[1] == 1
+    AuditLog(Settings(environment="test", audit_db_url=url, audit_enabled=False)).event(
+        "evaluation", "success", actor="worker")
+    assert store_for(url).query()[1] == 1
+
+
+def test_a_background_audit_log_writes_once_flushed(tmp_path):
+    from service.infra.audit.writer import AuditLog
+
+    url = f"sqlite:///{tmp_path}/b.sqlite"
+    log = AuditLog(Settings(environment="test", audit_db_url=url), background=True)
+    for n in range(3):
+        log.event("card", "success", actor="https://ehr.example.org", patient=f"Patient/{n}")
+    log.flush()
+    assert store_for(url).query()[1] == 3
 
 
 def test_a_broken_store_never_raises_into_the_caller(tmp_path):
@@ -192,9 +196,8 @@ def test_a_broken_store_never_raises_into_the_caller(tmp_path):
 def test_an_app_points_audit_event_at_its_own_settings(tmp_path, monkeypatch):
     from service.api.app import create_app
 
-    monkeypatch.setattr(audit, "_configured", None)
+    monkeypatch.setattr(audit, "_default", None)
     url = f"sqlite:///{tmp_path}/app.sqlite"
-    monkeypatch.setattr(audit, "_background", False)
     create_app(Settings(environment="test", audit_db_url=url))
     for i in range(50):  # a serving process writes in the background, in order, in batches
         audit.audit_event("card", "success", actor="x", detail={"i": i})
@@ -214,7 +217,7 @@ def test_a_background_write_that_fails_is_counted_and_the_writer_goes_on(tmp_pat
 
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    monkeypatch.setattr(audit, "_configured", None)
+    monkeypatch.setattr(audit, "_default", None)
     create_app(Settings(environment="test", audit_db_url=f"sqlite:///{blocker}/sub/audit.sqlite"))
     errors = AUDIT_WRITES.labels(kind="card", outcome="error")._value.get()
     audit.audit_event("card", "success", actor="x")

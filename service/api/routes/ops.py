@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from service.core.metrics import QUEUE_DEPTH
+from service.infra.redis import async_redis_client
 
 Check = Callable[[], Awaitable[None]]
 
@@ -33,9 +34,7 @@ router = APIRouter(tags=["operations"])
 
 def redis_check(url: str, timeout: float) -> Check:
     async def check() -> None:
-        import redis.asyncio as aioredis
-
-        client = aioredis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+        client = async_redis_client(url, timeout)
         try:
             await client.ping()
         finally:
@@ -142,9 +141,7 @@ async def _refresh_queue_depth(settings: Any) -> None:
     queues = getattr(settings, "celery_queues", None) or ["celery"]
     timeout = getattr(settings, "readiness_timeout_seconds", 2.0)
     try:
-        import redis.asyncio as aioredis
-
-        client = aioredis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+        client = async_redis_client(url, timeout)
         try:
             for queue in queues:
                 QUEUE_DEPTH.labels(queue=queue).set(await client.llen(queue))

@@ -49,9 +49,6 @@ from service.infra.audit.store import AuditRecord, AuditStore, store_for
 
 log = structlog.get_logger("spinewatch.audit")
 
-_override: AuditStore | None = None
-_configured = None  # the settings of the app this process serves (see `configure`)
-_background = False
 BATCH = 500  # records per transaction at most
 # How long the writer lets records gather after the first one: one transaction then carries many
 # records, and the serving thread is interrupted (GIL hand-offs, thread wake-ups) once per batch
@@ -59,83 +56,120 @@ BATCH = 500  # records per transaction at most
 LINGER_SECONDS = 0.05
 
 
-def configure(settings, *, background: bool = False) -> None:
-    """Use these settings for `audit_event` in this process: create_app calls it with the app's own
-    settings, so an app built with explicit Settings (tests, the benchmark) audits where it says,
-    and with background=True, so requests do not wait for the write. Processes without an app
-    (workers, the CLI) use the environment (get_settings) and write synchronously."""
-    global _configured, _background
-    _configured, _background = settings, background
+class AuditLog:
+    """The audit log of one process, made once by its composition root (create_app, the Celery app
+    factory, a CLI command) and handed to whatever records.
+
+    background=True (a serving process): `event` hands the record to this log's writer thread and
+    returns; otherwise, or with an explicit `store` (tests), it appends before returning."""
+
+    def __init__(self, settings, *, background: bool = False, store: AuditStore | None = None):
+        self.settings = settings
+        self.background = background and store is None
+        self._store = store
+        self._writer = _Writer(self)
+
+    @property
+    def store(self) -> AuditStore:
+        """The store for SPINEWATCH_AUDIT_DB_URL (or the one given)."""
+        return self._store if self._store is not None else store_for(self.settings.audit_db_url)
+
+    @property
+    def enabled(self) -> bool:
+        return self._store is not None or self.settings.audit_enabled
+
+    def event(self, kind: str, outcome: str, *, actor: str, patient: str | None = None,
+              detail: dict | None = None) -> None:
+        """Append one audit record. kind: notification|evaluation|card|feedback|alert|auth-failure|...;
+        outcome: success|failure|...; actor: who acted (client iss, subscription id, worker);
+        patient: "Patient/id" or None; detail: references, codes, versions; never free text or tokens.
+        Do not change `detail` after the call (a serving process writes it a moment later)."""
+        if self.background:
+            if not self.enabled:
+                return
+            try:
+                store = self.store
+            except Exception as exc:  # noqa: BLE001 - an unusable URL: counted like any failed write
+                _failed(kind, exc)
+                return
+            if self._writer.submit(store, (kind, outcome, actor or "unknown", patient, detail)):
+                return
+            # Queue full (the store is stuck or slow): write here rather than lose the record.
+        self.record(kind, outcome, actor=actor, patient=patient, detail=detail)
+
+    def record(self, kind: str, outcome: str, *, actor: str, patient: str | None = None,
+               detail: dict | None = None) -> AuditRecord | None:
+        """As `event`, synchronously, returning the stored record (None when switched off or on failure)."""
+        if not self.enabled:
+            return None
+        from service.core.metrics import AUDIT_WRITES
+
+        try:
+            record = self.store.append(kind, outcome, actor=actor or "unknown", patient=patient, detail=detail)
+        except Exception as exc:  # never let the audit log take clinical care down with it
+            _failed(kind, exc)
+            return None
+        AUDIT_WRITES.labels(kind=kind, outcome="ok").inc()
+        return record
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Wait until the background writer has appended everything queued so far (tests, shutdown)."""
+        self._writer.flush(timeout)
 
 
-def _settings(settings=None):
-    if settings is not None:
-        return settings
-    if _configured is not None:
-        return _configured
-    from service.core.settings import get_settings
-
-    return get_settings()
+# ---- the process default, for call sites not yet handed an AuditLog ------------------------------
+_default: AuditLog | None = None
 
 
-def current_store(settings=None) -> AuditStore:
-    """The store for SPINEWATCH_AUDIT_DB_URL of `settings` (default: the configured or process
-    settings), or the one installed with `use_store`."""
-    if _override is not None:
-        return _override
-    return store_for(_settings(settings).audit_db_url)
+def configure(settings, *, background: bool = False) -> AuditLog:
+    """Make this process's default log (create_app: background=True)."""
+    global _default
+    if _default is not None:
+        _default.flush()
+    _default = AuditLog(settings, background=background)
+    return _default
+
+
+def default_log() -> AuditLog:
+    global _default
+    if _default is None:
+        from service.core.settings import get_settings
+
+        _default = AuditLog(get_settings())
+    return _default
 
 
 def use_store(store: AuditStore | None) -> None:
     """Install a store for this process (tests); writes to it are synchronous. None: back to the setting."""
-    global _override
-    flush()
-    _override = store
+    global _default
+    if _default is not None:
+        _default.flush()
+    if store is None:
+        _default = None
+        return
+    from service.core.settings import get_settings
+
+    _default = AuditLog(get_settings(), store=store)
+
+
+def current_store(settings=None) -> AuditStore:
+    return store_for(settings.audit_db_url) if settings is not None else default_log().store
 
 
 def audit_event(kind: str, outcome: str, *, actor: str, patient: str | None = None,
                 detail: dict | None = None) -> None:
-    """Append one audit record. kind: notification|evaluation|card|feedback|alert|auth-failure|...;
-    outcome: success|failure|...; actor: who acted (client iss, subscription id, worker);
-    patient: "Patient/id" or None; detail: references, codes, versions; never free text or tokens.
-    Do not change `detail` after the call (a serving process writes it a moment later)."""
-    if _background and _override is None:
-        settings = _settings()
-        if not settings.audit_enabled:
-            return
-        try:
-            store = current_store(settings)
-        except Exception as exc:  # noqa: BLE001 - an unusable URL: counted like any failed write
-            _failed(kind, exc)
-            return
-        if _WRITER.submit(store, (kind, outcome, actor or "unknown", patient, detail)):
-            return
-        # Queue full (the store is stuck or slow): write here rather than lose the record.
-    record_event(kind, outcome, actor=actor, patient=patient, detail=detail)
+    default_log().event(kind, outcome, actor=actor, patient=patient, detail=detail)
 
 
 def record_event(kind: str, outcome: str, *, actor: str, patient: str | None = None,
                  detail: dict | None = None, settings=None) -> AuditRecord | None:
-    """As `audit_event`, synchronously, returning the stored record (None when switched off or on
-    failure). `settings`: an app's own settings (default: the configured or process settings)."""
-    settings = _settings(settings)
-    if _override is None and not settings.audit_enabled:
-        return None
-    from service.core.metrics import AUDIT_WRITES
-
-    try:
-        record = current_store(settings).append(kind, outcome, actor=actor or "unknown", patient=patient,
-                                                detail=detail)
-    except Exception as exc:  # never let the audit log take clinical care down with it
-        _failed(kind, exc)
-        return None
-    AUDIT_WRITES.labels(kind=kind, outcome="ok").inc()
-    return record
+    log_ = AuditLog(settings, store=_default._store if _default else None) if settings is not None else default_log()
+    return log_.record(kind, outcome, actor=actor, patient=patient, detail=detail)
 
 
 def flush(timeout: float = 30.0) -> None:
-    """Wait until the background writer has appended everything queued so far (tests, shutdown)."""
-    _WRITER.flush(timeout)
+    if _default is not None:
+        _default.flush(timeout)
 
 
 def _failed(kind: str, exc: Exception, n: int = 1) -> None:
@@ -148,7 +182,8 @@ def _failed(kind: str, exc: Exception, n: int = 1) -> None:
 class _Writer:
     """One daemon thread per process appending queued records in batches, in the order queued."""
 
-    def __init__(self, maxsize: int = 20_000):
+    def __init__(self, owner: AuditLog, maxsize: int = 20_000):
+        self._owner = owner
         self._queue: queue.Queue | None = None
         self._maxsize = maxsize
         self._pid: int | None = None
@@ -161,7 +196,7 @@ class _Writer:
                     self._queue = queue.Queue(self._maxsize)
                     threading.Thread(target=self._run, args=(self._queue,), name="audit-writer", daemon=True).start()
                     if self._pid is None:
-                        atexit.register(flush)
+                        atexit.register(self._owner.flush)
                     self._pid = os.getpid()
         return self._queue
 
@@ -215,5 +250,3 @@ class _Writer:
                 store = item_store
                 batch.append(event)
 
-
-_WRITER = _Writer()
