@@ -3,7 +3,7 @@
 bench/hooks.py runs the whole service once per setting, so two runs minutes apart on a busy machine
 differ by more than the audit log costs. Here one server (built by bench/hooks.py, same JWTs, same
 20-entry prefetch, same load generator) serves alternating rounds with the audit log switched on and
-off between them (service.infra.audit.writer.configure), in the order on-off-off-on-on-off..., so drift in the
+off between them (a new `AuditLog` on the app's services each round), in the order on-off-off-on-on-off..., so drift in the
 machine's load falls on both sides alike. Reported: the median over rounds of p50/p95/p99 and
 throughput for each setting, and the p95 ratio. Aim (issue 5): audit adds <= 5 % to patient-view p95.
 
@@ -35,8 +35,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from bench import hooks  # importable by name: its load generator runs in a spawned process
-    from service.infra.audit import writer as audit
     from service.infra.audit.store import store_for
+    from service.infra.audit.writer import AuditLog
     from tests.support.cds_hooks import Issuer, hook_request, prefetch_for, record
 
     issuer = Issuer(hooks.ISSUER, alg="ES384")
@@ -46,7 +46,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="spinewatch-audit-bench-") as tmp:
         app = hooks.build_app(Path(tmp), issuer, audit=True)
         timer = hooks.ServerTimer(app) if hasattr(hooks, "ServerTimer") else None  # in-app latency, when offered
-        on = app.state.settings if args.db == "sqlite" else app.state.settings.model_copy(update={"audit_db_url": args.db})
+        services = app.state.services
+        on = services.settings if args.db == "sqlite" else services.settings.model_copy(update={"audit_db_url": args.db})
         off = on.model_copy(update={"audit_enabled": False})
         port = hooks.free_port()
         base = f"http://127.0.0.1:{port}"
@@ -60,22 +61,21 @@ def main() -> None:
             return [issuer.token(url, jti=str(uuid.uuid4())) for _ in range(n)]
 
         try:
-            audit.configure(on, background=True)
+            services.audit = AuditLog(on, background=True)
             measure(tokens(args.warmup))
             before = store_for(on.audit_db_url).head()[0]
             order = ["on", "off", "off", "on"] * ((args.rounds + 1) // 2)
             for mode in order[: 2 * args.rounds]:
-                audit.configure(on if mode == "on" else off, background=True)  # as create_app does
+                services.audit = AuditLog(on if mode == "on" else off, background=True)  # as create_app does
                 signed = tokens(args.requests)  # signing is not the server's work: before the clock
                 cpu = time.process_time()
                 result = measure(signed)
-                audit.flush()  # the round's background audit writes finish inside the round
+                services.audit.flush()  # the round's background audit writes finish inside the round
                 result["cpu_ms"] = (time.process_time() - cpu) * 1000 / args.requests
                 results[mode].append(result)
-            audit.flush()
+            services.audit.flush()
             written = store_for(on.audit_db_url).head()[0] - before
         finally:
-            audit.configure(on, background=True)
             server.should_exit = True
             thread.join(timeout=10)
 

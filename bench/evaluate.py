@@ -22,9 +22,10 @@ from pathlib import Path
 
 from fhir_mappings.fhir.bundle import _open_text, read_path, resources_from_json, split_by_patient
 from fhir_mappings.clinical.evaluate import EvaluationSettings, assess_record
-from fhir_mappings.clinical.facts import _text_is_relevant, read_record
+from fhir_mappings.clinical.extract import read_record
+from fhir_mappings.clinical.sieve import _text_is_relevant
 from fhir_mappings.clinical.terminology import load_terminology
-from fhir_mappings.clinical.text import compile_alternation
+from fhir_mappings.clinical.phrases import compile_alternation
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "synthea"
 TEST_RECORDS = Path(__file__).resolve().parents[1] / "tests"

@@ -127,11 +127,8 @@ class ServerTimer:
 
 
 def build_app(workdir: Path, issuer, audit: bool):
-    from fastapi import Depends
-
     from service.api.app import create_app
-    from service.api.routes.cds_hooks import cds_client
-    from service.infra.jwt import CdsClient
+    from service.api.deps import VerifiedClient
     from service.core.settings import Settings
 
     jwks = workdir / "jwks.json"
@@ -139,9 +136,9 @@ def build_app(workdir: Path, issuer, audit: bool):
     settings = Settings(environment="test", cds_trusted_issuers=json.dumps({ISSUER: str(jwks)}),
                         audit_enabled=audit, audit_db_url=f"sqlite:///{workdir / 'audit.sqlite'}",
                         log_level="WARNING", cors_origins="")
-    app = create_app(settings)  # it points the audit log at these settings (service/infra/audit/writer.configure)
+    app = create_app(settings)  # its own audit log, on these settings (app.state.services.audit)
 
-    async def jwt_only(request: Request, client: CdsClient = Depends(cds_client)) -> dict:
+    async def jwt_only(request: Request, client: VerifiedClient) -> dict:
         """The baseline: the same JWT verification (signature, claims, jti) and nothing else. It
         drains the body it was sent, unparsed: a response before the body is read makes uvicorn
         close the connection, and the baseline would then measure TCP reconnects."""

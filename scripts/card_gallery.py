@@ -17,7 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fhir_mappings.cds.cards import CardSettings, cards_for, xray_card  # noqa: E402
+from fhir_mappings.cds.cards import cards_for, xray_card  # noqa: E402
+from fhir_mappings.cds.wording import CardSettings  # noqa: E402
 from fhir_mappings.clinical.evaluate import assess  # noqa: E402
 
 NOW = datetime(2026, 12, 1, 9, 0, tzinfo=timezone.utc)  # fixed: the images do not change from day to day

@@ -1,4 +1,5 @@
-"""Care-team alerts: the pipeline calls `alert_if_needed(assessment, settings)` after storing an assessment.
+"""Care-team alerts: the pipeline calls `alert_if_needed(assessment, settings, ...)` after storing an
+assessment, handing in its FHIR client, the alerts' Redis client and the audit log.
 
     alert_if_needed
       ├─ not emergency/urgent, or no patient ............. "not-needed"
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -38,10 +38,12 @@ import structlog
 
 from fhir_mappings.cds.alerts import (DELIVERY_HEADER, SIGNATURE_HEADER, AlertInput, alert_id, alert_input,
                                   communication, if_none_exist, resolve_recipients, sign, webhook_body)
-from service.infra.audit.writer import audit_event
+from service.core.errors import AlertError, AlertFailed, AlertRetry, SpineWatchError, is_transient
 from service.core.metrics import ALERTS
+from service.infra.audit.writer import AuditLog
+from service.infra.fhir.client import FHIRNotFound
 
-from service.core.errors import AlertError, AlertFailed, AlertRetry, SpineWatchError, is_transient  # noqa: F401
+__all__ = ["AlertError", "AlertFailed", "AlertResult", "AlertRetry", "ClientAdapter", "alert_if_needed"]
 log = structlog.get_logger("spinewatch.alerts")
 
 KEY_PREFIX = "spinewatch:alert:"
@@ -66,14 +68,16 @@ class AlertResult:
     channels: list[str] = field(default_factory=list)
 
 
-def alert_if_needed(assessment, settings, *, fhir: FhirAlerts | None = None, redis_client=None,
+def alert_if_needed(assessment, settings, *, fhir: FhirAlerts, redis_client, audit: AuditLog,
                     http: httpx.Client | None = None, now: datetime | None = None) -> AlertResult:
-    """Alert the care team about an emergency/urgent assessment, once per patient, tier and evidence."""
+    """Alert the care team about an emergency/urgent assessment, once per patient, tier and evidence.
+    fhir: where the Communication goes (ClientAdapter over the workers' FHIR client); redis_client:
+    the per-alert progress record and lock; audit: the worker process's audit log."""
     alert = alert_input(assessment)
     if alert is None:
         return AlertResult("not-needed")
     ident = alert_id(alert)
-    r = redis_client if redis_client is not None else _redis(settings)
+    r = redis_client
     key = KEY_PREFIX + ident
     state = _hgetall(r, key)
     if state.get("done"):
@@ -88,18 +92,15 @@ def alert_if_needed(assessment, settings, *, fhir: FhirAlerts | None = None, red
         held = AlertRetry("alert in progress in another worker")
         # Retry when the lock has lapsed at the latest: its holder may have died mid-alert (a killed
         # worker), and retrying sooner used up every retry within seconds and dead-lettered the alert
-        # (issue 7, bench/soak.py). A live holder finishes first; the retry then finds it done.
+        # (bench/soak.py). A live holder finishes first; the retry then finds it done.
         held.retry_after = _lock_ttl(r, lock_key) + 1.0
         raise held
     now = now or datetime.now(timezone.utc)
     ttl = settings.alert_dedup_days * 86400
     channel = "fhir"
-    own_client = None
     try:
         state = _hgetall(r, key)  # re-read under the lock
         if not state.get("communication"):
-            if fhir is None:
-                fhir = own_client = default_fhir(settings)
             recipients, source = _recipients(fhir, alert, settings, now)
             resource = communication(alert, recipients, now)
             created = _fhir_call(fhir.create, resource, if_none_exist=if_none_exist(ident))
@@ -127,15 +128,13 @@ def alert_if_needed(assessment, settings, *, fhir: FhirAlerts | None = None, red
         ALERTS.labels(channel=channel, outcome=outcome).inc()
         log.warning("alert.failed", alert_id=ident, tier=alert.tier, channel=channel, outcome=outcome,
                     error=type(exc).__name__)
-        audit_event("alert", "failure", actor=ACTOR, patient=alert.patient,
+        audit.event("alert", "failure", actor=ACTOR, patient=alert.patient,
                     detail={"alert_id": ident, "tier": alert.tier, "channel": channel, "error": type(exc).__name__,
                             "retryable": isinstance(exc, AlertRetry), "communication": state.get("communication")})
         raise
     finally:
         _release(r, lock_key, token)
-        if own_client is not None:
-            own_client.close()
-    audit_event("alert", "success", actor=ACTOR, patient=alert.patient,
+    audit.event("alert", "success", actor=ACTOR, patient=alert.patient,
                 detail={"alert_id": ident, "tier": alert.tier, "communication": state["communication"],
                         "channels": channels, "recipients": recipients,
                         "recipient_source": state.get("recipient_source"), "evidence": list(alert.evidence)})
@@ -225,26 +224,6 @@ def _release(r, lock_key: str, token: str) -> None:
         log.warning("alert.lock_release_failed")
 
 
-_redis_clients: dict[tuple[int, str], object] = {}
-
-
-def _redis(settings):
-    """One client per Redis URL per process (a forked worker child makes its own)."""
-    from service.infra.redis import redis_client
-
-    key = (os.getpid(), settings.redis_url)
-    if key not in _redis_clients:
-        _redis_clients[key] = redis_client(settings.redis_url, 5.0)
-    return _redis_clients[key]
-
-
-def default_fhir(settings) -> "ClientAdapter":
-    """The workers' FHIR client (service/infra/fhir/client.py) for SPINEWATCH_FHIR_BASE_URL, adapted."""
-    from service.infra.fhir.client import FHIRClient
-
-    return ClientAdapter(FHIRClient.from_settings(settings))
-
-
 class ClientAdapter:
     """service.infra.fhir.client.FHIRClient as `FhirAlerts`.
 
@@ -260,8 +239,6 @@ class ClientAdapter:
         return self.client.search_all(resource_type, params)
 
     def read(self, resource_type: str, resource_id: str) -> dict | None:
-        from service.infra.fhir.client import FHIRNotFound
-
         try:
             return self.client.read(resource_type, resource_id)
         except FHIRNotFound:

@@ -1,7 +1,7 @@
 """The workers' Redis broker transport: kombu's, with the restore of unacknowledged messages made to
 survive a lost broker connection (workers/celery_app.py sets `broker_transport` to it).
 
-Why (issue 7, tests/integration/test_faults.py): when Redis restarts while a worker holds
+Why (tests/integration/test_faults.py shows it): when Redis restarts while a worker holds
 unacknowledged messages (with acks_late, every running task; and every task waiting for its
 countdown), kombu closes the channel and "restores" those messages with a client built from the
 channel's connection, which the disconnect has already cleared. kombu 5.7 raises AttributeError
@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import time
 
+import redis
 from kombu.log import get_logger
 from kombu.transport import redis as kombu_redis
-
-from service.infra.redis import redis_client
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
+
+from service.infra.redis import redis_client
 
 logger = get_logger("spinewatch.broker")
 RESTORE_FOR_SECONDS = 10.0
@@ -107,7 +108,7 @@ class QoS(kombu_redis.QoS):
                     message["properties"]["delivery_info"]["redelivered"] = True
                 except (KeyError, TypeError):
                     pass
-                # SpineWatch publishes to one direct queue named by its routing key (service/infra/queue.py).
+                # SpineWatch publishes to one direct queue named by its routing key (service/infra/queue/keys.py).
                 queue = channel._q_for_pri(routing_key, channel._get_message_priority(message, reverse=False))
                 pipe.rpush(queue, dumps(message))  # as kombu restores: next in line
 

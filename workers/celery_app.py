@@ -1,21 +1,19 @@
-"""The Celery app of `spinewatch worker` (also `celery -A workers.celery_app worker`).
+"""The Celery app of `spinewatch worker` (also `celery -A workers.celery_app worker|beat|inspect`),
+made by a factory: `create_celery_app(settings)`. Nothing is built at import.
 
-Delivery guarantees, each a Celery setting (Celery docs "Tasks" › acks_late, "Optimizing" ›
-prefetch limits, "Using Redis" › visibility timeout):
+`celery -A workers.celery_app` finds the app as the module's attribute `app` (celery.app.utils
+find_app, Celery docs "Application"); a module-level __getattr__ (PEP 562) builds it on first
+access, from the environment's settings.
 
-- task_acks_late: a task is acknowledged after it ran, so a worker that dies mid-task leaves it on
-  the queue for another (tasks are idempotent: re-running one does no harm);
-- task_reject_on_worker_lost: a child process killed mid-task (OOM, SIGKILL) requeues its task
-  instead of acknowledging it;
-- worker_prefetch_multiplier 1: a worker holds one task per process, so a busy or dying worker does
-  not sit on others' work;
-- time limits below the broker's visibility timeout: Redis redelivers a task that is not
-  acknowledged within the visibility timeout, so a task must be over (or killed) well before, or
-  it would run twice at once;
-- results are not stored: the outcome of a task is the stored assessment.
+The configuration is the one of service/infra/queue/celery.py (delivery guarantees explained there);
+the worker adds its broker transport (workers/broker.py) and the beat schedule: Celery beat runs the
+heartbeat watchdog and the reconciliation sweep. Retries and the dead-letter list live in
+workers/tasks.py, whose tasks (`shared_task`, by name) bind to whichever app runs them.
 
-Retries (jittered exponential backoff, transient errors only) and the dead-letter list live in
-workers/tasks.py. Celery beat runs the heartbeat watchdog and the reconciliation sweep.
+Each worker process makes its own Collaborators (workers/pipeline/collaborators.py) in
+worker_process_init (Celery docs "Signals"), after the prefork, so no connection is shared between
+processes; the app keeps them, and the tasks take them from there (`self.app.collaborators()`). A
+process without that signal (the solo pool, a task applied in-process) makes them on first use.
 """
 
 from __future__ import annotations
@@ -24,85 +22,68 @@ from typing import Any
 
 import structlog
 from celery import Celery
-from celery.signals import worker_process_init
+from celery import signals
 
+from fhir_mappings.clinical.terminology import load_terminology
 from service.core.logging import configure_logging
-from service.infra.queue import QUEUE, TASK_RECONCILE, TASK_WATCHDOG
 from service.core.settings import Settings, get_settings
+from service.infra.queue import TASK_RECONCILE, TASK_WATCHDOG, celery_config
+from workers.pipeline import Collaborators
+
+log = structlog.get_logger("spinewatch.worker")
+TASK_MODULES = ["workers.tasks"]
+BROKER_TRANSPORT = "workers.broker:Transport"
 
 
+class SpineWatchCelery(Celery):
+    """A Celery app that keeps its worker process's collaborators."""
 
-# Task ids in every log line of a task.
+    settings: Settings | None = None
+    _collaborators: Collaborators | None = None
 
-def _bind_task(task_id: str | None = None, task: Any = None, **_: Any) -> None:
-    structlog.contextvars.bind_contextvars(task_id=task_id, task=getattr(task, "name", None))
+    def collaborators(self) -> Collaborators:
+        """This process's collaborators: made in worker_process_init, else on first use."""
+        if self._collaborators is None:
+            self.use_collaborators(Collaborators.from_settings(self.settings or get_settings()))
+        return self._collaborators
 
-
-def _unbind_task(**_: Any) -> None:
-    structlog.contextvars.unbind_contextvars("task_id", "task")
-
-
-def connect_celery_signals(settings: Any = None) -> None:
-    """Call once where the Celery app is made: task ids in every log line of a task, and Celery's own
-    logging set up by configure_logging instead of Celery's (which is not JSON and not guarded)."""
-    from celery import signals
-
-    def _setup_logging(**_: Any) -> None:
-        configure_logging(settings)
-
-    signals.setup_logging.connect(_setup_logging, weak=False)
-    signals.task_prerun.connect(_bind_task, weak=False)
-    signals.task_postrun.connect(_unbind_task, weak=False)
+    def use_collaborators(self, collaborators: Collaborators | None) -> None:
+        """Install this process's collaborators (tests: a set of their own; None: make anew)."""
+        self._collaborators = collaborators
 
 
-def make_celery(settings: Settings) -> Celery:
-    hard = settings.task_time_limit_seconds
-    if hard >= settings.broker_visibility_timeout_seconds:
-        raise ValueError("SPINEWATCH_TASK_TIME_LIMIT_SECONDS must be below SPINEWATCH_BROKER_VISIBILITY_TIMEOUT_SECONDS "
-                         "(else Redis redelivers a task that is still running)")
-    app = Celery("spinewatch", broker=settings.redis_url, include=["workers.tasks"])
+def create_celery_app(settings: Settings | None = None) -> SpineWatchCelery:
+    if settings is None:
+        settings = get_settings()
+    app = SpineWatchCelery("spinewatch", broker=settings.redis_url, include=TASK_MODULES)
+    app.settings = settings
     app.conf.update(
-        task_default_queue=QUEUE,
-        task_serializer="json",
-        accept_content=["json"],
-        task_ignore_result=True,
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        task_time_limit=hard,
-        # The soft limit raises inside the task, which then lands in the dead-letter list; the hard
-        # limit kills the process, which acknowledges the task without any handler running.
-        task_soft_time_limit=max(1, int(hard * 0.8)),
-        # A task held by a worker that died (SIGKILL, OOM, lost host) is restored by kombu's periodic
-        # sweep once older than the visibility timeout. The sweep runs every unacked_restore_interval
-        # (10 s) but kombu 5.7 scans only every unacked_restore_throttle-th time (default 10, i.e.
-        # every 100 s): scan every time, so the task is back within visibility timeout + 10 s
-        # (tests/integration/test_faults.py).
-        broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout_seconds,
-                                  "unacked_restore_throttle": 1},
+        celery_config(settings, worker=True),
         # kombu's Redis transport with a restore that survives a Redis restart (workers/broker.py):
         # unpatched, the worker exits when Redis restarts while it holds unacknowledged tasks.
-        broker_transport="workers.broker:Transport",
-        broker_connection_retry_on_startup=True,
-        # With acks_late, a task running when the broker connection drops will be redelivered:
-        # cancel it rather than let two copies run (Celery 5.x, worker_cancel_long_running_tasks_on_connection_loss).
-        worker_cancel_long_running_tasks_on_connection_loss=True,
-        worker_hijack_root_logger=False,
-        timezone="UTC",
-        enable_utc=True,
-        # Beat keeps its schedule in memory: no schedule file in the working directory.
-        beat_scheduler="celery.beat:Scheduler",
+        broker_transport=BROKER_TRANSPORT,
         beat_schedule=beat_schedule(settings),
     )
     connect_celery_signals(settings)
-    worker_process_init.connect(_warm_up, weak=False)
+
+    def start_process(**_: Any) -> None:
+        # The process's own connections, after the fork (the vocabulary is already compiled: _warm_up).
+        load_terminology()
+        try:
+            app.use_collaborators(Collaborators.from_settings(settings))
+        except Exception as exc:  # noqa: BLE001 - e.g. incomplete FHIR auth settings: the first task
+            # tries again and fails as a task (dead letter), rather than the pool process dying here
+            log.error("worker.collaborators_failed", error=type(exc).__name__)
+
+    signals.worker_init.connect(_warm_up, weak=False)
+    signals.worker_process_init.connect(start_process, weak=False)
     return app
 
 
-def _warm_up(**_):
-    # Compile the clinical vocabulary once per worker process, before its first task.
-    from fhir_mappings.clinical.terminology import load_terminology
-
+def _warm_up(**_: Any) -> None:
+    """Compile the clinical vocabulary once, in the worker's main process before the pool forks
+    (worker_init): the pool processes inherit it, and each is up at once rather than seconds later
+    (a pool process that is not up within worker_proc_alive_timeout, 4 s, is killed and replaced)."""
     load_terminology()
 
 
@@ -120,4 +101,37 @@ def beat_schedule(settings: Settings) -> dict:
     return schedule
 
 
-app = make_celery(get_settings())
+# ---- task ids in every log line of a task -------------------------------------------------------
+
+def _bind_task(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    structlog.contextvars.bind_contextvars(task_id=task_id, task=getattr(task, "name", None))
+
+
+def _unbind_task(**_: Any) -> None:
+    structlog.contextvars.unbind_contextvars("task_id", "task")
+
+
+def connect_celery_signals(settings: Settings | None = None) -> None:
+    """Call once where the Celery app is made: task ids in every log line of a task, and Celery's own
+    logging set up by configure_logging instead of Celery's (which is not JSON and not guarded)."""
+
+    def _setup_logging(**_: Any) -> None:
+        configure_logging(settings)
+
+    signals.setup_logging.connect(_setup_logging, weak=False)
+    signals.task_prerun.connect(_bind_task, weak=False)
+    signals.task_postrun.connect(_unbind_task, weak=False)
+
+
+# ---- `celery -A workers.celery_app`: the app, built on first access (PEP 562) ---------------------
+
+_app: SpineWatchCelery | None = None
+
+
+def __getattr__(name: str) -> SpineWatchCelery:
+    global _app
+    if name == "app":
+        if _app is None:
+            _app = create_celery_app()
+        return _app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 
-from fhir_mappings.cds.cards import PRIORITY, SUMMARY
+from fhir_mappings.cds.wording import PRIORITY, SUMMARY
 
 ALERT_TIERS = ("emergency", "urgent")
 ALERT_ID_SYSTEM = "https://spinewatch.example.org/fhir/NamingSystem/alert-id"

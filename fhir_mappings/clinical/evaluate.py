@@ -2,6 +2,10 @@
 
 Pure: no I/O, no clock. The worker and the CDS Hooks service both call it. NICE NG234 (2023) is the
 source of every rule here (each rule file cites its section); the codes and phrases are data (valuesets/, rules/).
+
+Over 300 lines on purpose: the whole decision (what counts as evidence, in scope, recent, the tier
+and what is already ordered) reads top to bottom in one file for a clinical reviewer; the reading
+of records and texts it builds on lives in extract.py, sieve.py, text.py and context.py.
 """
 
 from __future__ import annotations
@@ -9,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
-from fhir_mappings.clinical.facts import NOTE_MAX_CHARS, Clinical, Evidence, Record, concept_evidence, read_record
+from fhir_mappings.clinical.extract import read_record
+from fhir_mappings.clinical.facts import NOTE_MAX_CHARS, Clinical, Evidence, Record, concept_evidence
 from fhir_mappings.clinical.terminology import Rule, Terminology, load_terminology
 from fhir_mappings.clinical.text import Mention
 

@@ -16,8 +16,10 @@ from pathlib import Path
 
 from fhir_mappings.clinical.schema import (Codes, ContextFile, LexiconFile, RuleFile, RuleFileError, Score, Source,
                                   ValueSetFile, load)
-from fhir_mappings.clinical.text import (ConceptText, Context, ContextRules, Matcher, Mention, Speller, TextContext,
-                                         compile_lexicon, compile_phrases, phrase_alternatives)
+from fhir_mappings.clinical.context import Context, ContextRules, TextContext
+from fhir_mappings.clinical.phrases import compile_lexicon, compile_phrases, phrase_alternatives
+from fhir_mappings.clinical.speller import Speller
+from fhir_mappings.clinical.text import ConceptText, Matcher, Mention
 
 SNOMED = "http://snomed.info/sct"
 LOINC = "http://loinc.org"

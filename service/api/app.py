@@ -1,4 +1,5 @@
-"""The FastAPI application: settings, routers and error handlers assembled in one place."""
+"""The FastAPI application: the services object, the routers, middleware and error handlers,
+assembled in one place. `service.api.app:create_app` is the ASGI factory (uvicorn --factory)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,14 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from fhir_mappings.clinical.terminology import load_terminology
 from service.api.errors import outcome_response, spinewatch_error_handler
+from service.api.middleware import CdsHooksCors, RequestIdMiddleware
+from service.api.routes import (audit_events, audit_verify, discovery, evidence, feedback, hooks, notifications, ops,
+                                review_page)
+from service.api.services import build_services
 from service.core.errors import SpineWatchError
+from service.core.logging import configure_logging
 from service.core.settings import Settings, get_settings
 
 
@@ -27,30 +34,23 @@ async def _http_handler(request, exc: StarletteHTTPException):
 @asynccontextmanager
 async def _warm_up(app: FastAPI):
     # Compile the clinical vocabulary (about a second) before the first hook call, not during it.
-    from fhir_mappings.clinical.terminology import load_terminology
-
     load_terminology()
     yield
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    configure_logging(settings)
     app = FastAPI(title="SpineWatch", version="0.1.0", lifespan=_warm_up,
                   description="CDS Hooks service and FHIR subscriber for spinal metastasis red flags")
-    app.state.settings = settings
+    app.state.services = build_services(settings)
     app.add_exception_handler(SpineWatchError, spinewatch_error_handler)
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(StarletteHTTPException, _http_handler)
-    # Routers: each area registers its own (see service/api/routes/).
-    from service.api.middleware import RequestIdMiddleware
-    from service.core.logging import configure_logging
-    from service.api.routes import ops
-
-    configure_logging(settings)
     app.add_middleware(RequestIdMiddleware)
-    app.include_router(ops.router)
-    __import__("service.api.routes.audit", fromlist=["install"]).install(app)  # audit review + audit settings (issue 5)
-    __import__("service.api.routes.cds_hooks", fromlist=["register"]).register(app)  # CDS Hooks + CORS (issue 3)
-    app.include_router(__import__("service.api.routes.notifications", fromlist=["router"]).router)  # subscriptions (issue 4)
-    app.include_router(__import__("service.api.routes.evidence", fromlist=["router"]).router)  # cards' full-evidence page
+    for routes in (ops, audit_events, review_page, audit_verify, discovery, hooks, feedback, notifications, evidence):
+        app.include_router(routes.router)
+    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    if origins:
+        app.add_middleware(CdsHooksCors, origins=origins)
     return app

@@ -1,5 +1,6 @@
 """Request ids: every request gets one (a well-formed incoming X-Request-ID, or a new one), bound
-to the log context and returned on the response; one log line per request."""
+to the log context and returned on the response; one log line per request. And the CORS policy of
+the CDS Hooks routes."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 import structlog
 from starlette.datastructures import MutableHeaders
+from starlette.middleware.cors import CORSMiddleware
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")  # anything else could forge log lines
@@ -55,3 +57,21 @@ class RequestIdMiddleware:
             self.log.log(level, "http.request", method=scope.get("method"), route=route, status=status,
                          duration_ms=round((time.perf_counter() - started) * 1000, 1))
             structlog.contextvars.reset_contextvars(**tokens)
+
+
+class CdsHooksCors:
+    """CORS for /cds-services only (CDS Hooks 2.0 §Cross-Origin Resource Sharing: browser-based CDS
+    clients need it); the rest of the API is not for browsers on other origins."""
+
+    def __init__(self, app: Any, origins: list[str]):
+        self.app = app
+        # No credentials: CDS clients authenticate with a bearer JWT, never cookies (OWASP HTML5
+        # Security cheat sheet, "Cross Origin Resource Sharing").
+        self.cors = CORSMiddleware(app, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
+                                   allow_headers=["Authorization", "Content-Type"], max_age=600)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/cds-services"):
+            await self.cors(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)

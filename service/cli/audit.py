@@ -27,11 +27,11 @@ UntilOption = Annotated[Optional[str], typer.Option(help="until this time (ISO-8
 
 
 def _store(db: str | None):
-    from service.infra.audit.writer import current_store
+    from service.core.settings import get_settings
     from service.infra.audit.store import sqlite_path, store_for
 
     if db is None:
-        return current_store()
+        return store_for(get_settings().audit_db_url)
     # These commands read an existing log: a mistyped SQLite path must not become a new, empty
     # (and so "intact") one.
     path = sqlite_path(db)
@@ -42,7 +42,7 @@ def _store(db: str | None):
 
 
 def _patient(value: str | None) -> str | None:
-    from service.api.routes.audit import normalise_patient
+    from service.usecases.audit_review import normalise_patient
 
     return normalise_patient(value)
 
@@ -50,7 +50,7 @@ def _patient(value: str | None) -> str | None:
 def _time(value: str | None, name: str) -> str | None:
     if value is None:
         return None
-    from service.api.routes.audit import normalise_time
+    from service.usecases.audit_review import normalise_time
 
     try:
         return normalise_time(value)

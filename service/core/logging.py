@@ -107,8 +107,8 @@ def configure_logging(settings: Any = None, *, strict: bool = False, stream: Any
     """Send structlog and standard-library logs through one guarded formatter to stderr.
 
     Safe to call more than once (it replaces only the handler it installed before)."""
-    level_name = str(getattr(settings, "log_level", "INFO")).upper()
-    fmt = getattr(settings, "log_format", "json")
+    level_name = (settings.log_level if settings is not None else "INFO").upper()
+    fmt = settings.log_format if settings is not None else "json"
     renderer = (structlog.processors.JSONRenderer() if fmt == "json"
                 else structlog.dev.ConsoleRenderer(colors=False))
     formatter = structlog.stdlib.ProcessorFormatter(

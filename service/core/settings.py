@@ -52,7 +52,7 @@ class Settings(BaseSettings):
                                              description="time limit for each /readyz check (Redis, audit store, FHIR server)")
     demo_install: bool = Field(True, description="let `spinewatch demo` install redis-server with apt-get when it is "
                                                  "missing (only as root); false: print how to install it instead")
-    # Alerts and audit (service/infra/audit/writer.py, service/api/routes/audit.py, workers/alerts.py)
+    # Alerts and audit (service/infra/audit/writer.py, service/api/routes/audit_events.py, workers/alerts.py)
     audit_enabled: bool = Field(True, description="record the audit log (switch off only for benchmark comparisons)")
     audit_db_url: str = Field("sqlite:///./var/audit.sqlite",
                               description="SQLAlchemy URL of the audit log: a SQLite file (its directory is created) "
@@ -70,7 +70,8 @@ class Settings(BaseSettings):
     alert_dedup_days: int = Field(90, ge=1, le=3650,
                                   description="how long an alert for the same patient, tier and evidence is remembered")
     alert_timeout_seconds: float = Field(10.0, gt=0, le=120, description="HTTP timeout (seconds) for the alert webhook")
-    # CDS Hooks (service/api/routes/cds_hooks.py, service/infra/jwt.py, service/infra/fhir/fetch.py; docs/cds-hooks.md)
+    # CDS Hooks (service/api/routes/hooks.py, service/usecases/hook.py, service/infra/jwt.py, service/infra/fhir/fetch.py;
+    # docs/cds-hooks.md)
     cds_trusted_issuers: str | None = Field(
         None, description='JSON object: each trusted CDS client `iss` -> its JWKS (URL or file path), or -> '
                           '{"jwks": URL-or-path, "jku": [allowed jku URLs]}. Unset: in development only, the public '
@@ -98,7 +99,7 @@ class Settings(BaseSettings):
                                           "(CORS); * for any")
     card_intent: Literal["proposal", "plan", "order"] = Field(
         "proposal", description="intent of the MRI ServiceRequest a patient-view card suggests")
-    # Card content (fhir_mappings/cds/cards.py CardSettings; docs/cards.md)
+    # Card content (fhir_mappings/cds/wording.py CardSettings; docs/cards.md)
     mscc_coordinator_name: str | None = Field(
         None, description="who the emergency card tells the clinician to call, e.g. \"MSCC coordinator, St Elsewhere "
                           "acute oncology\"; unset: a generic line (acute oncology on call, through switchboard)")
@@ -144,7 +145,7 @@ class Settings(BaseSettings):
                                            description="how long a terminology server answer (yes or no) is reused")
     terminology_concurrency: int = Field(4, ge=1, le=32, description="most terminology server requests in flight "
                                                                      "at once for one evaluation")
-    # Subscriptions, queue and FHIR client (service/api/routes/notifications.py, service/infra/queue.py,
+    # Subscriptions, queue and FHIR client (service/api/routes/notifications.py, service/usecases/intake.py, service/infra/queue/,
     # service/infra/fhir/client.py, service/infra/fhir/subscriptions.py, workers/; docs/subscriptions.md)
     redis_url: str = Field("redis://127.0.0.1:6379/0",
                            description="Redis: Celery broker, notification de-duplication, stored assessments, "
@@ -334,7 +335,7 @@ def evaluation_settings(settings: Settings, *, lookback_days: int | None = None)
 
 def card_settings(settings: Settings):
     """The pure core's CardSettings from ours (the CDS Hooks service and `spinewatch evaluate`)."""
-    from fhir_mappings.cds.cards import CardSettings
+    from fhir_mappings.cds.wording import CardSettings
 
     def coding(value: str) -> tuple[str, str, str]:
         system, code, display = (p.strip() for p in value.split("|"))

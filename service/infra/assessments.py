@@ -1,5 +1,5 @@
-"""The latest assessment of each patient, kept in Redis by the workers and read by the CDS Hooks
-service (service/infra/stored_assessments.py).
+"""The latest assessment of each patient, kept in Redis by the workers and read back by the CDS
+Hooks service as a last source for a hook call.
 
 One hash per patient, `spinewatch:assessment:Patient/<id>`:
     json          Assessment.to_json() + "stored_at" + "seen" (reference -> versionId read)
@@ -9,12 +9,26 @@ One hash per patient, `spinewatch:assessment:Patient/<id>`:
 Two workers can evaluate one patient at once (a redelivered task, an event during an evaluation),
 and the later evaluation can finish first. The write is a compare-and-set on the evaluation time in
 one Lua script, so an older evaluation never replaces a newer one.
+
+Reading back: without prefetch and without fhirServer, a stored assessment of the patient younger
+than a configurable age may answer a hook call. `fresh_assessment` turns the stored JSON back into
+an Assessment for fhir_mappings.cds.cards and refuses one that is too old (CDS Hooks 2.0
+§Security risk 6: "a decision based on outdated patient data").
 """
 
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
+from typing import Protocol
+
+import structlog
+
+from fhir_mappings.clinical.evaluate import Assessment, PendingOrder, SpineXray
+from fhir_mappings.clinical.facts import Evidence, to_instant
+from service.infra.redis import redis_client
+
+log = structlog.get_logger("spinewatch.stored_assessment")
 
 PREFIX = "spinewatch:assessment:"
 
@@ -29,6 +43,11 @@ return redis.call('HINCRBY', KEYS[1], 'revision', 1)
 
 def patient_reference(patient: str) -> str:
     return patient if patient.startswith("Patient/") else f"Patient/{patient}"
+
+
+class StoredAssessments(Protocol):
+    def get(self, patient_ref: str) -> dict | None:
+        """The stored assessment JSON of `Patient/id`, or None."""
 
 
 class AssessmentStore:
@@ -60,3 +79,56 @@ class AssessmentStore:
 
     def delete(self, patient_ref: str) -> None:
         self.redis.delete(PREFIX + patient_reference(patient_ref))
+
+
+def default_source(settings) -> StoredAssessments | None:
+    """The workers' store when a Redis URL is set; None otherwise (no stored answers)."""
+    if not settings.redis_url:
+        return None
+    return AssessmentStore(redis_client(settings.redis_url, timeout=1))
+
+
+def _evidence(data: dict) -> Evidence:
+    reference = str(data["reference"])
+    rtype, _, rid = reference.partition("/")
+    return Evidence(
+        concept=data["concept"], resource_type=rtype, resource_id=rid or None,
+        version_id=data.get("versionId"), date=to_instant(data.get("date")), field=data.get("field", ""),
+        code=data.get("code"), display=data.get("display"), quote=data.get("quote"), value=data.get("value"),
+        status=data.get("status"),
+    )
+
+
+def assessment_from_json(data: dict) -> Assessment:
+    """The inverse of Assessment.to_json (what cards need; `seen` is not stored)."""
+    return Assessment(
+        patient=data.get("patient"),
+        evaluated_at=to_instant(data["evaluated_at"]),
+        urgency=data["urgency"],
+        in_scope=bool(data.get("in_scope")),
+        cancers=[_evidence(e) for e in data.get("cancers", [])],
+        back_pain=[_evidence(e) for e in data.get("back_pain", [])],
+        red_flags=list(data.get("red_flags", [])),
+        evidence=[_evidence(e) for e in data.get("evidence", [])],
+        suppressed_by=list(data.get("suppressed_by", [])),
+        pending_mri=[PendingOrder(p["reference"], p.get("status", "active"), to_instant(p.get("due")))
+                     for p in data.get("pending_mri", [])],
+        problems=list(data.get("problems", [])),
+        rule_versions=dict(data.get("rule_versions", {})),
+        spine_xrays=[SpineXray(x["reference"], x.get("state", "ordered"), to_instant(x.get("date")))
+                     for x in data.get("spine_xrays", [])],
+    )
+
+
+def fresh_assessment(data: dict | None, now: datetime, max_age_seconds: int) -> Assessment | None:
+    """The stored assessment when it is younger than `max_age_seconds` and readable, else None."""
+    if not data or max_age_seconds <= 0:
+        return None
+    stored_at = to_instant(data.get("stored_at") or data.get("evaluated_at"))
+    if stored_at is None or now - stored_at > timedelta(seconds=max_age_seconds) or stored_at > now + timedelta(minutes=5):
+        return None
+    try:
+        return assessment_from_json(data)
+    except (KeyError, TypeError, ValueError) as exc:
+        log.warning("cds.stored_assessment_unreadable", error=type(exc).__name__)
+        return None

@@ -1,4 +1,4 @@
-"""The cards' "Full evidence" links: each card's full evidence (fhir_mappings.cds.cards.evidence_view),
+"""The cards' "Full evidence" links: each card's full evidence (fhir_mappings.cds.evidence_view),
 kept for a short time under an unguessable token, and the URL that opens it
 (`{SPINEWATCH_PUBLIC_BASE_URL}/evidence/{token}`, service/api/routes/evidence.py).
 

@@ -70,7 +70,7 @@ def test_demo_shows_the_whole_flow_and_stops_everything(tmp_path):
 def assert_logs_hold_no_patient_data(log_dir: Path):
     """The API's and worker's logs: JSON lines with ids, never the demo patients' names, birth dates,
     free text, or the EHR's JWTs."""
-    from service.cli.demo.run import load_demo_patients
+    from service.cli.demo.ehr import load_demo_patients
 
     forbidden = {"eyJ"}
     for p in load_demo_patients():

@@ -40,7 +40,7 @@ def free_port() -> int:
 
 
 def seed(url: str) -> None:
-    from fhir_mappings.cds.cards import OVERRIDE_SYSTEM
+    from fhir_mappings.cds.wording import OVERRIDE_SYSTEM
     from service.infra.audit.store import AuditStore
 
     store = AuditStore(url)

@@ -15,12 +15,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from fhir_mappings.cds.alerts import ALERT_ID_SYSTEM, SIGNATURE_HEADER, verify_signature
-from service.infra.audit import writer as audit
 from service.infra.assessments import AssessmentStore
 from service.infra.audit.store import AuditStore
+from service.infra.audit.writer import AuditLog
 from service.infra.fhir.client import FHIRClient
 from service.infra.queue import WorkQueue, redis_client
 from service.core.settings import Settings
+from service.infra.redis import redis_client as bytes_redis_client
 from workers import pipeline
 
 pytestmark = pytest.mark.integration
@@ -83,7 +84,6 @@ def world(fhir_server, redis_url, tmp_path):
     CareTeam that must never be alerted."""
     hook = Webhook()
     store = AuditStore(f"sqlite:///{tmp_path}/audit.sqlite")
-    audit.use_store(store)
     with fhir_server.client() as c:
         def create(resource):
             r = c.post(f"/{resource['resourceType']}", json=resource)
@@ -104,12 +104,14 @@ def world(fhir_server, redis_url, tmp_path):
     settings = Settings(environment="test", fhir_base_url=fhir_server.base_url, redis_url=redis_url,
                         alert_webhook_url=hook.url, alert_webhook_secret=SECRET, task_max_retries=0)
     conn = redis_client(redis_url, timeout=5)
-    d = pipeline.Deps(settings, FHIRClient.from_settings(settings), WorkQueue(settings, conn), AssessmentStore(conn))
+    d = pipeline.Collaborators(settings, FHIRClient.from_settings(settings), WorkQueue(settings, conn),
+                               AssessmentStore(conn), AuditLog(settings, store=store),
+                               bytes_redis_client(redis_url, 5.0))
     yield {"pid": pid, "patient": f"Patient/{pid}", "d": d, "hook": hook, "store": store, "create": create,
            "server": fhir_server, "settings": settings}
     d.fhir.close()
     hook.close()
-    audit.use_store(None)
+    d.alert_redis.close()
     store.dispose()
 
 
@@ -169,9 +171,10 @@ def test_a_retry_after_the_redis_record_is_lost_writes_no_second_communication(w
     assert len(communications(world["server"], world["patient"])) == 1
 
 
-def test_an_undeliverable_alert_is_dead_lettered_through_the_task(world, monkeypatch):
-    from workers import tasks
+def test_an_undeliverable_alert_is_dead_lettered_through_the_task(world):
     from service.infra.dead_letters import DeadLetters
+    from workers import tasks
+    from workers.celery_app import create_celery_app
 
     # No CareTeam, no generalPractitioner, no default: nobody to tell.
     with world["server"].client() as c:
@@ -181,8 +184,9 @@ def test_an_undeliverable_alert_is_dead_lettered_through_the_task(world, monkeyp
                               status="remission"),
                     condition(pid, "http://hl7.org/fhir/sid/icd-10-cm", "M54.6", "Pain in thoracic spine", iso(5))):
             assert c.post("/Condition", json=res).status_code == 201
-    monkeypatch.setattr(pipeline, "_deps", world["d"])
-    result = tasks.evaluate_patient.apply(kwargs={"patient": f"Patient/{pid}"})
+    app = create_celery_app(world["settings"])
+    app.use_collaborators(world["d"])
+    result = app.tasks[tasks.evaluate_patient.name].apply(kwargs={"patient": f"Patient/{pid}"})
     assert result.failed()
     letters = DeadLetters(world["d"].queue.redis).entries()
     assert [(x["task"], x["error"], x["kwargs"]["patient"]) for x in letters] == [

@@ -1,5 +1,5 @@
 """Canaries: recognisable patient strings and secrets go in, and must not come out where they do not
-belong (issue 7). Real processes (tests/support/fault_stack.py): `spinewatch serve`, `spinewatch
+belong. Real processes (tests/support/fault_stack.py): `spinewatch serve`, `spinewatch
 worker`, a real redis-server and a FHIR server on a socket.
 
 Seeded: a patient's name, address, phone, birth date and free text (Observation.valueString, notes,

@@ -25,7 +25,7 @@ def test_stored_assessment_from_redis_answers_patient_view(tmp_path, redis_url):
                stored_at=now - timedelta(hours=3))
     env = make_env(tmp_path, redis_url=redis_url, stored_assessment_max_age_seconds=3600)
     # make_env leaves the stored source out; put back what register() builds from SPINEWATCH_REDIS_URL.
-    env.app.state.cds_hooks.stored = default_source(env.app.state.settings)
+    env.app.state.services.hooks.stored = default_source(env.app.state.services.settings)
     try:
         response = env.call(PATIENT_VIEW, hook_request("patient-view", "p7"))
         assert response.status_code == 200, response.text

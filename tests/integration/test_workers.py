@@ -30,7 +30,7 @@ from fastapi.testclient import TestClient
 
 from service.api.app import create_app
 from service.infra.assessments import AssessmentStore
-from service.cli.demo.run import stop_process_group
+from service.cli.demo.processes import stop_process_group
 from service.core.settings import Settings
 from tests.support import cds_hooks as ch
 from tests.support.redis_server import RedisServer, free_port

@@ -9,7 +9,7 @@ from fhir.resources.R4B.auditevent import AuditEvent
 from fhir.resources.R4B.bundle import Bundle
 from typer.testing import CliRunner
 
-from fhir_mappings.cds.cards import OVERRIDE_SYSTEM
+from fhir_mappings.cds.wording import OVERRIDE_SYSTEM
 from service.api.app import create_app
 from service.infra.audit.store import AuditStore
 from service.cli.main import app as cli
@@ -39,7 +39,7 @@ def seeded(url):
         ("card", "success", "Patient/a", {"hook": "patient-view", "hookInstance": "h1", "cards": ["u1"],
                                           "tier": "emergency"}),
         ("card", "success", "Patient/b", {"hook": "order-sign", "hookInstance": "h2", "cards": ["u2"], "tier": "urgent"}),
-        # As service/api/routes/cds_hooks.py records feedback: no patient (CDS Hooks feedback names the
+        # As service/api/routes/feedback.py records feedback: no patient (CDS Hooks feedback names the
         # card only), the outcome as the record's outcome, the override reason as system and code.
         ("feedback", "overridden", None, {"card": "u1", "overrideReason": {"system": OVERRIDE_SYSTEM,
                                                                             "code": "patient-declined"}}),

@@ -348,7 +348,7 @@ def test_a_failing_store_is_412_not_500(tmp_path):
             raise ConnectionError("redis down")
 
     env = make_env(tmp_path)
-    env.app.state.cds_hooks.stored = Down()
+    env.app.state.services.hooks.stored = Down()
     try:
         assert_outcome(env.call(PATIENT_VIEW, hook_request("patient-view")), 412)
     finally:

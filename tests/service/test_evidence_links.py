@@ -132,12 +132,12 @@ def test_unknown_token_is_a_404_page_that_echoes_nothing(env):
 
 
 def test_expired_link_is_a_404(env):
-    store = env.app.state.cds_hooks.evidence.store
+    store = env.app.state.services.hooks.evidence.store
     clock = [1000.0]
     store.clock = lambda: clock[0]
     _, [card] = patient_view(env)
     url, _ = the_link(card)
-    ttl = env.app.state.settings.evidence_link_ttl_seconds
+    ttl = env.app.state.services.settings.evidence_link_ttl_seconds
     assert ttl == 86_400  # the default
     clock[0] += ttl - 1
     assert open_link(env, url).status_code == 200
@@ -151,7 +151,7 @@ def test_expired_link_is_a_404(env):
 def test_no_link_for_tier_none(env):
     body = hook_request("patient-view", "p1", prefetch_for(record("none", "p1")))
     assert validate_cds_response(env.call(PATIENT_VIEW, body).json()) == []
-    assert len(env.app.state.cds_hooks.evidence.store) == 0  # nothing stored either
+    assert len(env.app.state.services.hooks.evidence.store) == 0  # nothing stored either
 
 
 @pytest.mark.parametrize("settings", [{}, {"public_base_url": BASE_URL, "evidence_links": False}],
@@ -159,7 +159,7 @@ def test_no_link_for_tier_none(env):
 def test_no_link_without_public_base_url_or_when_switched_off(tmp_path, settings):
     env = make_env(tmp_path, **settings)
     try:
-        assert env.app.state.cds_hooks.evidence is None
+        assert env.app.state.services.hooks.evidence is None
         _, [card] = patient_view(env)
         assert evidence_links(card) == []
         assert [link["label"] for link in card["links"]] == ["ACR Appropriateness Criteria: Low Back Pain"]
@@ -171,7 +171,7 @@ def test_no_link_without_public_base_url_or_when_switched_off(tmp_path, settings
 
 def test_the_token_is_never_logged(env, caplog):
     caplog.set_level("INFO")
-    store = env.app.state.cds_hooks.evidence.store
+    store = env.app.state.services.hooks.evidence.store
     clock = [0.0]
     store.clock = lambda: clock[0]
     _, [card] = patient_view(env)

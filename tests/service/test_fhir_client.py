@@ -1,5 +1,6 @@
-"""service.infra.fhir.client with respx at the transport: typed errors with FHIR meaning, paging, timeouts,
-bearer and SMART Backend Services authentication."""
+"""service.infra.fhir.sync (the workers' FHIR client) with respx at the transport: typed errors with FHIR
+meaning, paging, timeouts, bearer and SMART Backend Services authentication (service.infra.fhir.auth);
+the base both faces share (service.infra.fhir.base); the old module names still export the old names."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ import respx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from service.infra.fhir.client import (BearerAuth, FHIRAuthError, FHIRBadRequest, FHIRClient, FHIRNotFound,
-                                 FHIRNotSupported, FHIRPagingError, FHIRPreconditionFailed, FHIRServerError,
-                                 FHIRResponseError, FHIRTransportError, SmartBackendAuth, auth_from_settings)
+from service.core.errors import (FHIRAuthError, FHIRBadRequest, FHIRNotFound, FHIRNotSupported, FHIRPagingError,
+                                 FHIRPreconditionFailed, FHIRResponseError, FHIRServerError, FHIRTransportError)
 from service.core.settings import Settings
+from service.infra.fhir.auth import BearerAuth, SmartBackendAuth, auth_from_settings
+from service.infra.fhir.base import host_allowed, origin, parse_hosts
+from service.infra.fhir.sync import FHIRClient
 
 BASE = "https://ehr.example/fhir"
 TOKEN_URL = "https://ehr.example/auth/token"
@@ -135,6 +138,45 @@ def test_next_link_to_another_origin_is_not_followed(fhir):
     evil = respx.get("https://evil.example/fhir/Condition")
     with pytest.raises(FHIRPagingError, match="another origin"):
         fhir.search_all("Condition", {})
+    assert not evil.called
+
+
+@respx.mock
+def test_relative_next_link_is_read_against_the_base(fhir):
+    # RFC 3986 §5.2: a relative link resolves against the base, so it stays on the server's origin.
+    second = respx.get(f"{BASE}/Condition", params={"page": "2"}).respond(
+        200, json=bundle({"resourceType": "Condition", "id": "c2"}))
+    respx.get(f"{BASE}/Condition").respond(200, json=bundle({"resourceType": "Condition", "id": "c1"},
+                                                            next_url="Condition?page=2"))
+    assert [c["id"] for c in fhir.search("Condition", {})] == ["c1", "c2"]
+    assert second.called
+
+
+@respx.mock
+@pytest.mark.parametrize("link", ["https://user:pw@ehr.example/fhir/Condition?page=2", "http://ehr.example/fhir/C",
+                                  "https://ehr.example:8443/fhir/C", "javascript:alert(1)"])
+def test_next_link_with_credentials_or_another_scheme_or_port_is_not_followed(fhir, link):
+    respx.get(f"{BASE}/Condition").respond(200, json=bundle(next_url=link))
+    with pytest.raises(FHIRPagingError, match="another origin"):
+        fhir.search_all("Condition", {})
+
+
+def test_origins_default_the_port_and_hosts_are_allow_listed_with_or_without_one():
+    assert origin("https://EHR.example/fhir") == origin("https://ehr.example:443/x") == ("https", "ehr.example", 443)
+    assert origin("urn:uuid:1") is None and origin("Binary/1") is None and origin("http://h:99999/") is None
+    allowed = parse_hosts(" ehr.example , other.example:8443,")
+    assert allowed == {"ehr.example", "other.example:8443"}
+    assert host_allowed("https://ehr.example:9999/fhir", allowed)
+    assert host_allowed("https://other.example:8443/fhir", allowed)
+    assert not host_allowed("https://other.example/fhir", allowed)
+    assert not host_allowed("https://evil.example/fhir", allowed)
+
+
+@respx.mock
+def test_binary_on_another_origin_is_not_read(fhir):
+    evil = respx.get("https://evil.example/fhir/Binary/b1")
+    with pytest.raises(FHIRPagingError, match="another origin"):
+        fhir.read_binary("https://evil.example/fhir/Binary/b1", 1000)
     assert not evil.called
 
 
@@ -286,3 +328,20 @@ def test_smart_settings_build_the_authenticator(tmp_path):
     assert isinstance(auth, SmartBackendAuth) and auth.alg == "RS384"
     with pytest.raises(ValueError, match="RS384 or ES384"):
         SmartBackendAuth("c", pem, alg="HS256", token_url=TOKEN_URL)
+
+
+# ---------------- old module names ----------------
+
+def test_old_module_names_still_export_the_old_names():
+    # Until the lead renames the callers: client.py and fetch.py keep what they exported.
+    from service.core import errors
+    from service.infra.fhir import async_client, auth, base, client, fetch, sync
+
+    assert client.FHIRClient is sync.FHIRClient and client.error_for is errors.fhir_error_for
+    assert (client.Auth, client.NoAuth, client.BearerAuth, client.SmartBackendAuth, client.auth_from_settings) == \
+        (auth.Auth, auth.NoAuth, auth.BearerAuth, auth.SmartBackendAuth, auth.auth_from_settings)
+    assert client.FHIRNotFound is errors.FHIRNotFound and client.FHIR_JSON == base.FHIR_JSON
+    assert fetch.FhirClient is async_client.AsyncFHIRClient and fetch.FhirAccessError is errors.FHIRAccessError
+    assert fetch.parse_hosts is base.parse_hosts and fetch.host_allowed is base.host_allowed
+    assert fetch.unpack_bundle is async_client.unpack_bundle and fetch.MAX_PAGES == async_client.MAX_PAGES
+    assert fetch._tls_context is base.tls_context

@@ -13,6 +13,7 @@ import httpx
 import pytest
 import respx
 
+from fhir_mappings.clinical.evaluate import assess
 from service.infra.fhir.client import BearerAuth, FHIRClient, FHIRServerError, FHIRTooLarge
 from service.infra.fhir.binaries import binary_resource, binary_target, plan_binaries, referenced_binaries
 from service.core.settings import Settings, evaluation_settings
@@ -159,7 +160,7 @@ def test_a_binary_elsewhere_is_never_fetched_and_its_note_is_named_by_the_core()
         record = pipeline.fetch_record(fhir, "Patient/p1", NOW, 90)
     assert not away.called
     assert [r["resourceType"] for r in record] == ["Patient", "DocumentReference"]
-    assessment = pipeline.assess(record, NOW, evaluation_settings(Settings()))
+    assessment = assess(record, NOW, evaluation_settings(Settings()))
     assert any("DocumentReference/d1" in p for p in assessment.problems), assessment.problems
 
 

@@ -45,9 +45,9 @@ def r(redis_url):
 
 
 @pytest.fixture
-def audits(monkeypatch):
+def audits(app, monkeypatch):
     seen = []
-    monkeypatch.setattr("service.api.routes.notifications.audit_event",
+    monkeypatch.setattr(app.state.services.audit, "event",
                         lambda kind, outcome, **kw: seen.append({"kind": kind, "outcome": outcome, **kw}))
     return seen
 
@@ -313,7 +313,7 @@ def test_rest_hook_body_that_contradicts_the_path_is_refused(client):
 
 
 def test_oversized_notification_gets_413(app, client):
-    app.state.settings = app.state.settings.model_copy(update={"notification_max_bytes": 2048})
+    app.state.services.settings = app.state.services.settings.model_copy(update={"notification_max_bytes": 2048})
     response = post(client, {"resourceType": "Bundle", "pad": "x" * 5000})
     assert response.status_code == 413 and response.json()["resourceType"] == "OperationOutcome"
 
@@ -336,7 +336,7 @@ def test_a_failed_enqueue_releases_its_claim_so_the_retry_is_not_a_duplicate(cli
     from service.infra.queue import WorkQueue
 
     post(client, params("handshake", since=0))
-    queue = app.state.work_queue
+    queue = app.state.services.queue
 
     def refuse(*a, **kw):
         raise QueueUnavailable("cannot queue: ConnectionError")

@@ -10,7 +10,8 @@ from fastapi.testclient import TestClient
 
 from service.api.app import create_app
 from service.core.metrics import NOTIFICATIONS
-from service.api.routes.ops import audit_store_check, default_checks, fhir_check, register_check
+from service.api.routes.ops import register_check
+from service.usecases.readiness import audit_store_check, default_checks, fhir_check
 from service.core.settings import Settings
 
 
@@ -44,7 +45,7 @@ def test_healthz_is_alive_without_checking_anything(app, client):
 
 
 def test_readyz_ready_when_every_check_passes(app, client):
-    app.state.readiness_checks = {"a": ok, "b": ok}
+    app.state.services.readiness = {"a": ok, "b": ok}
     r = client.get("/readyz")
     assert r.status_code == 200
     assert r.json()["status"] == "ready"
@@ -52,7 +53,7 @@ def test_readyz_ready_when_every_check_passes(app, client):
 
 
 def test_readyz_unready_names_the_failing_check_without_echoing_its_message(app, client):
-    app.state.readiness_checks = {"redis": broken, "fhir": ok}
+    app.state.services.readiness = {"redis": broken, "fhir": ok}
     r = client.get("/readyz")
     assert r.status_code == 503
     body = r.json()
@@ -65,7 +66,7 @@ def test_readyz_unready_names_the_failing_check_without_echoing_its_message(app,
 def test_readyz_check_time_limit(tmp_path):
     app = create_app(Settings(environment="test", readiness_timeout_seconds=0.2,
                               audit_db_url=f"sqlite:///{tmp_path}/a.sqlite"))
-    app.state.readiness_checks = {"slow": slow}
+    app.state.services.readiness = {"slow": slow}
     with TestClient(app) as client:
         r = client.get("/readyz")
     assert r.status_code == 503
@@ -73,7 +74,7 @@ def test_readyz_check_time_limit(tmp_path):
 
 
 def test_register_check_adds_and_removes(app, client):
-    app.state.readiness_checks = {}
+    app.state.services.readiness = {}
     register_check(app, "extra", broken)
     assert client.get("/readyz").status_code == 503
     register_check(app, "extra", None)
@@ -82,11 +83,7 @@ def test_register_check_adds_and_removes(app, client):
 
 def test_default_checks_follow_the_settings(tmp_path):
     settings = Settings(environment="test", audit_db_url=f"sqlite:///{tmp_path}/a.sqlite")
-    names = set(default_checks(settings))
-    assert "audit_store" in names
-    for setting, name in (("redis_url", "redis"), ("fhir_base_url", "fhir")):
-        if setting in Settings.model_fields:  # owned by issue 3/4 modules
-            assert name in names
+    assert set(default_checks(settings)) == {"redis", "audit_store", "fhir"}
     assert "audit_store" not in default_checks(Settings(environment="test", audit_enabled=False))
 
 

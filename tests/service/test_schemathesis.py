@@ -58,7 +58,8 @@ def _json_body(schema: dict) -> dict:
 
 
 def _with_bodies(openapi: dict) -> dict:
-    from service.api.routes.cds_hooks import FeedbackRequest, HookRequest
+    from service.api.models.feedback import FeedbackRequest
+    from service.api.models.hooks import HookRequest
 
     doc = copy.deepcopy(openapi)
     defs = doc.setdefault("components", {}).setdefault("schemas", {})

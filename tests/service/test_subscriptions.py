@@ -11,7 +11,7 @@ import pytest
 import respx
 from typer.testing import CliRunner
 
-from service.infra.fhir.client import FHIRClient
+from service.infra.fhir.sync import FHIRClient
 from service.core.settings import Settings
 from service.infra.fhir.subscriptions import (BACKPORT_PROFILE, TAG_SYSTEM, TOPIC_CANONICAL, desired, ensure,
                                    subscription_capability, topic_triggers)

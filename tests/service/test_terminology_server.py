@@ -16,7 +16,7 @@ import respx
 from fhir_mappings.clinical.evaluate import assess
 from fhir_mappings.clinical.schema import TerminologyRootsFile, load
 from fhir_mappings.clinical.terminology import SNOMED, load_terminology
-from service.infra.fhir.client import FHIRClient
+from service.infra.fhir.sync import FHIRClient
 from service.core.settings import Settings
 from service.infra.fhir.terminology import (LOCAL, ROOTS_PATH, AnswerCache, TerminologyServer, consult_sync, load_roots,
                                         questions, record_codes)
@@ -94,6 +94,11 @@ class _Store:
         return 0  # revision 0: nothing new to alert about
 
 
+class _Audit:
+    def event(self, *a, **kw):
+        pass
+
+
 @pytest.fixture
 def mock():
     """respx as every HTTP server; a request to anything not mocked fails the test."""
@@ -105,7 +110,6 @@ def mock():
 def worker(monkeypatch, tmp_path, mock):
     """evaluate_patient with respx as the EHR; returns a function evaluating Patient/p1 with a
     given terminology server."""
-    monkeypatch.setattr(pipeline, "audit_event", lambda *a, **kw: None)
     load_terminology(), load_roots()  # compiled once, outside the timings below
     settings = Settings(environment="test", fhir_base_url=EHR, audit_db_url=f"sqlite:///{tmp_path}/a.sqlite")
     fhir = FHIRClient(EHR)
@@ -118,7 +122,7 @@ def worker(monkeypatch, tmp_path, mock):
         mock.get(host="ehr.test", path__regex=r"^/fhir/[A-Za-z]+$").mock(side_effect=lambda request: httpx.Response(
             200, json={"resourceType": "Bundle", "type": "searchset",
                        "entry": [{"resource": r} for r in by_type.get(request.url.path.rsplit("/", 1)[1], [])]}))
-        d = pipeline.Deps(settings, fhir, _Queue(), _Store(), terminology)
+        d = pipeline.Collaborators(settings, fhir, _Queue(), _Store(), _Audit(), None, terminology)
         return pipeline.evaluate_patient(d, "Patient/p1", [], {"kind": "test"}, NOW)
 
     yield evaluate

@@ -12,11 +12,13 @@ import redis
 import respx
 
 from service.infra.assessments import AssessmentStore
+from service.infra.audit.writer import AuditLog
 from service.infra.fhir.client import FHIRClient, FHIRNotFound
 from service.infra.queue import QUEUE, WorkQueue
 from service.core.settings import Settings
 from tests.support import cds_hooks as ch
 from workers import pipeline, tasks
+from workers.pipeline import evaluate as evaluate_step
 
 BASE = "http://ehr.test/fhir"
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
@@ -38,21 +40,26 @@ def r(redis_url):
 @pytest.fixture
 def deps(settings, r):
     fhir = FHIRClient(BASE)
-    yield pipeline.Deps(settings, fhir, WorkQueue(settings, r), AssessmentStore(r))
+    yield pipeline.Collaborators(settings, fhir, WorkQueue(settings, r), AssessmentStore(r), AuditLog(settings), r)
     fhir.close()
 
 
 @pytest.fixture
 def alerts(monkeypatch):
     calls = []
-    monkeypatch.setattr(pipeline, "_alert", lambda assessment, settings: calls.append((assessment, settings)))
+    monkeypatch.setattr(evaluate_step, "alert", lambda c, assessment: calls.append((assessment, c.settings)))
     return calls
 
 
 @pytest.fixture
-def audits(monkeypatch):
+def audits(deps):
     seen = []
-    monkeypatch.setattr(pipeline, "audit_event", lambda kind, outcome, **kw: seen.append({"kind": kind, **kw}))
+
+    class Recording:
+        def event(self, kind, outcome, **kw):
+            seen.append({"kind": kind, **kw})
+
+    deps.audit = Recording()
     return seen
 
 
@@ -312,21 +319,21 @@ def test_only_transient_errors_are_retried():
 
 
 def test_celery_is_configured_for_at_least_once_delivery():
-    from workers.celery_app import app, make_celery
+    from workers.celery_app import create_celery_app
 
-    conf = app.conf
+    conf = create_celery_app(Settings()).conf
     assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.worker_prefetch_multiplier == 1
     assert conf.task_soft_time_limit < conf.task_time_limit < conf.broker_transport_options["visibility_timeout"]
     assert tasks.BACKOFF_CAP_SECONDS < conf.broker_transport_options["visibility_timeout"]
     assert {"heartbeat-watchdog", "reconciliation-sweep"} <= set(conf.beat_schedule)
     with pytest.raises(ValueError, match="below"):
-        make_celery(Settings(task_time_limit_seconds=4000, broker_visibility_timeout_seconds=3600))
-    off = make_celery(Settings(reconciliation_interval_seconds=0))
+        create_celery_app(Settings(task_time_limit_seconds=4000, broker_visibility_timeout_seconds=3600))
+    off = create_celery_app(Settings(reconciliation_interval_seconds=0))
     assert "reconciliation-sweep" not in off.conf.beat_schedule
 
 
 def test_the_store_reads_back_with_a_client_that_does_not_decode(redis_url):
-    """The CDS Hooks side opens its own client (service/infra/stored_assessments.py, bytes replies)."""
+    """The CDS Hooks side opens its own client (service/infra/assessments.py, bytes replies)."""
     from fhir_mappings.clinical.evaluate import assess
 
     assessment = assess(ch.record("urgent", "p5"), datetime.now(timezone.utc))  # the record is dated from the clock

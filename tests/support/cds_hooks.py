@@ -292,7 +292,9 @@ class FakeStoredAssessments:
 @dataclass
 class HookEnv:
     """The app with one trusted issuer (JWKS in a local file), an audit store in tmp_path, and a
-    TestClient; `call`/`discover`/`feedback` sign a fresh JWT for the URL they call."""
+    TestClient; `call`/`discover`/`feedback` sign a fresh JWT for the URL they call. The app writes
+    its audit log as a serving process does (app.state.services.audit, in the background);
+    `audit_records` flushes it first."""
 
     app: Any
     client: Any
@@ -314,18 +316,21 @@ class HookEnv:
         path = f"/cds-services/{service}/feedback"
         return self.client.post(path, json=body, headers=self.headers(path, **token_kw))
 
-    def audit_records(self, kind: str) -> list:
-        from service.infra.audit.writer import flush
+    def flush_audit(self) -> None:
+        self.app.state.services.audit.flush()
 
-        flush()  # a no-op while the test's store is installed (writes are synchronous), kept for safety
+    def audit_records(self, kind: str) -> list:
+        self.flush_audit()
         return [r for r in self.audit.iter_all() if r.kind == kind]
 
 
-def reset_audit() -> None:
-    """After a test: drop the test's audit store (use_store flushes first)."""
-    from service.infra.audit.writer import use_store
+_ENVS: list[HookEnv] = []
 
-    use_store(None)
+
+def reset_audit() -> None:
+    """After a test: let the apps made since the last reset finish writing their audit records."""
+    while _ENVS:
+        _ENVS.pop().flush_audit()
 
 
 def make_env(tmp_path, *, issuer: Issuer | None = None, extra_issuers: dict | None = None,
@@ -333,7 +338,6 @@ def make_env(tmp_path, *, issuer: Issuer | None = None, extra_issuers: dict | No
     from fastapi.testclient import TestClient
 
     from service.api.app import create_app
-    from service.infra.audit.writer import use_store
     from service.infra.audit.store import AuditStore
     from service.core.settings import Settings
 
@@ -345,8 +349,7 @@ def make_env(tmp_path, *, issuer: Issuer | None = None, extra_issuers: dict | No
     values = dict(environment="test", cds_trusted_issuers=json.dumps(trusted), audit_db_url=audit_url,
                   fhir_allowed_hosts="fhir.example.org", log_format="json") | settings
     app = create_app(Settings(**values))
-    app.state.cds_hooks.stored = stored
-    store = AuditStore(audit_url)
-    use_store(store)
-    return HookEnv(app, TestClient(app), issuer, store,
-                   base=values.get("public_base_url") or BASE)
+    app.state.services.hooks.stored = stored
+    env = HookEnv(app, TestClient(app), issuer, AuditStore(audit_url), base=values.get("public_base_url") or BASE)
+    _ENVS.append(env)
+    return env

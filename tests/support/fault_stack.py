@@ -1,4 +1,4 @@
-"""Real processes for the fault, canary and soak runs (issue 7), with the faults under the test's control.
+"""Real processes for the fault, canary and soak runs, with the faults under the test's control.
 
     FhirStub     a FHIR R4 server on a real socket, in this process: reads, searches, creates; per path
                  it can answer with status codes (once or always), be slow, or hang until released
@@ -6,7 +6,7 @@
                  `spinewatch worker` processes started as a user starts them, in sessions of their own,
                  so a kill reaches every process of a worker and nothing outlives `close()`
 
-No pytest import here: bench/soak.py uses it too. Process plumbing comes from service/cli/demo/run.py
+No pytest import here: bench/soak.py uses it too. Process plumbing comes from service/cli/demo/processes.py
 (`Processes`, `stop_process_group`, `free_port`).
 """
 
@@ -27,7 +27,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
-from service.cli.demo.run import Managed, Processes, free_port, stop_process_group
+from service.cli.demo.processes import Managed, Processes, free_port, stop_process_group
 from tests.support.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from service.cli.demo.run import stop_process_group
+from service.cli.demo.processes import stop_process_group
 
 ROOT = Path(__file__).resolve().parents[2]
 _SCRIPT = Path(sys.executable).parent / "spinewatch"

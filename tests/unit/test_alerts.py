@@ -19,8 +19,8 @@ from fhir_mappings.cds.alerts import (ALERT_ID_SYSTEM, SIGNATURE_HEADER, alert_i
                                   resolve_recipients, sign, verify_signature, webhook_body)
 from fhir_mappings.fhir.bundle import read_path
 from fhir_mappings.clinical.evaluate import assess
-from service.infra.audit import writer as audit
 from service.infra.audit.store import AuditStore
+from service.infra.audit.writer import AuditLog
 from service.core.settings import Settings
 from workers.alerts import AlertFailed, AlertRetry, ClientAdapter, alert_if_needed
 
@@ -111,10 +111,13 @@ GP_PATIENT = {"resourceType": "Patient", "id": "example-emergency",
 @pytest.fixture
 def store(tmp_path):
     s = AuditStore(f"sqlite:///{tmp_path}/audit.sqlite")
-    audit.use_store(s)
     yield s
-    audit.use_store(None)
     s.dispose()
+
+
+def log(store: AuditStore) -> AuditLog:
+    """The worker's audit log, writing to `store`."""
+    return AuditLog(settings(), store=store)
 
 
 def settings(**kw):
@@ -188,8 +191,8 @@ def test_webhook_signature_verifies_and_detects_tampering():
 
 def test_alerted_once_across_duplicate_notifications_and_audited(store):
     fhir, r = FakeFhir([CARE_TEAM]), FakeRedis()
-    first = alert_if_needed(emergency(), settings(), fhir=fhir, redis_client=r, now=NOW)
-    again = alert_if_needed(emergency(), settings(), fhir=fhir, redis_client=r, now=NOW)
+    first = alert_if_needed(emergency(), settings(), fhir=fhir, audit=log(store), redis_client=r, now=NOW)
+    again = alert_if_needed(emergency(), settings(), fhir=fhir, audit=log(store), redis_client=r, now=NOW)
     assert first.status == "sent" and again.status == "duplicate"
     assert len(fhir.communications) == 1 and fhir.creates == 1
     assert first.recipients == ["Practitioner/oncologist", "Organization/acute-oncology"]
@@ -205,8 +208,8 @@ def test_a_retry_after_a_transient_failure_writes_no_second_communication(store)
                 if_none_exist=f"identifier={ALERT_ID_SYSTEM}|{alert_id(alert_input(emergency()))}")
     fhir.fail_create = [httpx.ReadTimeout("lost")]
     with pytest.raises(AlertRetry):
-        alert_if_needed(emergency(), settings(), fhir=fhir, redis_client=r, now=NOW)
-    result = alert_if_needed(emergency(), settings(), fhir=fhir, redis_client=r, now=NOW)
+        alert_if_needed(emergency(), settings(), fhir=fhir, audit=log(store), redis_client=r, now=NOW)
+    result = alert_if_needed(emergency(), settings(), fhir=fhir, audit=log(store), redis_client=r, now=NOW)
     assert result.status == "sent" and len(fhir.communications) == 1
     outcomes = [x.outcome for x in store.query(kinds=["alert"], newest_first=False)[0]]
     assert outcomes == ["failure", "success"]
@@ -214,9 +217,9 @@ def test_a_retry_after_a_transient_failure_writes_no_second_communication(store)
 
 def test_an_upgrade_from_urgent_to_emergency_alerts_again(store):
     fhir, r = FakeFhir([CARE_TEAM]), FakeRedis()
-    assert alert_if_needed(urgent(), settings(), fhir=fhir, redis_client=r, now=NOW).status == "sent"
-    assert alert_if_needed(urgent(), settings(), fhir=fhir, redis_client=r, now=NOW).status == "duplicate"
-    assert alert_if_needed(emergency(), settings(), fhir=fhir, redis_client=r, now=NOW).status == "sent"
+    assert alert_if_needed(urgent(), settings(), fhir=fhir, audit=log(store), redis_client=r, now=NOW).status == "sent"
+    assert alert_if_needed(urgent(), settings(), fhir=fhir, audit=log(store), redis_client=r, now=NOW).status == "duplicate"
+    assert alert_if_needed(emergency(), settings(), fhir=fhir, audit=log(store), redis_client=r, now=NOW).status == "sent"
     assert [c["priority"] for c in fhir.communications] == ["urgent", "stat"]
 
 
@@ -224,24 +227,24 @@ def test_routine_never_alerts(store):
     fhir = FakeFhir([CARE_TEAM])
     a = emergency()
     a.urgency = "routine"
-    assert alert_if_needed(a, settings(), fhir=fhir, redis_client=FakeRedis(), now=NOW).status == "not-needed"
+    assert alert_if_needed(a, settings(), fhir=fhir, audit=log(store), redis_client=FakeRedis(), now=NOW).status == "not-needed"
     assert fhir.creates == 0
 
 
 def test_general_practitioner_then_default_recipient(store):
     fhir = FakeFhir([], GP_PATIENT)
-    assert alert_if_needed(emergency(), settings(), fhir=fhir, redis_client=FakeRedis(), now=NOW).recipients == \
+    assert alert_if_needed(emergency(), settings(), fhir=fhir, audit=log(store), redis_client=FakeRedis(), now=NOW).recipients == \
         ["Practitioner/gp"]
     fhir = FakeFhir([], {"resourceType": "Patient", "id": "example-emergency"})
     result = alert_if_needed(emergency(), settings(alert_default_recipient="Organization/acute-oncology"),
-                             fhir=fhir, redis_client=FakeRedis(), now=NOW)
+                             fhir=fhir, audit=log(store), redis_client=FakeRedis(), now=NOW)
     assert result.recipients == ["Organization/acute-oncology"]
 
 
 def test_no_recipient_at_all_fails_for_the_dead_letter_list(store):
     fhir = FakeFhir([], {"resourceType": "Patient", "id": "example-emergency"})
     with pytest.raises(AlertFailed):
-        alert_if_needed(emergency(), settings(), fhir=fhir, redis_client=FakeRedis(), now=NOW)
+        alert_if_needed(emergency(), settings(), fhir=fhir, audit=log(store), redis_client=FakeRedis(), now=NOW)
     assert store.query(kinds=["alert"], outcome="failure")[1] == 1
 
 
@@ -250,7 +253,7 @@ def test_a_lock_held_by_another_worker_means_retry_later(store):
     ident = alert_id(alert_input(emergency()))
     r.set(f"spinewatch:alert:{ident}:lock", "someone-else", nx=True)
     with pytest.raises(AlertRetry):
-        alert_if_needed(emergency(), settings(), fhir=FakeFhir([CARE_TEAM]), redis_client=r, now=NOW)
+        alert_if_needed(emergency(), settings(), fhir=FakeFhir([CARE_TEAM]), audit=log(store), redis_client=r, now=NOW)
     assert r.data[f"spinewatch:alert:{ident}:lock"] == "someone-else"
 
 
@@ -266,10 +269,10 @@ def test_webhook_is_signed_retried_and_sent_once(store):
     s = settings(alert_webhook_url="https://hooks.example.org/alerts", alert_webhook_secret="s3cret")
     fhir, r = FakeFhir([CARE_TEAM]), FakeRedis()
     with pytest.raises(AlertRetry):
-        alert_if_needed(emergency(), s, fhir=fhir, redis_client=r, now=NOW)
-    result = alert_if_needed(emergency(), s, fhir=fhir, redis_client=r, now=NOW)
+        alert_if_needed(emergency(), s, fhir=fhir, audit=log(store), redis_client=r, now=NOW)
+    result = alert_if_needed(emergency(), s, fhir=fhir, audit=log(store), redis_client=r, now=NOW)
     assert result.status == "sent" and result.channels == ["fhir", "webhook"]
-    assert alert_if_needed(emergency(), s, fhir=fhir, redis_client=r, now=NOW).status == "duplicate"
+    assert alert_if_needed(emergency(), s, fhir=fhir, audit=log(store), redis_client=r, now=NOW).status == "duplicate"
     assert len(received) == 2 and len(fhir.communications) == 1
     last = received[-1]
     assert verify_signature(last.content, "s3cret", last.headers[SIGNATURE_HEADER])
@@ -284,10 +287,10 @@ def test_webhook_without_secret_or_refusing_fails_permanently(store):
     fhir = FakeFhir([CARE_TEAM])
     with pytest.raises(AlertFailed):
         alert_if_needed(emergency(), settings(alert_webhook_url="https://hooks.example.org/alerts"),
-                        fhir=fhir, redis_client=FakeRedis(), now=NOW)
+                        fhir=fhir, audit=log(store), redis_client=FakeRedis(), now=NOW)
     with pytest.raises(AlertFailed):
         alert_if_needed(emergency(), settings(alert_webhook_url="https://hooks.example.org/alerts",
-                                              alert_webhook_secret="s"), fhir=fhir, redis_client=FakeRedis(), now=NOW)
+                                              alert_webhook_secret="s"), fhir=fhir, audit=log(store), redis_client=FakeRedis(), now=NOW)
 
 
 @respx.mock
@@ -320,7 +323,7 @@ def test_fhir_server_errors_are_retried_and_client_errors_are_not(store):
     base = "https://fhir.example.org/r4"
     respx.get(f"{base}/CareTeam").mock(return_value=httpx.Response(503))
     with FHIRClient(base) as client, pytest.raises(AlertRetry):
-        alert_if_needed(emergency(), settings(), fhir=ClientAdapter(client), redis_client=FakeRedis(), now=NOW)
+        alert_if_needed(emergency(), settings(), fhir=ClientAdapter(client), audit=log(store), redis_client=FakeRedis(), now=NOW)
     respx.get(f"{base}/CareTeam").mock(return_value=httpx.Response(400))
     with FHIRClient(base) as client, pytest.raises(AlertFailed):
-        alert_if_needed(emergency(), settings(), fhir=ClientAdapter(client), redis_client=FakeRedis(), now=NOW)
+        alert_if_needed(emergency(), settings(), fhir=ClientAdapter(client), audit=log(store), redis_client=FakeRedis(), now=NOW)

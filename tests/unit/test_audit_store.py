@@ -6,8 +6,8 @@ import sqlite3
 
 import pytest
 
-from service.infra.audit import writer as audit
 from service.infra.audit.store import GENESIS_HASH, AuditStore, sanitise_detail, store_for
+from service.infra.audit.writer import AuditLog
 from service.core.settings import Settings
 
 
@@ -164,8 +164,6 @@ def test_concurrent_writers_in_several_processes_keep_one_unbroken_chain(db):
 
 
 def test_an_audit_log_writes_to_its_store_and_can_be_switched_off(tmp_path):
-    from service.infra.audit.writer import AuditLog
-
     url = f"sqlite:///{tmp_path}/a.sqlite"
     AuditLog(Settings(environment="test", audit_db_url=url)).event(
         "evaluation", "success", actor="worker", patient="Patient/1", detail={"tier": "urgent"})
@@ -176,8 +174,6 @@ def test_an_audit_log_writes_to_its_store_and_can_be_switched_off(tmp_path):
 
 
 def test_a_background_audit_log_writes_once_flushed(tmp_path):
-    from service.infra.audit.writer import AuditLog
-
     url = f"sqlite:///{tmp_path}/b.sqlite"
     log = AuditLog(Settings(environment="test", audit_db_url=url), background=True)
     for n in range(3):
@@ -190,41 +186,40 @@ def test_a_broken_store_never_raises_into_the_caller(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     settings = Settings(environment="test", audit_db_url=f"sqlite:///{blocker}/sub/audit.sqlite")
-    assert audit.record_event("card", "success", actor="x", settings=settings) is None
+    assert AuditLog(settings).record("card", "success", actor="x") is None
 
 
-def test_an_app_points_audit_event_at_its_own_settings(tmp_path, monkeypatch):
+def test_an_app_has_an_audit_log_of_its_own_settings(tmp_path):
     from service.api.app import create_app
 
-    monkeypatch.setattr(audit, "_default", None)
     url = f"sqlite:///{tmp_path}/app.sqlite"
-    create_app(Settings(environment="test", audit_db_url=url))
+    audit = create_app(Settings(environment="test", audit_db_url=url)).state.services.audit
     for i in range(50):  # a serving process writes in the background, in order, in batches
-        audit.audit_event("card", "success", actor="x", detail={"i": i})
+        audit.event("card", "success", actor="x", detail={"i": i})
     audit.flush()
     records, total = store_for(url).query(limit=100, newest_first=False)
     assert total == 50 and [r.detail["i"] for r in records] == list(range(50))
     assert store_for(url).verify().ok
-    create_app(Settings(environment="test", audit_db_url=url, audit_enabled=False))
-    audit.audit_event("card", "success", actor="x")
+    audit = create_app(Settings(environment="test", audit_db_url=url, audit_enabled=False)).state.services.audit
+    audit.event("card", "success", actor="x")
     audit.flush()
     assert store_for(url).query()[1] == 50
 
 
-def test_a_background_write_that_fails_is_counted_and_the_writer_goes_on(tmp_path, monkeypatch):
+def test_a_background_write_that_fails_is_counted_and_the_writer_goes_on(tmp_path):
     from service.api.app import create_app
     from service.core.metrics import AUDIT_WRITES
 
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    monkeypatch.setattr(audit, "_default", None)
-    create_app(Settings(environment="test", audit_db_url=f"sqlite:///{blocker}/sub/audit.sqlite"))
+    audit = create_app(Settings(environment="test",
+                                audit_db_url=f"sqlite:///{blocker}/sub/audit.sqlite")).state.services.audit
     errors = AUDIT_WRITES.labels(kind="card", outcome="error")._value.get()
-    audit.audit_event("card", "success", actor="x")
+    audit.event("card", "success", actor="x")
     audit.flush()
     assert AUDIT_WRITES.labels(kind="card", outcome="error")._value.get() == errors + 1
     url = f"sqlite:///{tmp_path}/ok.sqlite"
-    create_app(Settings(environment="test", audit_db_url=url))
-    audit.audit_event("card", "success", actor="x")
+    audit = create_app(Settings(environment="test", audit_db_url=url)).state.services.audit
+    audit.event("card", "success", actor="x")
     audit.flush()
     assert store_for(url).query()[1] == 1

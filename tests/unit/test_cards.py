@@ -2,8 +2,8 @@
 emergency / urgent / routine and the order-select/order-sign X-ray card for each tier.
 
 Budgets: `summary` under 140 characters; the detail before its evidence lines ("what to do and by
-when" plus the tier's lines) at most cards.DETAIL_BUDGET (600) characters; at most
-cards.MAX_EVIDENCE_LINES finding lines (plus a "more" line and the cancer line)."""
+when" plus the tier's lines) at most wording.DETAIL_BUDGET (600) characters; at most
+wording.MAX_EVIDENCE_LINES finding lines (plus a "more" line and the cancer line)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from datetime import timedelta
 
 import pytest
 
-from fhir_mappings.cds.cards import (DETAIL_BUDGET, MAX_EVIDENCE_LINES, NG234_URL, CardSettings, cards_for, detail_parts,
-                                 mri_service_request, xray_card)
+from fhir_mappings.cds.cards import cards_for, detail_parts, mri_service_request, xray_card
+from fhir_mappings.cds.wording import DETAIL_BUDGET, MAX_EVIDENCE_LINES, NG234_URL, CardSettings
 from scripts.card_gallery import COORDINATOR, NOW, PATIENT, assessment, gallery, xray_order
 
 CARDS = gallery()
@@ -266,7 +266,8 @@ def _busy_emergency():
 def test_evidence_view_lists_every_evidence_item(tier):
     import json
 
-    from fhir_mappings.cds.cards import evidence_count, evidence_view
+    from fhir_mappings.cds.evidence import evidence_count
+    from fhir_mappings.cds.evidence_view import evidence_view
 
     a = assessment(tier)
     view = evidence_view(a, NOW)
@@ -288,7 +289,7 @@ def test_evidence_view_lists_every_evidence_item(tier):
 
 
 def test_evidence_view_holds_what_the_card_leaves_out():
-    from fhir_mappings.cds.cards import evidence_view
+    from fhir_mappings.cds.evidence_view import evidence_view
 
     a = _busy_emergency()
     [card] = cards_for(a, NOW)
@@ -303,7 +304,7 @@ def test_evidence_view_holds_what_the_card_leaves_out():
 
 
 def test_evidence_view_keeps_resource_ids_out_of_the_prose():
-    from fhir_mappings.cds.cards import evidence_view
+    from fhir_mappings.cds.evidence_view import evidence_view
 
     a = _busy_emergency()
     a.problems = ["DocumentReference/gp-9 skipped: DocumentReference.date: invalid datetime",
@@ -323,7 +324,7 @@ def test_evidence_view_keeps_resource_ids_out_of_the_prose():
 
 
 def test_evidence_view_quotes_patient_text_plain_for_the_page_to_escape():
-    from fhir_mappings.cds.cards import evidence_view
+    from fhir_mappings.cds.evidence_view import evidence_view
     from fhir_mappings.clinical.evaluate import assess
     from scripts.card_gallery import record
 
@@ -345,7 +346,8 @@ def test_evidence_link_only_with_evidence_url_and_within_the_budgets(tier, hook)
     import copy
     import json
 
-    from fhir_mappings.cds.cards import LINKS, evidence_view
+    from fhir_mappings.cds.evidence_view import evidence_view
+    from fhir_mappings.cds.wording import LINKS
 
     before = copy.deepcopy(LINKS)
     a = assessment(tier)

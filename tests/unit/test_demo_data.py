@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 import pytest
 
 from fhir_mappings.clinical.evaluate import EvaluationSettings, assess
-from service.cli.demo.run import load_demo_patients
+from service.cli.demo.ehr import load_demo_patients
 
 NOW = datetime(2030, 1, 15, 12, 0, tzinfo=timezone.utc)
 

@@ -9,7 +9,7 @@ import pytest
 
 from fhir_mappings.clinical.terminology import load_terminology
 from fhir_mappings.clinical.terminology import context_of
-from fhir_mappings.clinical.text import PhraseError, compile_phrase, compile_phrases
+from fhir_mappings.clinical.phrases import PhraseError, compile_phrase, compile_phrases
 
 
 def raised(text: str, on_spinal_pain_resource: bool = False) -> set[str]:

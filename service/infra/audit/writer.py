@@ -1,6 +1,7 @@
-"""Audit log interface. Call sites across the service and workers use only `audit_event`.
+"""The audit log: an `AuditLog` made once by each process's composition root (create_app, the Celery
+app's worker process, a CLI command) and handed to whatever records.
 
-    audit_event("card", "success", actor="https://ehr.example.org", patient="Patient/123",
+    audit.event("card", "success", actor="https://ehr.example.org", patient="Patient/123",
                 detail={"hook": "patient-view", "hookInstance": "...", "cards": ["uuid", ...]})
 
 Every record goes to the append-only, hash-chained store in service/infra/audit/store.py
@@ -21,13 +22,13 @@ IHE BALP AuditEvent profile on export, see fhir_mappings/fhir/audit_events.py):
 Outcomes: success | failure (| a kind-specific code such as "accepted" or "overridden").
 
 Where the write happens:
-- in a process that serves the API (create_app calls `configure(settings, background=True)`),
-  `audit_event` hands the record to one writer thread, which appends what has queued up in one
+- in a process that serves the API (create_app makes its log with `background=True`),
+  `event` hands the record to one writer thread, which appends what has queued up in one
   transaction: the request path pays for a queue put, and the chain lock is taken once per batch
   rather than once per record. A record waits at most LINGER_SECONDS (50 ms) plus the write in
   memory; `flush()` runs at exit.
-- everywhere else (workers, the CLI), and whenever a store is installed with `use_store` (tests),
-  `audit_event` appends before it returns.
+- everywhere else (workers, the CLI), and whenever the log is given a store (tests), `event`
+  appends before it returns.
 
 Recording must never break clinical care: a failed write is logged (without the record's content)
 and counted (spinewatch_audit_writes_total{outcome="error"}), and the caller carries on.
@@ -117,54 +118,17 @@ class AuditLog:
         self._writer.flush(timeout)
 
 
-# ---- the process default, for call sites not yet handed an AuditLog ------------------------------
+# ---- transitional: a process default, for bench/audit_overhead.py (not yet handed an AuditLog) ----
 _default: AuditLog | None = None
 
 
 def configure(settings, *, background: bool = False) -> AuditLog:
-    """Make this process's default log (create_app: background=True)."""
+    """Make this process's default log."""
     global _default
     if _default is not None:
         _default.flush()
     _default = AuditLog(settings, background=background)
     return _default
-
-
-def default_log() -> AuditLog:
-    global _default
-    if _default is None:
-        from service.core.settings import get_settings
-
-        _default = AuditLog(get_settings())
-    return _default
-
-
-def use_store(store: AuditStore | None) -> None:
-    """Install a store for this process (tests); writes to it are synchronous. None: back to the setting."""
-    global _default
-    if _default is not None:
-        _default.flush()
-    if store is None:
-        _default = None
-        return
-    from service.core.settings import get_settings
-
-    _default = AuditLog(get_settings(), store=store)
-
-
-def current_store(settings=None) -> AuditStore:
-    return store_for(settings.audit_db_url) if settings is not None else default_log().store
-
-
-def audit_event(kind: str, outcome: str, *, actor: str, patient: str | None = None,
-                detail: dict | None = None) -> None:
-    default_log().event(kind, outcome, actor=actor, patient=patient, detail=detail)
-
-
-def record_event(kind: str, outcome: str, *, actor: str, patient: str | None = None,
-                 detail: dict | None = None, settings=None) -> AuditRecord | None:
-    log_ = AuditLog(settings, store=_default._store if _default else None) if settings is not None else default_log()
-    return log_.record(kind, outcome, actor=actor, patient=patient, detail=detail)
 
 
 def flush(timeout: float = 30.0) -> None:

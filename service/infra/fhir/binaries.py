@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from fhir_mappings.fhir.bundle import attachments
+from service.infra.fhir.base import origin
 
 # Attachment media types the core reads (fhir_mappings notes: text, Markdown, HTML / XHTML).
 READABLE_MEDIA = frozenset({"text/plain", "text/markdown", "text/x-markdown", "text/html", "application/xhtml+xml"})
@@ -35,22 +36,6 @@ _ID = r"[A-Za-z0-9\-.]{1,64}"  # FHIR R4 id: also keeps the path inside the FHIR
 _RELATIVE = re.compile(rf"^Binary/({_ID})(?:/_history/({_ID}))?$")
 _ABSOLUTE_TAIL = re.compile(rf"/Binary/({_ID})(?:/_history/({_ID}))?$")
 _JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
-
-
-def _default_port(scheme: str) -> int:
-    return 443 if scheme == "https" else 80
-
-
-def origin(url: str) -> tuple[str, str, int] | None:
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        return None
-    scheme = parts.scheme.lower()
-    if scheme not in ("http", "https") or not parts.hostname:
-        return None
-    return scheme, parts.hostname.lower(), port or _default_port(scheme)
 
 
 def binary_target(url: object, base_url: str) -> tuple[str, str] | None:

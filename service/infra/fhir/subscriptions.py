@@ -24,7 +24,9 @@ from dataclasses import asdict, dataclass
 
 import structlog
 
-from service.infra.fhir.client import FHIRClient, FHIRError
+from service.core.errors import FHIRError
+from service.infra.fhir.base import FHIR_JSON
+from service.infra.fhir.sync import FHIRClient
 
 log = structlog.get_logger("spinewatch.subscriptions")
 
@@ -33,7 +35,6 @@ BP = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition"
 BACKPORT_PROFILE = f"{BP}/backport-subscription"
 TOPIC_CANONICAL = f"{BP}/capabilitystatement-subscriptiontopic-canonical"
 TAG_SYSTEM = "https://spinewatch.example.org/fhir/CodeSystem/subscription"
-FHIR_JSON = "application/fhir+json"
 # id-only: notifications carry references, not clinical content; the worker reads what it needs.
 PAYLOAD_CONTENT = "id-only"
 DELIVERY_TIMEOUT_SECONDS = 30  # backport-timeout: how long the server should wait for our answer

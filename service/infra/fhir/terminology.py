@@ -27,100 +27,32 @@ never a code, a display or a patient id.
 from __future__ import annotations
 
 import asyncio
-import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 
 import httpx
 import structlog
 
-import fhir_mappings.clinical
-from fhir_mappings.clinical.schema import RuleFileError, TerminologyRootsFile, load
-from fhir_mappings.clinical.terminology import SNOMED, Concept, Terminology, load_terminology
-from service.infra.fhir.client import Auth, auth_from_settings
-from service.infra.fhir.fetch import _tls_context
+from fhir_mappings.clinical.terminology import SNOMED, Terminology, load_terminology
+from service.core.errors import TerminologyUnavailable
+from service.infra.fhir.auth import Auth, auth_from_settings
+from service.infra.fhir.base import FHIR_JSON, USER_AGENT, origin, tls_context
+from service.infra.fhir.terminology_roots import ROOTS_PATH, Roots, load_roots, questions, record_codes
 
-from service.core.errors import TerminologyUnavailable  # noqa: F401 - re-exported
+__all__ = ["TerminologyServer", "Consultation", "LOCAL", "AnswerCache", "consult", "consult_sync",
+           "TerminologyUnavailable",  # re-exported
+           # what is asked (service/infra/fhir/terminology_roots.py), re-exported
+           "ROOTS_PATH", "Roots", "load_roots", "questions", "record_codes"]
+
 log = structlog.get_logger("spinewatch.terminology_server")
 
-ROOTS_PATH = Path(fhir_mappings.clinical.__file__).parent / "valuesets" / "server" / "terminology-roots.yaml"
-FHIR_JSON = "application/fhir+json"
 CACHE_MAX_ENTRIES = 50_000
 EXTENSIONS_KEPT = 64  # extended terminologies reused, most recent first
 _BELONGS = frozenset({"subsumes", "equivalent"})  # codeA (the root) subsumes codeB (the record's code)
 _OUTCOMES = _BELONGS | {"subsumed-by", "not-subsumed"}  # R4 ConceptSubsumptionOutcome
-_FIELDS = ("code", "valueCodeableConcept", "bodySite")
-_RESOURCE_TYPES = ("Condition", "Observation")
-_CONCEPT_ID = re.compile(r"^\d{6,18}$")  # a SNOMED CT concept id (SCTID); anything else is not asked
-
-
-
-
-@dataclass(frozen=True)
-class Roots:
-    version: str
-    by_concept: dict[str, tuple[str, ...]]  # concept or rule id -> root codes
-    excluded_by: dict[str, tuple[str, ...]]  # concept or rule id -> value sets whose exclude applies
-
-
-@lru_cache(maxsize=1)
-def load_roots(path: Path = ROOTS_PATH) -> Roots:
-    data: TerminologyRootsFile = load(path, TerminologyRootsFile)
-    term = load_terminology()
-    known = set(_concepts(term)) | {r.id for r in term.rules}
-    unknown = sorted((set(data.concepts) | {v for c in data.concepts.values() for v in c.excluded_by}) - known)
-    if unknown:
-        raise RuleFileError(f"{path.name}: unknown concept or rule id(s) {unknown}")
-    return Roots(data.version, {cid: tuple(c.snomed) for cid, c in data.concepts.items()},
-                 {cid: tuple(c.excluded_by) for cid, c in data.concepts.items()})
-
-
-def _concepts(term: Terminology) -> dict[str, Concept]:
-    return {c.id: c for c in (term.cancer, term.back_pain, term.spinal_site, term.mri_spine, term.xray_spine)}
-
-
-def record_codes(resources: Iterable[dict]) -> list[str]:
-    """The SNOMED CT concept ids coded in the Conditions' and Observations' code,
-    valueCodeableConcept and bodySite (raw JSON: this runs before validation)."""
-    found: set[str] = set()
-    for resource in resources:
-        if not isinstance(resource, dict) or resource.get("resourceType") not in _RESOURCE_TYPES:
-            continue
-        for name in _FIELDS:
-            value = resource.get(name)
-            for concept in value if isinstance(value, list) else [value]:
-                codings = concept.get("coding") if isinstance(concept, dict) else None
-                for coding in codings if isinstance(codings, list) else []:
-                    if isinstance(coding, dict) and coding.get("system") == SNOMED:
-                        code = coding.get("code")
-                        if isinstance(code, str) and _CONCEPT_ID.match(code):
-                            found.add(code)
-    return sorted(found)
-
-
-def questions(codes: Iterable[str], term: Terminology, roots: Roots) -> list[tuple[str, str, str]]:
-    """(concept id, root, code) for every code no local list of the concept classifies; codes any
-    applicable `exclude` list names are left out (they are never added)."""
-    concepts = _concepts(term)
-    rules = {r.id: r for r in term.rules}
-    out = []
-    for cid, root_codes in roots.by_concept.items():
-        excludes = [concepts[v].exclude for v in roots.excluded_by.get(cid, ())]
-        if cid in concepts:
-            excludes.append(concepts[cid].exclude)
-        for code in codes:
-            if any(e.contains(SNOMED, code) for e in excludes):
-                continue
-            known = concepts[cid].match_coding(SNOMED, code) is not None if cid in concepts \
-                else rules[cid].codes.contains(SNOMED, code)
-            if not known:
-                out += [(cid, root, code) for root in root_codes]
-    return out
 
 
 class AnswerCache:
@@ -203,7 +135,8 @@ class TerminologyServer:
         if not settings.terminology_url:
             return None
         shared = None
-        if _origin(settings.terminology_url) == _origin(settings.fhir_base_url):
+        here = origin(settings.terminology_url)
+        if here is not None and here == origin(settings.fhir_base_url):
             shared = auth or (lambda: auth_from_settings(settings))  # built on first use: a bad key is not fatal
         return cls(settings.terminology_url, timeout=settings.terminology_timeout_seconds,
                    budget=settings.terminology_budget_seconds, cache_seconds=settings.terminology_cache_seconds,
@@ -278,10 +211,10 @@ class TerminologyServer:
     async def _ask_all(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], bool]:
         """Each (root, code) answered, or TerminologyUnavailable; every answer is cached as it comes."""
         answers: dict[tuple[str, str], bool] = {}
-        headers = {"Accept": FHIR_JSON, "User-Agent": "SpineWatch/0.1"} | await self._auth_headers()
+        headers = {"Accept": FHIR_JSON, "User-Agent": USER_AGENT} | await self._auth_headers()
         gate = asyncio.Semaphore(self.concurrency)
         async with httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(self.timeout), transport=self._transport,
-                                     follow_redirects=False, verify=_tls_context()) as http:
+                                     follow_redirects=False, verify=tls_context()) as http:
             async def ask(root: str, code: str) -> None:
                 async with gate:
                     answers[(root, code)] = belongs = await self._subsumes(http, root, code)
@@ -354,11 +287,6 @@ def _first(group_error: BaseExceptionGroup) -> BaseException:
     for exc in group_error.exceptions:
         return _first(exc) if isinstance(exc, BaseExceptionGroup) else exc
     return group_error
-
-
-def _origin(url: str) -> tuple[str, str, int]:
-    parsed = httpx.URL(url)
-    return parsed.scheme, (parsed.host or "").lower(), parsed.port or (443 if parsed.scheme == "https" else 80)
 
 
 async def consult(server: TerminologyServer | None, resources: list[dict]) -> Consultation:

@@ -1,0 +1,128 @@
+"""The one injection seam: `Annotated` aliases a route declares to receive its collaborators,
+each read from the `Services` create_app keeps on `app.state.services`, and the callers'
+authentication (CDS clients, the notifying FHIR server, the audit reviewer)."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+import structlog
+from fastapi import Depends, Request
+
+from service.api.reviewer import SESSION_COOKIE, authorised, refuse
+from service.api.services import Services
+from service.core.errors import ServiceUnavailable, Unauthorized
+from service.core.metrics import AUTH_FAILURES, NOTIFICATIONS
+from service.core.settings import Settings
+from service.infra.audit.writer import AuditLog
+from service.infra.evidence_links import EvidenceLinks
+from service.infra.jwt import AuthError, CdsClient, ReplayCacheUnavailable
+from service.infra.queue import WorkQueue
+from service.usecases.hook import HookServices
+from service.usecases.readiness import Check
+
+cds_log = structlog.get_logger("spinewatch.cds_hooks")
+notification_log = structlog.get_logger("spinewatch.notifications")
+
+
+# Plain reads of the services object: async, so no thread hop on the request path.
+async def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+async def get_settings_dep(services: ServicesDep) -> Settings:
+    return services.settings
+
+
+async def _audit(services: ServicesDep) -> AuditLog:
+    return services.audit
+
+
+async def _hooks(services: ServicesDep) -> HookServices:
+    return services.hooks
+
+
+async def _evidence(services: ServicesDep) -> EvidenceLinks | None:
+    return services.hooks.evidence
+
+
+async def _queue(services: ServicesDep) -> WorkQueue:
+    return services.queue
+
+
+async def _readiness(services: ServicesDep) -> dict[str, Check]:
+    return services.readiness
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+AuditDep = Annotated[AuditLog, Depends(_audit)]
+HookServicesDep = Annotated[HookServices, Depends(_hooks)]
+EvidenceLinksDep = Annotated[EvidenceLinks | None, Depends(_evidence)]
+WorkQueueDep = Annotated[WorkQueue, Depends(_queue)]
+ReadinessChecksDep = Annotated[dict[str, Check], Depends(_readiness)]
+
+
+def expected_audience(request: Request, public_base_url: str | None) -> str:
+    """CDS Hooks 2.0 "Trusting CDS Clients": `aud` is the URL of the endpoint being invoked. Behind a
+    proxy the URL the client called is SPINEWATCH_PUBLIC_BASE_URL + the path under this app."""
+    path = request.scope["path"]
+    root = request.scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):]
+    base = public_base_url or str(request.base_url)
+    return base.rstrip("/") + path
+
+
+async def verified_client(request: Request, services: ServicesDep) -> CdsClient:
+    """The authenticated CDS client (service/infra/jwt.py checks the bearer JWT), or a bare 401."""
+    if services.verifier is None:
+        return CdsClient(iss="unverified", verified=False)
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    try:
+        if scheme.lower() != "bearer" or not credentials.strip():
+            raise AuthError("no-bearer")
+        return await services.verifier.verify(credentials.strip(),
+                                              expected_audience(request, services.settings.public_base_url))
+    except AuthError as exc:
+        # The route template, not the raw path: the caller chose the path, and it may carry any text.
+        route = getattr(request.scope.get("route"), "path", "/cds-services")
+        cds_log.warning("cds.auth_failed", reason=exc.reason, path=route, iss=exc.iss)
+        AUTH_FAILURES.labels(surface="cds-hooks", reason=exc.reason).inc()
+        services.audit.event("auth-failure", "failure", actor=exc.iss or "unknown",
+                             detail={"surface": "cds-hooks", "reason": exc.reason, "path": route})
+        raise Unauthorized(exc.reason) from None  # the handler answers a bare 401: the reason stays here
+    except ReplayCacheUnavailable:
+        raise ServiceUnavailable("the JWT replay cache is unavailable; retry") from None
+
+
+async def verified_notifier(request: Request, settings: SettingsDep, audit: AuditDep) -> None:
+    """The notifying server's secret, from channel.header (R4 Subscription.channel.header:
+    "Additional headers / information to send as part of the notification"), as
+    `Authorization: Bearer <secret>`, compared in constant time; 401 otherwise."""
+    expected = settings.notification_token.encode()
+    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+    # compare_digest on equal-length inputs takes the same time wherever they differ.
+    if not (scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), expected)):
+        reason = "missing" if not presented else "mismatch"
+        AUTH_FAILURES.labels(surface="notifications", reason=reason).inc()
+        NOTIFICATIONS.labels(kind="unknown", outcome="unauthorized").inc()
+        audit.event("auth-failure", "failure", actor="notifier", detail={"surface": "notifications", "reason": reason})
+        notification_log.warning("notification.unauthorized", reason=reason)
+        raise Unauthorized("notification secret missing or wrong")
+
+
+def require_reviewer(request: Request, settings: SettingsDep, audit: AuditDep) -> str:
+    if not authorised(request, settings, audit):
+        if not request.headers.get("authorization") and not request.cookies.get(SESSION_COOKIE):
+            refuse(request, audit, "missing-token")
+        raise Unauthorized("reviewer token required")
+    return "reviewer"
+
+
+VerifiedClient = Annotated[CdsClient, Depends(verified_client)]
+VerifiedNotifier = Annotated[None, Depends(verified_notifier)]
+Reviewer = Annotated[str, Depends(require_reviewer)]

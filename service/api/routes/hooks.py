@@ -1,0 +1,46 @@
+"""POST /cds-services/{id}: a CDS Hooks 2.0 call (patient-view; order-select and order-sign), answered
+by service/usecases/hook.py. Logs carry ids, reasons and statuses only: never the body, the bearer
+JWT or the fhirAuthorization token."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+
+import structlog
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from service.api.body import read_json, validate
+from service.api.deps import AuditDep, HookServicesDep, SettingsDep, VerifiedClient
+from service.api.models.discovery import HOOKS_BY_SERVICE
+from service.api.models.hooks import HookRequest
+from service.core.errors import NotFound, SpineWatchError
+from service.usecases.hook import answer
+
+log = structlog.get_logger("spinewatch.cds_hooks")
+router = APIRouter(tags=["cds-hooks"])
+
+
+@router.post("/cds-services/{service_id}")
+async def call_service(service_id: str, request: Request, client: VerifiedClient, settings: SettingsDep,
+                       hooks: HookServicesDep, audit: AuditDep) -> JSONResponse:
+    now = datetime.now(timezone.utc)  # the evaluation time is the request time, passed to the pure core
+    started = time.perf_counter()
+    hook = hook_instance = None
+    service = service_id if service_id in HOOKS_BY_SERVICE else "(unknown)"  # never log the caller's text
+    try:
+        if service_id not in HOOKS_BY_SERVICE:
+            raise NotFound("no such CDS service here; see GET /cds-services")
+        req: HookRequest = validate(HookRequest, await read_json(request, settings.max_body_bytes), "")
+        hook, hook_instance = req.loggable()
+        result = await answer(hooks, audit, req.call(service_id), iss=client.iss, now=now)
+    except SpineWatchError as exc:
+        log.info("cds.hook_refused", service=service, hook=hook, hookInstance=hook_instance,
+                 status=exc.status_code, reason=exc.message)
+        raise
+    tier = result.assessment.urgency if result.assessment else None
+    log.info("cds.hook", service=service_id, hook=req.hook, hookInstance=hook_instance, status=200,
+             cards=len(result.cards), tier=tier, source=result.source,
+             ms=round((time.perf_counter() - started) * 1000, 1))
+    return JSONResponse({"cards": result.cards})

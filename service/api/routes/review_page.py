@@ -1,0 +1,61 @@
+"""The reviewer page: GET /audit (filters, events, a per-patient timeline, card feedback counts) and
+its token form, POST /audit/login and /audit/logout. A browser without a session gets the form (401).
+The session cookie is HttpOnly, SameSite=Strict, Secure in production (OWASP Session Management
+cheat sheet). Every page served is audited (kind `audit-access`)."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse
+
+from service.api.deps import AuditDep, SettingsDep
+from service.api.models.audit import AuditFilters
+from service.api.pages import page
+from service.api.reviewer import SESSION_COOKIE, authorised, refuse, session_value
+from service.usecases.audit_review import KINDS, review, summarise
+
+router = APIRouter(tags=["audit"])
+
+
+@router.get("/audit", response_class=HTMLResponse)
+def review_page(request: Request, filters: AuditFilters, settings: SettingsDep, audit: AuditDep):
+    if not authorised(request, settings, audit):
+        return page("audit_login.html", 401, failed=request.query_params.get("failed") == "1")
+    found = review(audit.store, filters)
+    audit.record("audit-access", "success", actor="reviewer", patient=filters.patient,
+                 detail={"action": "page", "filters": filters.audit_detail(), "count": len(found.records)})
+    base = {k: v for k, v in {"patient": filters.patient, "outcome": filters.outcome,
+                              "since": request.query_params.get("since"),
+                              "until": request.query_params.get("until"), "limit": filters.limit}.items() if v}
+    kinds = [("kind", k) for k in filters.kinds or []]
+
+    def page_url(offset: int) -> str:
+        return "/audit?" + urlencode(list(base.items()) + kinds + [("offset", offset)])
+
+    after = filters.offset + filters.limit
+    return page("audit.html", records=found.records, total=found.total, filters=filters, kinds=KINDS,
+                timeline=found.timeline, feedback=found.feedback, query=request.query_params, summarise=summarise,
+                prev_url=page_url(max(filters.offset - filters.limit, 0)) if filters.offset else None,
+                next_url=page_url(after) if after < found.total else None)
+
+
+@router.post("/audit/login")
+def login(request: Request, token: Annotated[str, Form(max_length=500)], settings: SettingsDep, audit: AuditDep):
+    if not hmac.compare_digest(token.encode(), settings.reviewer_token.encode()):
+        refuse(request, audit, "bad-token")
+        return RedirectResponse("/audit?failed=1", status_code=303)
+    response = RedirectResponse("/audit", status_code=303)
+    response.set_cookie(SESSION_COOKIE, session_value(settings.reviewer_token), httponly=True, samesite="strict",
+                        secure=settings.environment == "production", path="/audit")
+    return response
+
+
+@router.post("/audit/logout")
+def logout():
+    response = RedirectResponse("/audit", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/audit")
+    return response

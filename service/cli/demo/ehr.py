@@ -1,0 +1,190 @@
+"""The demo EHR's side: the demo patients (service/cli/demo/data/*.json, dates relative to today),
+writing them as an EHR would, calling patient-view as a CDS client, and reading back what
+SpineWatch did (Communications, the stored tier, the audit log)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from service.cli.demo.processes import DemoError
+
+DATA_DIR = Path(__file__).parent / "data"
+
+
+# ---------------- the demo EHR as a CDS client ----------------
+
+class DemoEhrIssuer:
+    """The demo EHR as a CDS client: an ES384 key, its JWK Set in a file the service is told to trust
+    (SPINEWATCH_CDS_TRUSTED_ISSUERS), and a fresh signed JWT per call (CDS Hooks 2.0, "Trusting CDS
+    Clients"), so the demo runs with JWT verification on, as production does."""
+
+    iss = "https://ehr.demo.spinewatch.invalid"
+
+    def __init__(self, run_dir: Path):
+        import jwt
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        self._jwt = jwt
+        self.key = ec.generate_private_key(ec.SECP384R1())
+        self.kid = uuid.uuid4().hex[:12]
+        public = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(self.key.public_key()))
+        self.jwks_path = run_dir / "demo-ehr-jwks.json"
+        self.jwks_path.write_text(json.dumps({"keys": [public | {"kid": self.kid, "alg": "ES384", "use": "sig"}]}))
+
+    def trusted_issuers(self) -> str:
+        return json.dumps({self.iss: str(self.jwks_path)})
+
+    def authorization(self, audience: str) -> dict[str, str]:
+        now = int(time.time())
+        token = self._jwt.encode({"iss": self.iss, "aud": audience, "iat": now, "exp": now + 300,
+                                  "jti": uuid.uuid4().hex}, self.key, algorithm="ES384",
+                                 headers={"kid": self.kid, "typ": "JWT"})
+        return {"Authorization": f"Bearer {token}"}
+
+
+def demo_environment(run_dir: Path, redis_url: str, fhir_base: str, api_base: str,
+                     issuer: DemoEhrIssuer) -> dict[str, str]:
+    """The child processes' environment: the caller's, minus its SPINEWATCH_ settings, plus the
+    demo's development settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPINEWATCH_")}
+    fhir_host = fhir_base.split("://", 1)[1].split("/", 1)[0]
+    env.update({
+        "SPINEWATCH_ENVIRONMENT": "development",
+        "SPINEWATCH_LOG_FORMAT": "json",
+        "SPINEWATCH_REDIS_URL": redis_url,
+        "SPINEWATCH_FHIR_BASE_URL": fhir_base,
+        "SPINEWATCH_FHIR_ALLOWED_HOSTS": fhir_host,
+        "SPINEWATCH_PUBLIC_BASE_URL": api_base,
+        "SPINEWATCH_SUBSCRIPTION_ENDPOINT": f"{api_base}/fhir/notifications",
+        "SPINEWATCH_NOTIFICATION_TOKEN": uuid.uuid4().hex,
+        # sekmet notifies on notes too: one demo patient's emergency is written only in a note.
+        "SPINEWATCH_SUBSCRIPTION_TYPES": "Condition,Observation,DocumentReference",
+        "SPINEWATCH_CDS_TRUSTED_ISSUERS": issuer.trusted_issuers(),
+        "SPINEWATCH_AUDIT_DB_URL": f"sqlite:///{run_dir / 'audit.sqlite'}",
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+# ---------------- demo data ----------------
+
+_DAYS_AGO = re.compile(r"^\$DAYS_AGO:(\d+)$")
+_INSTANT_DAYS_AGO = re.compile(r"^\$INSTANT_DAYS_AGO:(\d+)$")  # for R4 `instant` fields (DocumentReference.date)
+
+
+@dataclass
+class DemoPatient:
+    key: str
+    title: str
+    expected_tier: str
+    chart: dict
+    report: dict
+    results: dict = field(default_factory=dict)
+
+    @property
+    def patient_id(self) -> str:
+        return next(e["resource"]["id"] for e in self.chart["entry"] if e["resource"]["resourceType"] == "Patient")
+
+    @property
+    def reference(self) -> str:
+        return f"Patient/{self.patient_id}"
+
+    def resources(self) -> list[dict]:
+        return [e["resource"] for e in self.chart["entry"] + self.report["entry"]]
+
+
+def _resolve_dates(value: Any, today: datetime) -> Any:
+    """Demo files date their events relative to today ("$DAYS_AGO:10" a date, "$INSTANT_DAYS_AGO:0"
+    an instant), so the demo never goes stale against the 90-day lookback."""
+    if isinstance(value, dict):
+        return {k: _resolve_dates(v, today) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve_dates(v, today) for v in value]
+    if isinstance(value, str) and (m := _DAYS_AGO.match(value)):
+        return (today - timedelta(days=int(m.group(1)))).date().isoformat()
+    if isinstance(value, str) and (m := _INSTANT_DAYS_AGO.match(value)):
+        return (today - timedelta(days=int(m.group(1)))).astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return value
+
+
+def load_demo_patients(now: datetime | None = None) -> list[DemoPatient]:
+    now = now or datetime.now(timezone.utc)
+    patients = []
+    for path in sorted(DATA_DIR.glob("*.json")):
+        doc = _resolve_dates(json.loads(path.read_text()), now)
+        patients.append(DemoPatient(path.stem, doc["title"], doc["expected_tier"], doc["chart"], doc["report"]))
+    return patients
+
+
+def post_transaction(fhir: httpx.Client, bundle: dict) -> None:
+    r = fhir.post("", json=bundle)
+    if r.status_code >= 300:
+        raise DemoError(f"the FHIR server refused a demo transaction: HTTP {r.status_code}")
+
+
+# ---------------- what the demo shows ----------------
+
+PATIENT_VIEW_SERVICE = "spinewatch-patient-view"
+
+
+def patient_view(api: str, fhir_base: str, issuer: DemoEhrIssuer, patient: DemoPatient) -> list[dict]:
+    """The CDS Hooks call an EHR makes when a clinician opens the chart (CDS Hooks 2.0 patient-view),
+    with fhirServer so the service reads the record itself."""
+    url = f"{api}/cds-services/{PATIENT_VIEW_SERVICE}"
+    body = {"hook": "patient-view", "hookInstance": str(uuid.uuid4()), "fhirServer": fhir_base,
+            "context": {"userId": "Practitioner/sw-demo-gp", "patientId": patient.patient_id}}
+    r = httpx.post(url, json=body, headers=issuer.authorization(url), timeout=10.0)
+    if r.status_code != 200:
+        raise DemoError(f"patient-view for {patient.reference} answered HTTP {r.status_code}")
+    return r.json()["cards"]
+
+
+def communications(fhir: httpx.Client, patient: DemoPatient) -> list[dict]:
+    r = fhir.get("/Communication", params={"subject": patient.reference, "_count": "100"})
+    r.raise_for_status()
+    return [e["resource"] for e in r.json().get("entry", []) if e.get("search", {}).get("mode", "match") == "match"]
+
+
+def describe_communication(c: dict) -> str:
+    to = ", ".join(r.get("reference", "?") for r in c.get("recipient", [])) or "nobody"
+    text = next((p.get("contentString") for p in c.get("payload", []) if p.get("contentString")), "")
+    text = text if len(text) <= 120 else text[:119] + "…"
+    return f"Communication/{c.get('id')} to {to}, priority {c.get('priority', 'routine')}: {text}"
+
+
+def stored_tier(redis_url: str, patient: DemoPatient) -> str | None:
+    """The tier the worker stored for the patient (service/infra/assessments.py) once its evaluation
+    has read every resource of the new report (an earlier one may have seen only part of it)."""
+    from service.infra.assessments import AssessmentStore
+    from service.infra.queue import redis_client
+
+    client = redis_client(redis_url)
+    try:
+        stored = AssessmentStore(client).get(patient.reference) or {}
+    finally:
+        client.close()
+    report = {f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in patient.report["entry"]}
+    return stored.get("urgency") if report <= set(stored.get("seen") or {}) else None
+
+
+def audit_summary(db_url: str) -> dict:
+    from service.infra.audit.store import store_for
+
+    store = store_for(db_url)
+    counts: dict[str, int] = {}
+    for record in store.iter_all():
+        counts[record.kind] = counts.get(record.kind, 0) + 1
+    result = store.verify()
+    store.dispose()
+    return {"count": sum(counts.values()), "kinds": ", ".join(f"{k} {n}" for k, n in sorted(counts.items())),
+            "ok": result.ok, "verification": f"{'verified' if result.ok else 'BROKEN'} ({result.message()})"}

@@ -1,0 +1,149 @@
+"""The synchronous FHIR R4 REST client (httpx.Client) of the workers, the alerts and `spinewatch
+subscribe`: read, search with paging, operations, create/update/delete (FHIR R4 §3.1.0 RESTful API);
+static bearer or SMART Backend Services authentication (service/infra/fhir/auth.py).
+
+Errors carry FHIR meaning, and whether trying again can help (the one tree, service/core/errors.py;
+the workers retry only the transient ones):
+
+    FHIRError                        .transient: would a retry help?
+    ├── FHIRTransportError           no HTTP answer: connection refused, timeout        transient
+    ├── FHIRAuthError                token endpoint refused us; FHIR said 401/403       permanent
+    ├── FHIRPagingError              next link to another origin, or too many pages     permanent
+    ├── FHIRTooLarge                 an answer over the size we accept (note Binaries)  permanent
+    └── FHIRResponseError            an HTTP error; .status, .outcome (OperationOutcome kept)
+        ├── FHIRBadRequest           400, 422: the server cannot process what we sent   permanent
+        ├── FHIRNotFound             404, 410 (deleted)                                 permanent
+        ├── FHIRPreconditionFailed   412: conditional request whose condition failed    permanent
+        ├── FHIRNotSupported         405, 501: interaction or operation not offered     permanent
+        └── FHIRServerError          408, 409, 429, 5xx: busy, conflicting, failing     transient
+
+Messages name the interaction, the resource type and the status; never a query value, a body or a
+token (search parameters hold patient ids, and tokens are credentials).
+
+One injectable transport (`transport=`) is the test seam; respx mocks it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+
+import httpx
+import structlog
+
+from service.core.errors import FHIRResponseError
+from service.infra.fhir.auth import Auth, NoAuth, auth_from_settings
+from service.infra.fhir.base import FHIR_JSON, USER_AGENT, CappedBody, FHIRBase, bundle_entries, next_link
+from service.infra.fhir.binaries import NotABinary, binary_resource, key_of
+
+log = structlog.get_logger("spinewatch.fhir_client")
+
+
+class FHIRClient(FHIRBase):
+    def __init__(self, base_url: str, *, auth: Auth | None = None, timeout: float = 10.0, max_pages: int = 50,
+                 transport: httpx.BaseTransport | None = None):
+        super().__init__(base_url, max_pages=max_pages)
+        self.auth = auth or NoAuth()
+        self._http = httpx.Client(timeout=httpx.Timeout(timeout), transport=transport,
+                                  headers={"Accept": FHIR_JSON, "User-Agent": USER_AGENT})
+
+    @classmethod
+    def from_settings(cls, settings, transport: httpx.BaseTransport | None = None) -> "FHIRClient":
+        return cls(settings.fhir_base_url, auth=auth_from_settings(settings), timeout=settings.fhir_timeout_seconds,
+                   max_pages=settings.fhir_max_pages, transport=transport)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "FHIRClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- interactions (R4 §3.1.0 RESTful API) --
+
+    def read(self, resource_type: str, resource_id: str) -> dict:
+        return self._request("GET", f"{resource_type}/{resource_id}", what=f"read {resource_type}")
+
+    def capabilities(self) -> dict:
+        return self._request("GET", "metadata", what="capabilities")
+
+    def get(self, path: str, params: dict | list | None = None, what: str | None = None) -> dict:
+        """GET {base}/{path}: operations such as Subscription/{id}/$status."""
+        return self._request("GET", path, params=params, what=what or f"GET {path.split('/')[0]}")
+
+    def create(self, resource: dict, *, if_none_exist: str | None = None) -> dict:
+        """POST; with if_none_exist ("identifier=system|value") a conditional create (R4 §3.1.0.8.1):
+        the server returns the existing match instead of a second copy."""
+        headers = {"If-None-Exist": if_none_exist} if if_none_exist else None
+        return self._request("POST", resource["resourceType"], json_body=resource, headers=headers,
+                             what=f"create {resource['resourceType']}")
+
+    def update(self, resource: dict) -> dict:
+        rtype = resource["resourceType"]
+        return self._request("PUT", f"{rtype}/{resource['id']}", json_body=resource, what=f"update {rtype}")
+
+    def delete(self, resource_type: str, resource_id: str) -> None:
+        what = f"delete {resource_type}"
+        status, _, body = self._exchange("DELETE", f"{resource_type}/{resource_id}", what=what)
+        self.check_status(status, body, what)
+
+    def search(self, resource_type: str, params: dict | list | None = None) -> Iterator[dict]:
+        """Every resource of every page (matches and includes; OperationOutcome entries skipped),
+        following `next` links (R4 §3.1.1.5.6 Paging) on the server's own origin only: a link
+        elsewhere would take our token with it."""
+        what = f"search {resource_type}"
+        page = self._request("GET", resource_type, params=params, what=what)
+        for number in itertools.count(2):
+            yield from (resource for resource, mode in bundle_entries(page) if mode != "outcome")
+            link = next_link(page)
+            if not link:
+                return
+            page = self._request("GET", self.next_page(link, number, what), what=what)
+
+    def search_all(self, resource_type: str, params: dict | list | None = None) -> list[dict]:
+        return list(self.search(resource_type, params))
+
+    def read_binary(self, target: str, max_bytes: int) -> dict:
+        """GET a Binary (`Binary/<id>` or an absolute URL on this server's origin) as a Binary
+        resource, reading at most `max_bytes`: FHIRTooLarge when Content-Length says more, or the
+        body grows past it (the rest is never read). A FHIR JSON answer must be a Binary; raw
+        content is wrapped as one (service/infra/fhir/binaries.py)."""
+        what = "read Binary"
+        if not self.on_server(self.url(target)):
+            raise self.failure("off origin", what, detail="the URL")  # never send our token elsewhere
+        status, content_type, body = self._exchange("GET", target, what=what, max_bytes=max_bytes)
+        self.check_status(status, body, what)
+        try:
+            return binary_resource(content_type, body, key_of(target))
+        except NotABinary as exc:
+            raise FHIRResponseError(f"{what}: {exc}", status) from None
+
+    # -- plumbing --
+
+    def _request(self, method: str, path: str, *, params=None, json_body: dict | None = None,
+                 headers: dict | None = None, what: str) -> dict:
+        headers = dict(headers or {}) | ({"Content-Type": FHIR_JSON} if json_body is not None else {})
+        status, _, body = self._exchange(method, path, what=what, params=params, json=json_body, headers=headers)
+        return self.document(status, body, what)
+
+    def _exchange(self, method: str, path: str, *, what: str, max_bytes: int | None = None,
+                  headers: dict | None = None, **request) -> tuple[int, str | None, bytes]:
+        """(status, Content-Type, body) of one request, asked again once with a new token after a
+        401 (an expired or revoked token)."""
+        started = time.perf_counter()
+        for attempt in (1, 2):
+            sent = self.auth.headers(self._http) | (headers or {})
+            with self.transport_errors(what), self._http.stream(method, self.url(path), headers=sent, **request) as r:
+                if r.status_code == 401 and attempt == 1 and not isinstance(self.auth, NoAuth):
+                    self.auth.invalidate()
+                    continue
+                body = CappedBody(r.headers, max_bytes, what)
+                for chunk in r.iter_bytes():
+                    body.add(chunk)
+                break
+        log.debug("fhir.request", interaction=what, status=r.status_code, bytes=len(body.data),
+                  ms=round((time.perf_counter() - started) * 1000, 1))
+        return r.status_code, r.headers.get("content-type"), bytes(body.data)

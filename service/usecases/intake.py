@@ -1,0 +1,182 @@
+"""A Subscription notification accepted: parsed, de-duplicated, queued, and the answer decided.
+
+FHIR R4 Subscription rest-hook (R4 §2.46.7.1) and the Subscriptions R5 Backport IG
+(http://hl7.org/fhir/uv/subscriptions-backport/): the server treats any non-2xx answer as a failed
+delivery and retries it, so
+
+- control traffic (handshake, heartbeat, query-status) is recorded and nothing is evaluated;
+- events are de-duplicated, then queued; the answer is 200 only once the work is on the Redis
+  queue, and ServiceUnavailable (503) when Redis cannot take it;
+- a gap in the event numbers (IG "Handling Errors") asks the worker to catch up on the missed ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import structlog
+
+from fhir_mappings.fhir.notifications import (BACKPORT_KINDS, Notification, NotificationError, missing_event_numbers,
+                                              parse_resource, parse_rest_hook, ping)
+from service.core.errors import InvalidRequest, ServiceUnavailable
+from service.core.metrics import NOTIFICATIONS
+from service.infra.audit.writer import AuditLog
+from service.infra.queue import GAP_GRACE_SECONDS, TASK_CATCH_UP, TASK_RESOLVE, Claim, QueueUnavailable, WorkQueue
+
+MAX_NUMBERED_RECOVERY = 500
+log = structlog.get_logger("spinewatch.notifications")
+
+
+@dataclass
+class Intake:
+    outcome: str  # recorded | queued | duplicate
+    message: str
+    patients: list[str] = field(default_factory=list)
+
+
+def parse_notification(body: object | None) -> Notification:
+    """POST /fhir/notifications: an empty body is an R4 rest-hook ping; a Bundle a backport
+    notification; any other resource an R4 rest-hook payload."""
+    return _parse(lambda: ping() if body is None else parse_resource(body))
+
+
+def parse_rest_hook_payload(resource_type: str, resource_id: str, body: object | None) -> Notification:
+    """PUT|POST /fhir/notifications/{type}/{id}: the R4 rest-hook payload for that resource."""
+    return _parse(lambda: parse_rest_hook(resource_type, resource_id, body))
+
+
+def _parse(parse: Callable[[], Notification]) -> Notification:
+    try:
+        return parse()
+    except NotificationError as exc:
+        NOTIFICATIONS.labels(kind="unknown", outcome="invalid").inc()
+        log.info("notification.invalid", reason=str(exc))
+        raise InvalidRequest(f"not a notification we can read: {exc}") from None
+
+
+def accept(note: Notification, queue: WorkQueue, audit: AuditLog) -> Intake:
+    """Act on one parsed notification. Raises ServiceUnavailable (503) when nothing could be queued."""
+    received_at = datetime.now(timezone.utc).isoformat()
+    try:
+        result = _control(note, queue) if note.is_control else _events(note, queue, received_at)
+    except QueueUnavailable as exc:
+        NOTIFICATIONS.labels(kind=note.kind, outcome="unavailable").inc()
+        log.warning("notification.unavailable", kind=note.kind, subscription=note.subscription, error=str(exc))
+        raise ServiceUnavailable("the work queue is unavailable; retry later") from None
+    except _Busy:
+        NOTIFICATIONS.labels(kind=note.kind, outcome="busy").inc()
+        raise ServiceUnavailable("the same event is being queued by another delivery; retry later") from None
+    NOTIFICATIONS.labels(kind=note.kind, outcome=result.outcome).inc()
+    detail = {"kind": note.kind, "events": note.event_numbers,
+              "focus": sorted({e.focus for e in note.events if e.focus}), "outcome": result.outcome}
+    if note.warnings:
+        detail["warnings"] = note.warnings
+    audit.event("notification", "success", actor=note.subscription or "rest-hook",
+                patient=result.patients[0] if len(result.patients) == 1 else None, detail=detail)
+    log.info("notification", kind=note.kind, subscription=note.subscription, events=note.event_numbers,
+             outcome=result.outcome, warnings=len(note.warnings))
+    return result
+
+
+class _Busy(Exception):
+    pass
+
+
+def _control(note: Notification, queue: WorkQueue) -> Intake:
+    """Handshake, heartbeat, query-status: no evaluation. Their events-since-subscription-start
+    still reveals events that never reached us (IG "Handling Errors": a heartbeat's count above the
+    last number received means missed notifications)."""
+    state = queue.subscription_state(note.subscription)
+    missing = missing_event_numbers(state.highest, [], note.events_since_start)
+    if missing:
+        _recover(queue, note.subscription, missing, state.last_event_at)
+    queue.advance_subscription(note.subscription, kind=note.kind, status=note.status,
+                               top=note.events_since_start, event=False)
+    return Intake("recorded", f"{note.kind} recorded")
+
+
+def _events(note: Notification, queue: WorkQueue, received_at: str) -> Intake:
+    """Claim, queue, then confirm: three Redis round trips for the common event (one Lua script
+    for the claims, the Celery message, one pipeline for everything after)."""
+    items = note.work()
+    focus_of: dict[str, set[str]] = {}  # a batched notification can name one patient several times
+    for item in items:
+        if item.patient:
+            focus_of.setdefault(item.patient, set()).update(item.focus)
+    reserved: dict[str, Claim] = {}
+    claimed: list[tuple[str, ...]] = []
+    fresh = []
+    after = queue.pipeline()
+    try:
+        for item in items:
+            reserve = item.patient if item.patient and item.patient not in reserved else None
+            claim = queue.claim(item.keys, reserve, sorted(focus_of[reserve]) if reserve else ())
+            if claim.state == "duplicate":
+                continue
+            if claim.state == "busy":
+                raise _Busy()
+            if reserve:
+                reserved[reserve] = claim
+            claimed.append(item.keys)
+            fresh.append(item)
+        patients = _dispatch(note, fresh, queue, received_at, reserved, after)
+        if note.kind in BACKPORT_KINDS:
+            state = queue.subscription_state(note.subscription)
+            missing = missing_event_numbers(state.highest, note.event_numbers, note.events_since_start)
+            if missing:
+                _recover(queue, note.subscription, missing, state.last_event_at or received_at)
+            top = max([*note.event_numbers, note.events_since_start or 0]) if note.event_numbers else None
+            queue.advance_subscription(note.subscription, kind=note.kind, status=note.status, top=top, event=True,
+                                       after=after)
+        for keys in claimed:
+            queue.confirm(keys, after=after)
+        queue.execute(after)
+    except BaseException:
+        for keys in claimed:
+            queue.release(keys)
+        for patient, claim in reserved.items():
+            queue.release_reservation(patient, claim)
+        raise
+    if not fresh and items:
+        return Intake("duplicate", "duplicate: already queued")
+    return Intake("queued", f"{len(fresh)} event(s) queued", patients)
+
+
+def _dispatch(note: Notification, items, queue: WorkQueue, received_at: str, reserved: dict[str, Claim],
+              after) -> list[str]:
+    by_patient: dict[str, list] = {}
+    catch_up: list[int] = []
+    for item in items:
+        trigger = {"kind": note.kind, "subscription": note.subscription, "event": item.event_number,
+                   "received_at": received_at}
+        if item.patient:
+            by_patient.setdefault(item.patient, []).append(item)
+        elif item.resolve:
+            queue.send(TASK_RESOLVE, kwargs={"focus": list(item.focus), "trigger": trigger})
+        elif note.subscription:
+            # Empty payload (IG "empty": no focus): ask the server which events these were.
+            catch_up.extend([item.event_number] if item.event_number is not None else [])
+            if item.event_number is None:
+                queue.request_reconcile("empty notification without event number")
+        else:
+            queue.request_reconcile("rest-hook ping")
+    for patient, mine in by_patient.items():
+        trigger = {"kind": note.kind, "subscription": note.subscription, "event": mine[0].event_number,
+                   "received_at": received_at}
+        focus = sorted({ref for item in mine for ref in item.focus})
+        queue.schedule_evaluation(patient, focus, trigger, reserved=reserved.get(patient), after=after)
+    if catch_up:
+        queue.send(TASK_CATCH_UP, kwargs={"subscription": note.subscription, "numbers": sorted(set(catch_up)),
+                                          "since": received_at, "only_missing": False})
+    return sorted(by_patient)
+
+
+def _recover(queue: WorkQueue, subscription: str, numbers: list[int], since: str | None) -> None:
+    log.warning("notification.gap", subscription=subscription, missing=len(numbers),
+                first=numbers[0], last=numbers[-1])
+    if len(numbers) > MAX_NUMBERED_RECOVERY:
+        numbers = []  # too many to ask for one by one: the catch-up sweeps by _lastUpdated instead
+    queue.send(TASK_CATCH_UP, kwargs={"subscription": subscription, "numbers": numbers, "since": since,
+                                      "only_missing": True}, countdown=GAP_GRACE_SECONDS)

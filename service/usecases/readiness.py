@@ -1,0 +1,105 @@
+"""Readiness checks and the queue-depth gauge, for /readyz and /metrics.
+
+A check is an async callable that returns on success and raises on failure. `default_checks`
+builds the standard ones from the settings (Redis, the audit store, the FHIR server). Failure
+reasons are short error class names: URLs may carry passwords, so they are never echoed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import httpx
+
+from service.core.metrics import QUEUE_DEPTH
+from service.core.settings import Settings
+from service.infra.queue import QUEUE
+from service.infra.redis import async_redis_client
+
+Check = Callable[[], Awaitable[None]]
+
+
+def redis_check(url: str, timeout: float) -> Check:
+    async def check() -> None:
+        client = async_redis_client(url, timeout)
+        try:
+            await client.ping()
+        finally:
+            await client.aclose()
+    return check
+
+
+def fhir_check(base_url: str, timeout: float) -> Check:
+    """The FHIR server answers GET [base]/metadata (FHIR R4 §3.1.0.12, capabilities: no auth needed).
+    Any answer below 500 proves it is reachable; a 5xx means it is not serving."""
+    async def check() -> None:
+        async with httpx.AsyncClient(timeout=timeout) as client:
+            r = await client.get(f"{base_url.rstrip('/')}/metadata", headers={"Accept": "application/fhir+json"})
+        if r.status_code >= 500:
+            raise RuntimeError(f"HTTP {r.status_code}")
+    return check
+
+
+def audit_store_check(url: str) -> Check:
+    """The audit store's database accepts a connection and `SELECT 1` (through the store's own engine,
+    which picks the driver for the URL)."""
+    def ping() -> None:
+        from sqlalchemy import text
+
+        from service.infra.audit.store import store_for
+
+        with store_for(url).engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    async def check() -> None:
+        await asyncio.to_thread(ping)
+    return check
+
+
+def default_checks(settings: Settings) -> dict[str, Check]:
+    """Redis, audit store and FHIR server, each only when it is configured (and the audit log on)."""
+    timeout = settings.readiness_timeout_seconds
+    checks: dict[str, Check] = {}
+    if settings.redis_url:
+        checks["redis"] = redis_check(settings.redis_url, timeout)
+    if settings.audit_db_url and settings.audit_enabled:
+        checks["audit_store"] = audit_store_check(settings.audit_db_url)
+    if settings.fhir_base_url:
+        checks["fhir"] = fhir_check(settings.fhir_base_url, timeout)
+    return checks
+
+
+async def run_checks(checks: dict[str, Check], timeout: float) -> tuple[bool, dict[str, dict]]:
+    """Every check at once, each within `timeout`: (all passed, the result by name)."""
+    results = await asyncio.gather(*(_run(check, timeout) for check in checks.values()))
+    return all(r["ok"] for r in results), dict(zip(checks, results))
+
+
+async def _run(check: Check, timeout: float) -> dict:
+    started = time.perf_counter()
+    try:
+        await asyncio.wait_for(check(), timeout)
+        result: dict = {"ok": True}
+    except asyncio.TimeoutError:
+        result = {"ok": False, "error": f"no answer within {timeout:g} s"}
+    except Exception as exc:  # any failure means unready; the class name says which kind
+        result = {"ok": False, "error": type(exc).__name__}
+    result["ms"] = round((time.perf_counter() - started) * 1000, 1)
+    return result
+
+
+async def refresh_queue_depth(settings: Settings) -> None:
+    """Set the queue-depth gauge from Redis at scrape time (Celery's Redis transport keeps each
+    queue as a list named after it). Best effort: a scrape never fails because Redis is down."""
+    if not settings.redis_url:
+        return
+    try:
+        client = async_redis_client(settings.redis_url, settings.readiness_timeout_seconds)
+        try:
+            QUEUE_DEPTH.labels(queue=QUEUE).set(await client.llen(QUEUE))
+        finally:
+            await client.aclose()
+    except Exception:
+        pass

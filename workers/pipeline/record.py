@@ -1,0 +1,140 @@
+"""The patient's record as the rules need it: the FHIR searches, the focus resources read again at
+their current version, and the Binaries the notes name."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import structlog
+
+from fhir_mappings.fhir.bundle import patient_key
+from service.core.errors import is_transient
+from service.infra.fhir.binaries import plan_binaries
+from service.infra.fhir.client import FHIRBadRequest, FHIRClient, FHIRError, FHIRNotFound, FHIRNotSupported
+
+log = structlog.get_logger("spinewatch.pipeline")
+
+PAGE_SIZE = "200"
+MAX_FOCUS_READS = 20
+# Searched, but not every server offers them (sekmet-fhir 0.1.1 has no ClinicalImpression search
+# parameters; several EHRs have no ClinicalImpression at all): a refusal leaves them out of the
+# record rather than failing every evaluation. Everything else a refusal fails, as before.
+OPTIONAL_TYPES = ("ClinicalImpression",)
+# A server that does not know a search parameter may ignore it (R4 §3.1.1.5.7 lenient handling),
+# answering with every patient's resources: these newer searches keep only the patient's own.
+PATIENT_CHECKED_TYPES = ("DocumentReference", "ClinicalImpression")
+
+
+def fhir_instant(when: datetime) -> str:
+    """A FHIR R4 `instant` in UTC with milliseconds, for search parameters."""
+    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def record_queries(patient_id: str, window_start: datetime) -> list[tuple[str, list[tuple[str, str]]]]:
+    """The searches that fetch everything the rules read (fhir_mappings/clinical/facts.py MODELS).
+
+    Conditions and ServiceRequests at any date: a cancer counts "current or past" (NG234 Box 2), and
+    an MRI ordered long ago may still be pending. Observations, DiagnosticReports, Procedures and the
+    notes (DocumentReference, ClinicalImpression) are many, and only recent ones can count
+    (NG234 1.1 (recent spinal pain)), so they are limited to the lookback window, twice: by clinical date
+    (`date`) and by `_lastUpdated`, because the rules use the latest of several dates
+    (Observation.issued, a note's context.period) and `date` searches only one of them (and a note
+    without `date` is found only by the second)."""
+    since = "ge" + fhir_instant(window_start)
+    common = [("patient", patient_id), ("_count", PAGE_SIZE)]
+    return [
+        ("Condition", common),
+        ("ServiceRequest", common),
+        ("ImagingStudy", common),
+        ("Observation", common + [("date", since)]),
+        ("Observation", common + [("_lastUpdated", since)]),
+        ("DiagnosticReport", common + [("date", since)]),
+        ("DiagnosticReport", common + [("_lastUpdated", since)]),
+        ("Procedure", common + [("date", since)]),
+        ("Procedure", common + [("_lastUpdated", since)]),
+        ("DocumentReference", common + [("date", since)]),
+        ("DocumentReference", common + [("_lastUpdated", since)]),
+        ("ClinicalImpression", common + [("date", since)]),
+        ("ClinicalImpression", common + [("_lastUpdated", since)]),
+    ]
+
+
+def _newer(a: dict, b: dict) -> dict:
+    """The later of two copies of one resource (versionId when numeric, else lastUpdated)."""
+    va, vb = (a.get("meta") or {}).get("versionId"), (b.get("meta") or {}).get("versionId")
+    if isinstance(va, str) and isinstance(vb, str) and va.isdigit() and vb.isdigit():
+        return a if int(va) >= int(vb) else b
+    la, lb = (a.get("meta") or {}).get("lastUpdated") or "", (b.get("meta") or {}).get("lastUpdated") or ""
+    return a if la >= lb else b
+
+
+def fetch_record(fhir: FHIRClient, patient: str, now: datetime, lookback_days: int,
+                 focus: list[str] | tuple[str, ...] = (), *, note_max_bytes: int = 2_000_000,
+                 max_binary_reads: int = 50) -> list[dict]:
+    """The patient's resources as the rules need them. The focus resources of the notifications are
+    read again at their current version (a payload may be older than the server's present state, and
+    a search index may lag behind a write); a focus that is gone (404/410) is left out. Last, the
+    Binaries the notes name by URL on this FHIR server are read (read_note_binaries)."""
+    patient_id = patient.split("/", 1)[1]
+    by_ref: dict[str, dict] = {patient: fhir.read("Patient", patient_id)}
+    window_start = now - timedelta(days=lookback_days)
+    refused: set[str] = set()
+    for rtype, params in record_queries(patient_id, window_start):
+        if rtype in refused:
+            continue
+        try:
+            for resource in fhir.search(rtype, params):
+                if rtype in PATIENT_CHECKED_TYPES and resource.get("resourceType") == rtype \
+                        and patient_key(resource) != patient:
+                    continue
+                ref = f"{resource.get('resourceType')}/{resource.get('id')}"
+                by_ref[ref] = _newer(resource, by_ref[ref]) if ref in by_ref else resource
+        except (FHIRBadRequest, FHIRNotFound, FHIRNotSupported) as exc:
+            if rtype not in OPTIONAL_TYPES:
+                raise
+            refused.add(rtype)
+            log.info("fetch.optional_search_refused", type=rtype, status=exc.status)
+    for ref in sorted(set(focus))[:MAX_FOCUS_READS]:
+        rtype, _, rid = ref.partition("/")
+        if ref == patient or not rid:
+            continue
+        try:
+            current = fhir.read(rtype, rid)
+        except FHIRNotFound:
+            by_ref.pop(ref, None)  # deleted since: it no longer counts
+            continue
+        if patient_key(current) == patient:
+            by_ref[ref] = _newer(current, by_ref[ref]) if ref in by_ref else current
+    resources = list(by_ref.values())
+    return resources + read_note_binaries(fhir, patient, resources, note_max_bytes, max_binary_reads)
+
+
+def read_note_binaries(fhir: FHIRClient, patient: str, resources: list[dict], max_bytes: int,
+                       limit: int) -> list[dict]:
+    """The Binaries the notes (and report presentedForms) name by `url` on this FHIR server, read
+    with the client's authentication: newest notes first, at most `limit`, each at most `max_bytes`
+    (service/infra/fhir/binaries.py says which URLs qualify). One that is gone, too large, or refused is
+    left out, and the core names its note in `problems` as not read; a transient failure propagates
+    (the task is retried, as for any read). Logs carry references and counts, never content."""
+    plan = plan_binaries(resources, fhir.base_url, limit)
+    found: list[dict] = []
+    skipped: dict[str, int] = {}
+    for target, key in plan.fetch:
+        try:
+            binary = fhir.read_binary(target, max_bytes)
+        except FHIRError as exc:
+            if is_transient(exc):
+                raise
+            reason = {"FHIRTooLarge": "too-large", "FHIRNotFound": "gone"}.get(type(exc).__name__, "refused")
+            skipped[reason] = skipped.get(reason, 0) + 1
+            log.info("fetch.binary_skipped", patient=patient, binary=key, reason=reason)
+            continue
+        if isinstance(binary.get("id"), str) and binary["id"] != key.split("/", 1)[1]:
+            skipped["wrong-id"] = skipped.get("wrong-id", 0) + 1
+            log.warning("fetch.binary_wrong_id", patient=patient, binary=key)
+            continue
+        found.append(binary | {"id": key.split("/", 1)[1]})
+    if plan.fetch or plan.over_cap or plan.elsewhere:
+        log.info("fetch.binaries", patient=patient, read=len(found), over_cap=plan.over_cap,
+                 not_on_server=plan.elsewhere, **{f"skipped_{k.replace('-', '_')}": n for k, n in skipped.items()})
+    return found
