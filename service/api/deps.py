@@ -17,7 +17,8 @@ from service.core.metrics import AUTH_FAILURES, NOTIFICATIONS
 from service.core.settings import Settings
 from service.infra.audit.writer import AuditLog
 from service.infra.evidence_links import EvidenceLinks
-from service.infra.jwt import AuthError, CdsClient, ReplayCacheUnavailable
+from service.core.errors import ReplayCacheUnavailable
+from service.infra.jwt import AuthError, CdsClient
 from service.infra.queue import WorkQueue
 from service.usecases.hook import HookServices
 from service.usecases.readiness import Check

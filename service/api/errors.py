@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from service.core.errors import SpineWatchError, Unauthorized
+from service.core.errors import SpineWatchError
 
 FHIR_JSON = "application/fhir+json"
 
@@ -23,7 +23,7 @@ def outcome_response(status_code: int, message: str, code: str = "invalid", head
 
 
 async def spinewatch_error_handler(request: Request, exc: SpineWatchError) -> JSONResponse:
-    if isinstance(exc, Unauthorized):  # bare 401: the reason goes to the log only
+    if exc.status_code == 401:  # bare (Unauthorized, AuthError): the reason goes to the log only
         return JSONResponse({}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
     status = exc.status_code
     if status == 500 and exc.transient:  # a dependency that is down: the caller may retry

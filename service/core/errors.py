@@ -7,7 +7,9 @@
     │   ├── NotFound              404
     │   ├── PreconditionFailed    412    data a decision needs cannot be had (CDS Hooks 2.0 §Prefetch)
     │   ├── PayloadTooLarge       413
-    │   └── ServiceUnavailable    503    a dependency is down: the caller retries          transient
+    │   ├── ServiceUnavailable    503    a dependency is down: the caller retries          transient
+    │   └── AuthError             401    a CDS client's JWT refused; `reason` is a short code for
+    │                                    the log and metrics, the answer a bare 401
     └── DependencyError                  something SpineWatch calls failed
         ├── FHIRError                    a FHIR server (service.infra.fhir)
         │   ├── FHIRTransportError       unreachable, timed out                            transient
@@ -31,8 +33,6 @@ help. Workers retry exactly the errors for which `is_transient(exc)` is true and
 rest; nothing else decides. Errors from outside the tree (a bug) are never transient.
 
 Messages are written for the caller and the log: never patient data, tokens or request bodies.
-`AuthError` (a CDS client's JWT refused) stays beside the JWT verifier: it carries a reason code
-for metrics, and the API answers it as `Unauthorized`.
 """
 
 from __future__ import annotations
@@ -81,6 +81,16 @@ class PayloadTooLarge(RequestError):
 
 class ServiceUnavailable(RequestError):
     status_code, code, transient = 503, "transient", True
+
+
+class AuthError(RequestError):
+    """The caller is not trusted. `reason` is a short code (logs, metrics); never the token."""
+    status_code, code = 401, "login"
+
+    def __init__(self, reason: str, iss: str | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.iss = iss  # set only once the issuer is known to be trusted
 
 
 # ---- something SpineWatch calls failed ---------------------------------------------------------

@@ -168,7 +168,7 @@ def test_rs384_is_accepted(tmp_path):
 
 
 def test_key_rotation_unknown_kid_is_refetched(tmp_path, monkeypatch):
-    monkeypatch.setattr("service.infra.jwt._REFETCH_UNKNOWN_KID_AFTER", 0.0)
+    monkeypatch.setattr("service.infra.jwks._REFETCH_UNKNOWN_KID_AFTER", 0.0)
     issuer = Issuer("https://ehr.example.org")
     jwks_url = "https://keys.example.org/jwks.json"
     env = make_env(tmp_path, issuer=Issuer("https://other.example.org"), extra_issuers={issuer.iss: jwks_url})
@@ -229,7 +229,7 @@ def test_allowlisted_jku_is_fetched_and_cached(tmp_path):
 
 
 def test_jwks_url_unreachable_is_a_401_then_recovers(tmp_path, monkeypatch):
-    monkeypatch.setattr("service.infra.jwt._RETRY_FAILED_FETCH_AFTER", 0.0)
+    monkeypatch.setattr("service.infra.jwks._RETRY_FAILED_FETCH_AFTER", 0.0)
     issuer = Issuer("https://ehr.example.org")
     jwks_url = "https://keys.example.org/jwks.json"
     env = make_env(tmp_path, issuer=Issuer("https://other.example.org"), extra_issuers={issuer.iss: jwks_url})
@@ -274,7 +274,7 @@ def test_verification_off_is_development_only(tmp_path):
 
 
 def test_no_trusted_issuers_outside_development_trusts_nobody(tmp_path):
-    from service.infra.jwt import SANDBOX_ISSUER, parse_trusted_issuers
+    from service.core.trusted_issuers import SANDBOX_ISSUER, parse_trusted_issuers
 
     assert parse_trusted_issuers(None, "production") == {}
     assert parse_trusted_issuers(None, "test") == {}

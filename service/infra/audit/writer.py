@@ -118,24 +118,6 @@ class AuditLog:
         self._writer.flush(timeout)
 
 
-# ---- transitional: a process default, for bench/audit_overhead.py (not yet handed an AuditLog) ----
-_default: AuditLog | None = None
-
-
-def configure(settings, *, background: bool = False) -> AuditLog:
-    """Make this process's default log."""
-    global _default
-    if _default is not None:
-        _default.flush()
-    _default = AuditLog(settings, background=background)
-    return _default
-
-
-def flush(timeout: float = 30.0) -> None:
-    if _default is not None:
-        _default.flush(timeout)
-
-
 def _failed(kind: str, exc: Exception, n: int = 1) -> None:
     from service.core.metrics import AUDIT_WRITES
 
