@@ -13,7 +13,8 @@ from datetime import datetime, timezone
 
 from fhir_mappings.cds.wording import OVERRIDE_REASONS
 from service.core.errors import InvalidRequest
-from service.infra.audit.store import AuditStore, utc_iso
+from service.infra.audit.records import utc_iso
+from service.infra.audit.store import AuditStore
 
 TIMELINE_KINDS = ("notification", "evaluation", "card", "feedback", "alert")
 KINDS = TIMELINE_KINDS + ("evidence-view", "auth-failure", "audit-access")

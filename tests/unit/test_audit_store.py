@@ -6,7 +6,8 @@ import sqlite3
 
 import pytest
 
-from service.infra.audit.store import GENESIS_HASH, AuditStore, sanitise_detail, store_for
+from service.infra.audit.records import GENESIS_HASH, sanitise_detail
+from service.infra.audit.store import AuditStore, store_for
 from service.infra.audit.writer import AuditLog
 from service.core.settings import Settings
 
@@ -63,7 +64,7 @@ def test_an_edit_of_the_detail_is_named(store, db):
 
 
 def test_an_edit_that_recomputes_its_own_hash_breaks_the_next_link(store, db):
-    from service.infra.audit.store import record_hash
+    from service.infra.audit.records import record_hash
 
     fill(store)
     with sqlite3.connect(db) as conn:

@@ -46,7 +46,8 @@ import time
 
 import structlog
 
-from service.infra.audit.store import AuditRecord, AuditStore, store_for
+from service.infra.audit.records import AuditRecord
+from service.infra.audit.store import AuditStore, store_for
 
 log = structlog.get_logger("spinewatch.audit")
 
