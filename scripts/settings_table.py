@@ -15,6 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from service.core.settings import Settings  # noqa: E402
+from pydantic import SecretStr  # noqa: E402
 
 PREFIX = Settings.model_config.get("env_prefix", "SPINEWATCH_")
 
@@ -27,6 +28,8 @@ def default_text(field) -> str:
         return "(unset)"
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, SecretStr):  # a documented placeholder, refused in production
+        value = value.get_secret_value()
     if isinstance(value, (list, tuple, set)):
         return ",".join(str(v) for v in value) or "(empty)"
     return str(value) if str(value) != "" else "(empty)"

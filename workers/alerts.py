@@ -41,7 +41,7 @@ from fhir_mappings.cds.alerts import (DELIVERY_HEADER, SIGNATURE_HEADER, AlertIn
 from service.core.errors import AlertError, AlertFailed, AlertRetry, SpineWatchError, is_transient
 from service.core.metrics import ALERTS
 from service.infra.audit.writer import AuditLog
-from service.infra.fhir.client import FHIRNotFound
+from service.core.errors import FHIRNotFound
 
 __all__ = ["AlertError", "AlertFailed", "AlertResult", "AlertRetry", "ClientAdapter", "alert_if_needed"]
 log = structlog.get_logger("spinewatch.alerts")
@@ -52,7 +52,7 @@ ACTOR = "spinewatch-worker"
 
 
 class FhirAlerts(Protocol):
-    """What alerts need from a FHIR client (service/infra/fhir/client.py provides it; tests pass fakes)."""
+    """What alerts need from a FHIR client (service/infra/fhir/sync.py provides it; tests pass fakes)."""
 
     def search(self, resource_type: str, params: dict) -> list[dict]: ...
     def read(self, resource_type: str, resource_id: str) -> dict | None: ...
@@ -156,7 +156,7 @@ def _recipients(fhir: FhirAlerts, alert: AlertInput, settings, now: datetime) ->
 
 def _post_webhook(settings, alert: AlertInput, comm_ref: str, recipients: list[str], now: datetime,
                   http: httpx.Client | None) -> None:
-    secret = settings.alert_webhook_secret
+    secret = settings.alert_webhook_secret.get_secret_value() if settings.alert_webhook_secret else ""
     if not secret:
         # An unsigned alert could be forged by anyone who can reach the receiver: never send one.
         raise AlertFailed("webhook configured without SPINEWATCH_ALERT_WEBHOOK_SECRET")
@@ -225,7 +225,7 @@ def _release(r, lock_key: str, token: str) -> None:
 
 
 class ClientAdapter:
-    """service.infra.fhir.client.FHIRClient as `FhirAlerts`.
+    """service.infra.fhir.sync.FHIRClient as `FhirAlerts`.
 
     Conditional create: the Communication is searched by its identifier first, then created with
     If-None-Exist when the client can send it. The search makes a retry safe even on a server

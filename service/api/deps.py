@@ -104,7 +104,7 @@ async def verified_notifier(request: Request, settings: SettingsDep, audit: Audi
     """The notifying server's secret, from channel.header (R4 Subscription.channel.header:
     "Additional headers / information to send as part of the notification"), as
     `Authorization: Bearer <secret>`, compared in constant time; 401 otherwise."""
-    expected = settings.notification_token.encode()
+    expected = settings.notification_token.get_secret_value().encode()
     scheme, _, presented = request.headers.get("authorization", "").partition(" ")
     # compare_digest on equal-length inputs takes the same time wherever they differ.
     if not (scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), expected)):

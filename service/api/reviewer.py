@@ -33,7 +33,7 @@ def refuse(request: Request, audit: AuditLog, reason: str) -> None:
 
 def authorised(request: Request, settings: Settings, audit: AuditLog) -> bool:
     """The reviewer token or session, checked in constant time; a wrong one is refused and audited."""
-    token = settings.reviewer_token
+    token = settings.reviewer_token.get_secret_value()
     header = request.headers.get("authorization", "")
     if header:
         scheme, _, value = header.partition(" ")

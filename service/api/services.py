@@ -10,14 +10,14 @@ import structlog
 from service.core.settings import Settings
 from service.infra.audit.writer import AuditLog
 from service.infra.evidence_links import EvidenceLinks
-from service.infra.fhir.fetch import parse_hosts
+from service.infra.fhir.base import parse_hosts
 from service.infra.fhir.terminology import TerminologyServer
 from service.core.trusted_issuers import parse_trusted_issuers
 from service.infra.jwks import JwksCache
 from service.infra.jwt import JwtVerifier
 from service.infra.replay import MemoryReplayCache, RedisReplayCache
 from service.infra.queue import WorkQueue
-from service.infra.stored_assessments import default_source
+from service.infra.assessments import default_source
 from service.usecases.hook import HookServices
 from service.usecases.readiness import Check, default_checks
 

@@ -18,7 +18,8 @@ def subscribe(
     """Create (idempotently) one Subscription per type in SPINEWATCH_SUBSCRIPTION_TYPES (Condition and
     Observation by default; add DocumentReference for notes) on the FHIR server and report their
     status; re-request one the server put in error."""
-    from service.infra.fhir.client import FHIRClient, FHIRError
+    from service.core.errors import FHIRError
+    from service.infra.fhir.sync import FHIRClient
     from service.infra.queue import QueueUnavailable, WorkQueue
     from service.core.settings import get_settings
     from service.infra.fhir.subscriptions import ensure

@@ -1,7 +1,11 @@
 """All SpineWatch settings: environment variables with the prefix SPINEWATCH_ (pydantic-settings).
 
 Development defaults work out of the box; `environment=production` refuses placeholder secrets and
-development-only switches. Every setting is documented in the README with its default.
+development-only switches. Every setting is documented in the README with its default. Secrets are
+`SecretStr`: masked in repr, logs and dumps; `.get_secret_value()` only where one is used.
+
+Over 300 lines on purpose: one class holds every SPINEWATCH_ setting with its description and
+check, so the README's settings table is generated from one place.
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PLACEHOLDER_SECRET = "dev-only-change-me"
@@ -57,14 +61,14 @@ class Settings(BaseSettings):
     audit_db_url: str = Field("sqlite:///./var/audit.sqlite",
                               description="SQLAlchemy URL of the audit log: a SQLite file (its directory is created) "
                                           "or postgresql://user:pass@host/db")
-    reviewer_token: str = Field(PLACEHOLDER_SECRET,
+    reviewer_token: SecretStr = Field(SecretStr(PLACEHOLDER_SECRET),
                                 description="bearer token for GET /audit/events and the review page /audit; production: at "
                                             "least 32 characters, 10 distinct, not shared with another secret")
     alert_default_recipient: str | None = Field(
         None, description="FHIR reference alerted when a patient has no active CareTeam and no generalPractitioner, "
                           "e.g. Organization/acute-oncology (no default: alerts with no recipient are dead-lettered)")
     alert_webhook_url: str | None = Field(None, description="optional webhook that also receives each alert (JSON)")
-    alert_webhook_secret: str | None = Field(
+    alert_webhook_secret: SecretStr | None = Field(
         None, description="HMAC-SHA256 key for the webhook's X-SpineWatch-Signature header; required with "
                     "alert_webhook_url (production: at least 32 characters, 10 distinct, not shared)")
     alert_dedup_days: int = Field(90, ge=1, le=3650,
@@ -146,11 +150,11 @@ class Settings(BaseSettings):
     terminology_concurrency: int = Field(4, ge=1, le=32, description="most terminology server requests in flight "
                                                                      "at once for one evaluation")
     # Subscriptions, queue and FHIR client (service/api/routes/notifications.py, service/usecases/intake.py, service/infra/queue/,
-    # service/infra/fhir/client.py, service/infra/fhir/subscriptions.py, workers/; docs/subscriptions.md)
+    # service/infra/fhir/sync.py, service/infra/fhir/subscriptions.py, workers/; docs/subscriptions.md)
     redis_url: str = Field("redis://127.0.0.1:6379/0",
                            description="Redis: Celery broker, notification de-duplication, stored assessments, "
                                        "dead letters (run it with appendonly yes: a queued event must survive a restart)")
-    notification_token: str = Field(PLACEHOLDER_SECRET,
+    notification_token: SecretStr = Field(SecretStr(PLACEHOLDER_SECRET),
                                     description="secret the FHIR server sends with every notification "
                                                 "(channel.header `Authorization: Bearer <it>`); compared in constant time; "
                                                 "production: at least 32 characters, 10 distinct, not shared")
@@ -162,7 +166,7 @@ class Settings(BaseSettings):
     fhir_auth: Literal["none", "bearer", "smart-backend"] = Field(
         "none", description="how the workers authenticate to the FHIR server: none, bearer (a static token) or "
                             "smart-backend (SMART Backend Services, client_credentials + private_key_jwt)")
-    fhir_bearer_token: str | None = Field(None, description="the static token for fhir_auth=bearer")
+    fhir_bearer_token: SecretStr | None = Field(None, description="the static token for fhir_auth=bearer")
     smart_client_id: str | None = Field(None, description="SMART Backend Services client_id (fhir_auth=smart-backend)")
     smart_token_url: str | None = Field(None, description="token endpoint; unset: read from "
                                                           "{fhir_base_url}/.well-known/smart-configuration")
@@ -295,8 +299,7 @@ class Settings(BaseSettings):
     def _refuse_placeholders_in_production(self) -> "Settings":
         if self.environment != "production":
             return self
-        problems = [name for name, value in self.model_dump().items()
-                    if isinstance(value, str) and value == PLACEHOLDER_SECRET]
+        problems = [name for name in type(self).model_fields if _plain(getattr(self, name)) == PLACEHOLDER_SECRET]
         if problems:
             raise ValueError(f"production refuses placeholder secrets in: {', '.join('SPINEWATCH_' + p.upper() for p in problems)}")
         return self
@@ -309,7 +312,7 @@ class Settings(BaseSettings):
         names = ["reviewer_token", "notification_token"] + (["alert_webhook_secret"] if self.alert_webhook_url else [])
         problems, seen = [], {}
         for name in names:
-            value = getattr(self, name) or ""
+            value = _plain(getattr(self, name)) or ""
             why = ("is empty" if not value.strip()
                    else f"is shorter than {SECRET_MIN_LENGTH} characters" if len(value) < SECRET_MIN_LENGTH
                    else f"has fewer than {SECRET_MIN_DISTINCT} distinct characters"
@@ -322,6 +325,11 @@ class Settings(BaseSettings):
             raise ValueError("production refuses weak secrets: " + "; ".join(problems)
                              + " (use e.g. `openssl rand -hex 32`)")
         return self
+
+
+def _plain(value):
+    """A secret's value for the checks above (SecretStr hides it everywhere else: repr, logs, dumps)."""
+    return value.get_secret_value() if isinstance(value, SecretStr) else value
 
 
 def evaluation_settings(settings: Settings, *, lookback_days: int | None = None):

@@ -38,9 +38,11 @@ from service.core.settings import Settings, card_settings, evaluation_settings
 from service.infra.audit.writer import AuditLog
 from service.infra.evidence_links import EvidenceLinks, MemoryEvidenceStore
 from service.infra.fhir.binaries import referenced_binaries
-from service.infra.fhir.fetch import FhirAccessError, FhirClient, gather
+from service.core.errors import FHIRAccessError
+from service.infra.fhir.async_client import AsyncFHIRClient
+from service.infra.fhir.fetch import gather
 from service.infra.fhir.terminology import TerminologyServer, consult
-from service.infra.stored_assessments import StoredAssessments, fresh_assessment
+from service.infra.assessments import StoredAssessments, fresh_assessment
 
 log = structlog.get_logger("spinewatch.cds_hooks")
 
@@ -120,10 +122,10 @@ async def assess_patient(services: HookServices, call: HookCall, now: datetime) 
     client, unusable = None, None
     if call.fhir_server:
         try:
-            client = FhirClient(call.fhir_server, call.access_token, services.allowed_hosts,
+            client = AsyncFHIRClient(call.fhir_server, call.access_token, services.allowed_hosts,
                                 require_https=settings.environment == "production",
                                 transport=services.fhir_transport, timeout=settings.hook_timeout_seconds)
-        except FhirAccessError as exc:  # matters only if the prefetch is incomplete
+        except FHIRAccessError as exc:  # matters only if the prefetch is incomplete
             unusable = str(exc)
     try:
         gathered = await gather(call.prefetch, call.patient_id, client, timeout=settings.hook_timeout_seconds,

@@ -18,7 +18,7 @@ from fhir_mappings.cds.alerts import ALERT_ID_SYSTEM, SIGNATURE_HEADER, verify_s
 from service.infra.assessments import AssessmentStore
 from service.infra.audit.store import AuditStore
 from service.infra.audit.writer import AuditLog
-from service.infra.fhir.client import FHIRClient
+from service.infra.fhir.sync import FHIRClient
 from service.infra.queue import WorkQueue, redis_client
 from service.core.settings import Settings
 from service.infra.redis import redis_client as bytes_redis_client

@@ -10,7 +10,7 @@ import redis
 
 from fhir_mappings.clinical.evaluate import assess
 from service.infra.assessments import AssessmentStore
-from service.infra.stored_assessments import default_source
+from service.infra.assessments import default_source
 from tests.support.cds_hooks import PATIENT_VIEW, hook_request, make_env, record, reset_audit, validate_cds_response
 
 pytestmark = pytest.mark.integration

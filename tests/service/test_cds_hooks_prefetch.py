@@ -275,14 +275,15 @@ def test_unusable_fhir_server_does_not_matter_when_prefetch_is_complete(env):
 
 
 def test_https_is_required_in_production():
-    from service.infra.fhir.fetch import FhirAccessError, FhirClient
+    from service.core.errors import FHIRAccessError
+    from service.infra.fhir.async_client import AsyncFHIRClient
 
     hosts = frozenset({"fhir.example.org"})
-    with pytest.raises(FhirAccessError, match="https"):
-        FhirClient("http://fhir.example.org/r4", None, hosts, require_https=True)
-    with pytest.raises(FhirAccessError, match="credentials"):
-        FhirClient("https://user:pw@fhir.example.org/r4", None, hosts, require_https=True)
-    FhirClient("https://fhir.example.org/r4", None, hosts, require_https=True)
-    FhirClient("https://fhir.example.org:8443/r4", None, frozenset({"fhir.example.org:8443"}), require_https=True)
-    with pytest.raises(FhirAccessError):
-        FhirClient("https://fhir.example.org:9999/r4", None, frozenset({"fhir.example.org:8443"}), require_https=True)
+    with pytest.raises(FHIRAccessError, match="https"):
+        AsyncFHIRClient("http://fhir.example.org/r4", None, hosts, require_https=True)
+    with pytest.raises(FHIRAccessError, match="credentials"):
+        AsyncFHIRClient("https://user:pw@fhir.example.org/r4", None, hosts, require_https=True)
+    AsyncFHIRClient("https://fhir.example.org/r4", None, hosts, require_https=True)
+    AsyncFHIRClient("https://fhir.example.org:8443/r4", None, frozenset({"fhir.example.org:8443"}), require_https=True)
+    with pytest.raises(FHIRAccessError):
+        AsyncFHIRClient("https://fhir.example.org:9999/r4", None, frozenset({"fhir.example.org:8443"}), require_https=True)

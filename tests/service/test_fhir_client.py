@@ -328,20 +328,3 @@ def test_smart_settings_build_the_authenticator(tmp_path):
     assert isinstance(auth, SmartBackendAuth) and auth.alg == "RS384"
     with pytest.raises(ValueError, match="RS384 or ES384"):
         SmartBackendAuth("c", pem, alg="HS256", token_url=TOKEN_URL)
-
-
-# ---------------- old module names ----------------
-
-def test_old_module_names_still_export_the_old_names():
-    # Until the lead renames the callers: client.py and fetch.py keep what they exported.
-    from service.core import errors
-    from service.infra.fhir import async_client, auth, base, client, fetch, sync
-
-    assert client.FHIRClient is sync.FHIRClient and client.error_for is errors.fhir_error_for
-    assert (client.Auth, client.NoAuth, client.BearerAuth, client.SmartBackendAuth, client.auth_from_settings) == \
-        (auth.Auth, auth.NoAuth, auth.BearerAuth, auth.SmartBackendAuth, auth.auth_from_settings)
-    assert client.FHIRNotFound is errors.FHIRNotFound and client.FHIR_JSON == base.FHIR_JSON
-    assert fetch.FhirClient is async_client.AsyncFHIRClient and fetch.FhirAccessError is errors.FHIRAccessError
-    assert fetch.parse_hosts is base.parse_hosts and fetch.host_allowed is base.host_allowed
-    assert fetch.unpack_bundle is async_client.unpack_bundle and fetch.MAX_PAGES == async_client.MAX_PAGES
-    assert fetch._tls_context is base.tls_context

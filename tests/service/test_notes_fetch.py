@@ -14,7 +14,9 @@ import pytest
 import respx
 
 from fhir_mappings.clinical.evaluate import assess
-from service.infra.fhir.client import BearerAuth, FHIRClient, FHIRServerError, FHIRTooLarge
+from service.core.errors import FHIRServerError, FHIRTooLarge
+from service.infra.fhir.auth import BearerAuth
+from service.infra.fhir.sync import FHIRClient
 from service.infra.fhir.binaries import binary_resource, binary_target, plan_binaries, referenced_binaries
 from service.core.settings import Settings, evaluation_settings
 from workers import pipeline

@@ -13,7 +13,8 @@ import respx
 
 from service.infra.assessments import AssessmentStore
 from service.infra.audit.writer import AuditLog
-from service.infra.fhir.client import FHIRClient, FHIRNotFound
+from service.core.errors import FHIRNotFound
+from service.infra.fhir.sync import FHIRClient
 from service.infra.queue import QUEUE, WorkQueue
 from service.core.settings import Settings
 from tests.support import cds_hooks as ch
@@ -310,7 +311,7 @@ def test_backoff_is_exponential_with_jitter_and_capped():
 
 
 def test_only_transient_errors_are_retried():
-    from service.infra.fhir.client import FHIRBadRequest, FHIRServerError, FHIRTransportError
+    from service.core.errors import FHIRBadRequest, FHIRServerError, FHIRTransportError
     from service.infra.queue import QueueUnavailable
 
     assert tasks.is_transient(FHIRServerError("x", 503)) and tasks.is_transient(FHIRTransportError("x"))

@@ -295,7 +295,7 @@ def test_webhook_without_secret_or_refusing_fails_permanently(store):
 
 @respx.mock
 def test_the_fhir_client_adapter_searches_then_conditionally_creates():
-    from service.infra.fhir.client import FHIRClient
+    from service.infra.fhir.sync import FHIRClient
 
     base = "https://fhir.example.org/r4"
     existing = {"resourceType": "Bundle", "type": "searchset", "entry": []}
@@ -318,7 +318,7 @@ def test_the_fhir_client_adapter_searches_then_conditionally_creates():
 
 @respx.mock
 def test_fhir_server_errors_are_retried_and_client_errors_are_not(store):
-    from service.infra.fhir.client import FHIRClient
+    from service.infra.fhir.sync import FHIRClient
 
     base = "https://fhir.example.org/r4"
     respx.get(f"{base}/CareTeam").mock(return_value=httpx.Response(503))

@@ -157,7 +157,7 @@ def test_production_webhook_secret_counts_only_with_a_webhook(monkeypatch, fresh
     assert "SPINEWATCH_ALERT_WEBHOOK_SECRET is the same as SPINEWATCH_NOTIFICATION_TOKEN" in line
     get_settings.cache_clear()
     monkeypatch.setenv("SPINEWATCH_ALERT_WEBHOOK_SECRET", STRONG_C)
-    assert get_settings().alert_webhook_secret == STRONG_C
+    assert get_settings().alert_webhook_secret.get_secret_value() == STRONG_C
 
 
 @pytest.mark.parametrize("reviewer", ["", "x", STRONG_B])
@@ -168,3 +168,12 @@ def test_check_config_exits_2_on_a_weak_or_shared_production_secret(reviewer):
     (line,) = proc.stderr.strip().splitlines()
     assert "SPINEWATCH_REVIEWER_TOKEN" in line or "SPINEWATCH_NOTIFICATION_TOKEN is the same" in line
     assert STRONG_B not in line and "Traceback" not in proc.stderr
+
+
+def test_secrets_never_show_in_repr_or_dumps():
+    secret = "s3cret-" + "q" * 40
+    settings = Settings(environment="test", reviewer_token=secret, notification_token=secret + "n",
+                        alert_webhook_secret=secret + "w", fhir_auth="bearer", fhir_bearer_token=secret + "b")
+    assert secret not in repr(settings) and secret not in str(settings.model_dump())
+    assert settings.reviewer_token.get_secret_value() == secret
+    assert settings.fhir_bearer_token.get_secret_value() == secret + "b"

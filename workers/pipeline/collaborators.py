@@ -13,7 +13,7 @@ import redis
 from service.core.settings import Settings
 from service.infra.assessments import AssessmentStore
 from service.infra.audit.writer import AuditLog
-from service.infra.fhir.client import FHIRClient
+from service.infra.fhir.sync import FHIRClient
 from service.infra.fhir.terminology import TerminologyServer
 from service.infra.queue import WorkQueue, redis_client
 from service.infra.redis import redis_client as bytes_redis_client

@@ -10,7 +10,8 @@ import structlog
 from fhir_mappings.fhir.bundle import patient_key
 from service.core.errors import is_transient
 from service.infra.fhir.binaries import plan_binaries
-from service.infra.fhir.client import FHIRBadRequest, FHIRClient, FHIRError, FHIRNotFound, FHIRNotSupported
+from service.core.errors import FHIRBadRequest, FHIRError, FHIRNotFound, FHIRNotSupported
+from service.infra.fhir.sync import FHIRClient
 
 log = structlog.get_logger("spinewatch.pipeline")
 

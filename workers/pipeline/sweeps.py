@@ -11,7 +11,7 @@ import structlog
 from fhir_mappings.fhir.bundle import patient_key
 from fhir_mappings.fhir.notifications import (NotificationError, event_key, missing_event_numbers, parse_notification,
                                               parse_status_bundle)
-from service.infra.fhir.client import FHIRBadRequest, FHIRNotFound, FHIRNotSupported
+from service.core.errors import FHIRBadRequest, FHIRNotFound, FHIRNotSupported
 from service.infra.fhir.subscriptions import re_request
 from service.infra.queue import TASK_CATCH_UP, SubscriptionState
 from workers.pipeline.collaborators import Collaborators

@@ -45,11 +45,11 @@ def review_page(request: Request, filters: AuditFilters, settings: SettingsDep, 
 
 @router.post("/audit/login")
 def login(request: Request, token: Annotated[str, Form(max_length=500)], settings: SettingsDep, audit: AuditDep):
-    if not hmac.compare_digest(token.encode(), settings.reviewer_token.encode()):
+    if not hmac.compare_digest(token.encode(), settings.reviewer_token.get_secret_value().encode()):
         refuse(request, audit, "bad-token")
         return RedirectResponse("/audit?failed=1", status_code=303)
     response = RedirectResponse("/audit", status_code=303)
-    response.set_cookie(SESSION_COOKIE, session_value(settings.reviewer_token), httponly=True, samesite="strict",
+    response.set_cookie(SESSION_COOKIE, session_value(settings.reviewer_token.get_secret_value()), httponly=True, samesite="strict",
                         secure=settings.environment == "production", path="/audit")
     return response
 

@@ -148,7 +148,7 @@ class SmartBackendAuth:
 
 def auth_from_settings(settings) -> Auth:
     if settings.fhir_auth == "bearer":
-        return BearerAuth(settings.fhir_bearer_token or "")
+        return BearerAuth(settings.fhir_bearer_token.get_secret_value() if settings.fhir_bearer_token else "")
     if settings.fhir_auth == "smart-backend":
         if not settings.smart_private_key_path:
             raise ValueError("SPINEWATCH_SMART_PRIVATE_KEY_PATH is required for fhir_auth=smart-backend")

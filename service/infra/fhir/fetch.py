@@ -35,14 +35,8 @@ from dataclasses import dataclass
 
 from fhir_mappings.fhir.bundle import patient_key
 from service.core.errors import FHIRAccessError, InvalidRequest, PreconditionFailed
-from service.infra.fhir.async_client import MAX_PAGES, AsyncFHIRClient, unpack_bundle
-from service.infra.fhir.base import FHIR_JSON, host_allowed, parse_hosts, tls_context
+from service.infra.fhir.async_client import AsyncFHIRClient, unpack_bundle
 from service.infra.fhir.binaries import plan_binaries
-
-__all__ = ["PrefetchKey", "PREFETCH_KEYS", "PREFETCH_TEMPLATES", "NOTES_PREFETCH_COUNT", "Gathered", "gather",
-           "fetch_key", "unpack_bundle",
-           # old names (re-exported from async_client and base): callers are renamed by the lead
-           "FhirClient", "FhirAccessError", "MAX_PAGES", "FHIR_JSON", "host_allowed", "parse_hosts", "_tls_context"]
 
 NOTES_PREFETCH_COUNT = 20  # the most recent notes a hook reads (prefetch or fallback)
 
@@ -156,9 +150,3 @@ async def gather(prefetch: dict | None, patient_id: str, client: AsyncFHIRClient
 
 def _of(patient: str, resources: list[dict]) -> list[dict]:
     return [r for r in resources if patient_key(r) == patient]
-
-
-# ---- old names: callers are renamed by the lead (see the names re-exported above) ----
-FhirClient = AsyncFHIRClient  # old name: callers are renamed by the lead
-FhirAccessError = FHIRAccessError  # old name: callers are renamed by the lead
-_tls_context = tls_context  # old name: callers are renamed by the lead

@@ -129,7 +129,7 @@ def tag(resource_type: str) -> dict:
 
 def desired(p: Plan, settings) -> dict:
     channel = {"type": "rest-hook", "endpoint": settings.subscription_endpoint, "payload": FHIR_JSON,
-               "header": [f"Authorization: Bearer {settings.notification_token}"]}
+               "header": [f"Authorization: Bearer {settings.notification_token.get_secret_value()}"]}
     sub = {"resourceType": "Subscription", "meta": {"tag": [tag(p.resource_type)]}, "status": "requested",
            "reason": f"SpineWatch: evaluate patients with cancer when a {p.resource_type} is written",
            "criteria": p.criteria, "channel": channel}
