@@ -2,8 +2,8 @@
 
 Three parts, each printed as counts and ratios (no timing assertions):
 
-1. corpus: the labelled snippets of tests/corpus/snippets.yaml (format and label semantics in
-   tests/corpus/README.md). Per concept (16 flags, back-pain, known-cancer): TP, FN, FP, TN,
+1. corpus: the labelled snippets of tests/fhir_mappings/clinical/corpus/snippets.yaml (format and label semantics in
+   tests/fhir_mappings/clinical/corpus/README.md). Per concept (16 flags, back-pain, known-cancer): TP, FN, FP, TN,
    sensitivity and specificity, where a (concept, status) must raise as the README says and a concept
    a snippet does not list must not raise. Then the Box 2 sensitivity pooled over the 8 Box 2 flags,
    the false Box 2 raises from labels absent / hypothetical / other (with their ids), the missed Box 2

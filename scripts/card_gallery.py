@@ -1,6 +1,6 @@
 """Every SpineWatch card type, built by the real card code from small demo records.
 
-One source for the card set: tests/unit/test_cards.py checks each card here (length budgets, no
+One source for the card set: tests/fhir_mappings/cds/test_cards.py checks each card here (length budgets, no
 resource ids in the prose, tier lines, links once), and scripts/render_cards.py renders each as the
 CDS Hooks Sandbox shows it, for docs/cards.md.
 

@@ -7,7 +7,7 @@ as the sandbox lays a card out (cds-hooks/sandbox; INTEROP.md "Cards"): the summ
 rendered as Markdown to HTML, the indicator as the colour of the card's edge, the source, the
 suggestions and links as buttons, and "Dismiss" with the override reasons (the card has a uuid).
 Headless Chromium (/usr/bin/chromium) takes the pictures. manifest.json holds a digest of each
-card; tests/unit/test_cards_doc.py fails when the cards change and the pictures were not redone.
+card; tests/fhir_mappings/cds/test_cards_doc.py fails when the cards change and the pictures were not redone.
 """
 
 from __future__ import annotations
@@ -115,10 +115,10 @@ Every card type SpineWatch answers, as the CDS Hooks Sandbox renders it (detail 
 indicator as the colour of the edge, suggestions and links as buttons, Dismiss with the override
 reasons), for clinical sign-off. The cards are built by the real card code (`fhir_mappings/cds/cards.py`)
 from the demo records in `scripts/card_gallery.py`, evaluated at 2026-12-01 09:00 UTC. Regenerate
-with `.venv/bin/python scripts/render_cards.py` (headless Chromium); `tests/unit/test_cards_doc.py`
+with `.venv/bin/python scripts/render_cards.py` (headless Chromium); `tests/fhir_mappings/cds/test_cards_doc.py`
 fails when the cards change and these pictures were not redone.
 
-What each card must say (tests/unit/test_cards.py): first what to do and by when; emergency: MRI
+What each card must say (tests/fhir_mappings/cds/test_cards.py): first what to do and by when; emergency: MRI
 within 24 h, call the MSCC coordinator (from `SPINEWATCH_MSCC_COORDINATOR_*`, or a generic line),
 what to do meanwhile (NG234); urgent: MRI within 1 week, ask about and document neurology,
 safety-netting, what would make it an emergency; routine: MRI not X-ray, safety-netting; then at

@@ -4,7 +4,7 @@ reviewed data files themselves (fhir_mappings/clinical/rules, valuesets, languag
     .venv/bin/python scripts/rules_doc.py            # print it
     .venv/bin/python scripts/rules_doc.py --write    # rewrite docs/rules.md
 
-tests/unit/test_rules_doc.py checks that docs/rules.md is what this script writes.
+tests/fhir_mappings/clinical/test_rules_doc.py checks that docs/rules.md is what this script writes.
 """
 
 from __future__ import annotations

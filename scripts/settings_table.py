@@ -3,7 +3,7 @@
     .venv/bin/python scripts/settings_table.py             # print it
     .venv/bin/python scripts/settings_table.py --readme    # rewrite it in README.md, between its markers
 
-tests/unit/test_settings_docs.py checks that every field has a description and that the README
+tests/service/core/test_settings_docs.py checks that every field has a description and that the README
 lists every SPINEWATCH_ variable.
 """
 

@@ -1,7 +1,7 @@
 """The workers' Redis broker transport: kombu's, with the restore of unacknowledged messages made to
 survive a lost broker connection (workers/celery_app.py sets `broker_transport` to it).
 
-Why (tests/integration/test_faults.py shows it): when Redis restarts while a worker holds
+Why (tests/workers/test_faults.py shows it): when Redis restarts while a worker holds
 unacknowledged messages (with acks_late, every running task; and every task waiting for its
 countdown), kombu closes the channel and "restores" those messages with a client built from the
 channel's connection, which the disconnect has already cleared. kombu 5.7 raises AttributeError

@@ -12,7 +12,7 @@ Card shape follows CDS Hooks 2.0 §Card Attributes (https://cds-hooks.hl7.org/2.
 a uuid on every card and suggestion, `selectionBehavior` whenever there are suggestions, no null or
 empty values anywhere.
 
-Budget (tests/unit/test_cards.py): `summary` under 140 characters; the detail before the evidence
+Budget (tests/fhir_mappings/cds/test_cards.py): `summary` under 140 characters; the detail before the evidence
 lines within DETAIL_BUDGET characters.
 """
 

@@ -10,8 +10,8 @@ import pytest
 
 from fhir_mappings.clinical.schema import RuleFile, RuleFileError, ValueSetFile, load
 from fhir_mappings.clinical.terminology import load_terminology
+from tests.support.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 RULE = (ROOT / "fhir_mappings" / "clinical" / "rules" / "limb-weakness.yaml").read_text()
 
 

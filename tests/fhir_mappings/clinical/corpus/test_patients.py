@@ -1,4 +1,4 @@
-"""Whole-patient fixtures in clinical wording (tests/corpus/patients, labelled before the matcher
+"""Whole-patient fixtures in clinical wording (tests/fhir_mappings/clinical/corpus/patients, labelled before the matcher
 ran): each one's tier, the flags it must raise, and the flags it must not (MANIFEST.yaml)."""
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from service.core.settings import Settings
+from tests.support.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 NAMES = ["SPINEWATCH_" + name.upper() for name in Settings.model_fields]
 
 

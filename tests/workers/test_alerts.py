@@ -1,5 +1,5 @@
 """Care-team alerts: the pure Communication builder and the alert flow (fake FHIR server and Redis
-here; tests/integration/test_alerts_sekmet.py runs the same flow against a real server and Redis).
+here; tests/workers/test_alerts_sekmet.py runs the same flow against a real server and Redis).
 
 Shown: one alert per patient-tier-evidence (retries and duplicate notifications included), an
 upgrade alerts again, recipients in the stated order, a webhook signature the receiver can verify,
@@ -23,8 +23,8 @@ from service.infra.audit.store import AuditStore
 from service.infra.audit.writer import AuditLog
 from service.core.settings import Settings
 from workers.alerts import AlertFailed, AlertRetry, ClientAdapter, alert_if_needed
+from tests.support.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 NOW = datetime(2026, 6, 1, 12, tzinfo=timezone.utc)
 PATIENT = "Patient/example-emergency"
 

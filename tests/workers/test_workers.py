@@ -34,9 +34,9 @@ from service.cli.demo.processes import stop_process_group
 from service.core.settings import Settings
 from tests.support import cds_hooks as ch
 from tests.support.redis_server import RedisServer, free_port
+from tests.support.paths import ROOT
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "integration-secret"
 AUTH = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/fhir+json"}
 METRICS_PORT = free_port()

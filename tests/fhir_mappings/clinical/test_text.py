@@ -1,6 +1,6 @@
 """The clinical-language matcher (fhir_mappings/clinical/text.py): vocabulary, context, anchoring, spelling.
 
-The corpus in tests/corpus measures it; these pin the behaviours each part of text.py exists for.
+The corpus in tests/fhir_mappings/clinical/corpus measures it; these pin the behaviours each part of text.py exists for.
 """
 
 import re

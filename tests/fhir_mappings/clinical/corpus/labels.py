@@ -1,4 +1,4 @@
-"""The labelled corpus's vocabulary and what each label must raise (tests/corpus/README.md).
+"""The labelled corpus's vocabulary and what each label must raise (tests/fhir_mappings/clinical/corpus/README.md).
 
 One definition, read by the corpus tests and by bench/language.py.
 """

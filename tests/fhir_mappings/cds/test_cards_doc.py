@@ -6,8 +6,8 @@ from pathlib import Path
 
 from scripts.card_gallery import gallery
 from scripts.render_cards import card_html, manifest
+from tests.support.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_pictures_are_of_the_current_cards():

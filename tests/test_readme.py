@@ -1,8 +1,8 @@
 """The README holds exactly two set-up commands, and .ci/run runs the test one."""
 
 from pathlib import Path
+from tests.support.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def setup_commands() -> list[str]:

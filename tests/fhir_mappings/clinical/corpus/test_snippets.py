@@ -1,4 +1,4 @@
-"""The labelled snippets (tests/corpus/snippets.yaml, labelled before the matcher ran) measured with
+"""The labelled snippets (tests/fhir_mappings/clinical/corpus/snippets.yaml, labelled before the matcher ran) measured with
 the same rule as bench/language.py, and held to the aims of the clinical-language issue: every Box 2
 positive raised, no Box 2 raised from a negated, hypothetical or other-person label, and no flag's
 sensitivity or specificity below a floor. bench/language.py prints the full table."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from fhir_mappings.clinical.terminology import load_terminology
-from tests.corpus.labels import BOX2, CONCEPTS, KINDS, NEVER_RAISE, STATUSES, expected_raise, load
+from tests.fhir_mappings.clinical.corpus.labels import BOX2, CONCEPTS, KINDS, NEVER_RAISE, STATUSES, expected_raise, load
 
 SNIPPETS = load("snippets.yaml")
 SENSITIVITY_FLOOR = 0.8

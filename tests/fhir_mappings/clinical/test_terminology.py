@@ -5,8 +5,9 @@ from pathlib import Path
 import yaml
 
 from fhir_mappings.clinical.terminology import ICD10, ICD10CM, LOINC, SNOMED, load_terminology
+from tests.support.paths import ROOT
 
-RULES_DIR = Path(__file__).resolve().parents[2] / "fhir_mappings" / "clinical" / "rules"
+RULES_DIR = ROOT / "fhir_mappings" / "clinical" / "rules"
 FLAG_IDS = {
     "radicular-pain", "limb-weakness", "gait-disturbance", "sensory-deficit", "sphincter-dysfunction",
     "saddle-anaesthesia", "upper-motor-neuron-signs", "cord-compression",  # Box 2

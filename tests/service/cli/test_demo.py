@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.support.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 SPINEWATCH = Path(sys.executable).parent / "spinewatch"
 
 pytestmark = pytest.mark.integration

@@ -8,8 +8,8 @@ import pytest
 
 from service.core.config_check import InvalidSettings, shown_value
 from service.core.settings import Settings, get_settings
+from tests.support.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

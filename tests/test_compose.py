@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from service.core.settings import Settings
+from tests.support.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 SPINEWATCH_SERVICES = ("api", "worker", "beat", "subscribe")
 

@@ -1,4 +1,4 @@
-"""Per-rule positive and negative FHIR fixtures (layout and citations in tests/rules/README.md).
+"""Per-rule positive and negative FHIR fixtures (layout and citations in tests/fhir_mappings/clinical/rules/README.md).
 
 Every fixture is one patient's FHIR R4 Bundle, evaluated at a fixed time so the 90-day lookback
 window (NG234 1.1) is stable: 2026-03-03T12:00:00Z .. 2026-06-01T12:00:00Z.

@@ -13,7 +13,7 @@ taken from the handlers' pydantic models (CDS Hooks) and a FHIR Bundle/resource 
 
 Each call carries valid credentials for its surface (a fresh CDS client JWT with the right `aud`, the
 notification secret, the reviewer token), so the fuzzing gets past authentication; the attack tests
-(tests/service/test_attack.py) cover the credentials themselves. Example counts are small: the whole
+(tests/service/api/test_attack.py) cover the credentials themselves. Example counts are small: the whole
 run takes well under a minute.
 """
 

@@ -14,8 +14,9 @@ from service.api.app import create_app
 from service.core.metrics import AUTH_FAILURES
 from service.infra.queue import GAP_GRACE_SECONDS, QUEUE, QueueUnavailable
 from service.core.settings import Settings
+from tests.support.paths import SHARED
 
-SUBS = Path(__file__).resolve().parents[3] / "shared" / "data" / "subscriptions"
+SUBS = SHARED / "data" / "subscriptions"
 TOKEN = "test-notification-secret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -278,7 +279,7 @@ def test_a_note_is_routed_to_its_patient_like_a_condition(client, r, deliver):
     ("backport-ig/Bundle-r4-notification-id-only-with-auth.json", "spinewatch.resolve_focus"),
     ("inferno/empty_notification_bundle_example.json", "spinewatch.catch_up"),
     ("backport-ig/Bundle-r4-notification-empty.json", "spinewatch.catch_up"),
-    # non-conformant (no entry.request/response): handled, see tests/unit/test_notifications_parse.py
+    # non-conformant (no entry.request/response): handled, see tests/fhir_mappings/fhir/test_notifications.py
     ("inferno/empty_notification_bundle_non_conformant_example.json", "spinewatch.catch_up"),
 ])
 def test_shared_examples_through_the_endpoint(client, r, audits, name, task):

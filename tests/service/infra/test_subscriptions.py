@@ -15,10 +15,11 @@ from service.infra.fhir.sync import FHIRClient
 from service.core.settings import Settings
 from service.infra.fhir.subscriptions import (BACKPORT_PROFILE, TAG_SYSTEM, TOPIC_CANONICAL, desired, ensure,
                                    subscription_capability, topic_triggers)
+from tests.support.paths import SHARED
 
 BASE = "http://ehr.test/fhir"
 ENDPOINT = "https://spinewatch.test/fhir/notifications"
-SUBS = Path(__file__).resolve().parents[3] / "shared" / "data" / "subscriptions"
+SUBS = SHARED / "data" / "subscriptions"
 BP = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition"
 
 

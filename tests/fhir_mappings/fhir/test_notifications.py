@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from fhir_mappings.fhir.notifications import (NotificationError, event_key, missing_event_numbers, parse_notification,
                                          parse_resource, parse_rest_hook, parse_status_bundle, ping,
                                          relative_reference, version_key)
+from tests.support.paths import SHARED
 
-SUBS = Path(__file__).resolve().parents[3] / "shared" / "data" / "subscriptions"
+SUBS = SHARED / "data" / "subscriptions"
 ENCOUNTER = "Encounter/86009987-eabe-42bf-8c02-b112b18cb616"
 PATIENT = "Patient/1599eb66-431a-447c-a3de-6897fe9ae9a1"
 
@@ -148,7 +149,7 @@ def bundle(first: dict, *rest: dict, btype: str = "history") -> dict:
 
 
 def sekmet_id_only(number: int = 1) -> dict:
-    """What sekmet-fhir 0.1.1 sends for an id-only topic event (tests/integration/test_sekmet_harness.py)."""
+    """What sekmet-fhir 0.1.1 sends for an id-only topic event (tests/support/test_sekmet_harness.py)."""
     return {"resourceType": "Bundle", "type": "history", "entry": [{"fullUrl": "urn:uuid:x", "resource": {
         "resourceType": "Parameters", "parameter": [
             {"name": "subscription", "valueReference": {"reference": "http://h:1/fhir/Subscription/s1"}},
