@@ -62,7 +62,4 @@ def cds_verifier(settings: Settings) -> JwtVerifier | None:
     else:  # settings.py refuses this in production
         log.warning("cds.jwt_verification_off", detail="DEVELOPMENT ONLY: CDS Hooks callers are NOT authenticated "
                                                        "(SPINEWATCH_CDS_VERIFY_JWT=false)")
-    if settings.environment == "production" and not settings.public_base_url:
-        log.warning("cds.public_base_url_unset", detail="JWT aud is checked against the Host header; set "
-                                                        "SPINEWATCH_PUBLIC_BASE_URL")
     return verifier

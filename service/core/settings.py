@@ -11,12 +11,14 @@ check, so the README's settings table is generated from one place.
 from __future__ import annotations
 
 from functools import lru_cache
+from urllib.parse import urlsplit
 from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PLACEHOLDER_SECRET = "dev-only-change-me"
+_LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 # Production secrets (reviewer token, notification token, webhook secret): at least this long, with at
 # least this many distinct characters, and no two the same (e.g. `openssl rand -hex 32`).
 SECRET_MIN_LENGTH = 32
@@ -134,6 +136,17 @@ class Settings(BaseSettings):
                           "at most 10,000")
     hook_timeout_seconds: float = Field(2.0, gt=0, le=30, description="time budget for fetching missing data from "
                                                                       "fhirServer; over it: 412, never a hang")
+    hook_evaluation_timeout_seconds: float = Field(
+        1.0, gt=0, le=30, description="time budget for evaluating one hook call's record (the rules, in a worker "
+                                      "thread), after the data is had; over it: 412 naming the budget, never a hang")
+    http_max_header_bytes: int = Field(
+        16_384, ge=1024, le=1_048_576, description="`spinewatch serve`: most bytes of a request's line and headers "
+                                                   "buffered (uvicorn h11_max_incomplete_event_size); more: the "
+                                                   "request is refused (400) and the connection closed")
+    http_keep_alive_seconds: int = Field(
+        5, ge=1, le=300, description="`spinewatch serve`: an idle keep-alive connection is closed after this long "
+                                     "(uvicorn timeout_keep_alive); uvicorn has no header-read timeout: run behind a "
+                                     "proxy that has one (docs/operations.md)")
     # Terminology server (service/infra/fhir/terminology.py; fhir_mappings/clinical/valuesets/server/terminology-roots.yaml)
     terminology_url: str | None = Field(
         None, description="optional FHIR R4 terminology server base, e.g. https://tx.example.org/fhir: SNOMED CT codes "
@@ -326,6 +339,25 @@ class Settings(BaseSettings):
                              + " (use e.g. `openssl rand -hex 32`)")
         return self
 
+    @model_validator(mode="after")
+    def _production_edges(self) -> "Settings":
+        # CDS Hooks 2.0 "Trusting CDS Clients": the JWT `aud` must be the URL the EHR called, so
+        # production names its own external https URL rather than trusting the Host header; http
+        # only for a loopback host (a local trial of the production image). CORS `*` would let any
+        # web page call the hooks from a clinician's browser.
+        if self.environment != "production":
+            return self
+        problems = []
+        url = self.public_base_url
+        if not url:
+            problems.append("SPINEWATCH_PUBLIC_BASE_URL is unset (the JWT aud would come from the Host header)")
+        elif url.startswith("http://") and urlsplit(url).hostname not in _LOOPBACK:
+            problems.append("SPINEWATCH_PUBLIC_BASE_URL must be https (http only for localhost)")
+        if any(o.strip() == "*" for o in self.cors_origins.split(",")):
+            problems.append("SPINEWATCH_CORS_ORIGINS must name origins, not *")
+        if problems:
+            raise ValueError("production refuses: " + "; ".join(problems))
+        return self
 
 def _plain(value):
     """A secret's value for the checks above (SecretStr hides it everywhere else: repr, logs, dumps)."""

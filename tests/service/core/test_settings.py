@@ -146,6 +146,7 @@ def test_production_webhook_secret_counts_only_with_a_webhook(monkeypatch, fresh
     monkeypatch.setenv("SPINEWATCH_ENVIRONMENT", "production")
     monkeypatch.setenv("SPINEWATCH_REVIEWER_TOKEN", STRONG_A)
     monkeypatch.setenv("SPINEWATCH_NOTIFICATION_TOKEN", STRONG_B)
+    monkeypatch.setenv("SPINEWATCH_PUBLIC_BASE_URL", "https://cds.example.org")
     assert get_settings().environment == "production"
     get_settings.cache_clear()
     (line,) = refusal(monkeypatch, SPINEWATCH_ALERT_WEBHOOK_URL="https://hooks.example.org/x",
@@ -177,3 +178,24 @@ def test_secrets_never_show_in_repr_or_dumps():
     assert secret not in repr(settings) and secret not in str(settings.model_dump())
     assert settings.reviewer_token.get_secret_value() == secret
     assert settings.fhir_bearer_token.get_secret_value() == secret + "b"
+
+
+# -- production refuses a missing or plain-http public URL, and CORS * -------------
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, "SPINEWATCH_PUBLIC_BASE_URL is unset"),
+    ({"SPINEWATCH_PUBLIC_BASE_URL": "http://cds.example.org"}, "SPINEWATCH_PUBLIC_BASE_URL must be https"),
+    ({"SPINEWATCH_PUBLIC_BASE_URL": "https://cds.example.org", "SPINEWATCH_CORS_ORIGINS": "https://a.example.org, *"},
+     "SPINEWATCH_CORS_ORIGINS must name origins, not *"),
+])
+def test_production_refuses_an_unset_or_http_public_url_and_cors_star(monkeypatch, fresh_settings, env, expected):
+    (line,) = refusal(monkeypatch, SPINEWATCH_ENVIRONMENT="production", SPINEWATCH_REVIEWER_TOKEN=STRONG_A,
+                      SPINEWATCH_NOTIFICATION_TOKEN=STRONG_B, **env)
+    assert line.startswith("invalid settings: production refuses: ") and expected in line
+
+
+@pytest.mark.parametrize("url", ["https://cds.example.org", "http://localhost:8000", "http://127.0.0.1:8000"])
+def test_production_takes_an_https_or_loopback_public_url(url):
+    settings = Settings(environment="production", reviewer_token=STRONG_A, notification_token=STRONG_B,
+                        public_base_url=url, _env_file=None)
+    assert settings.public_base_url == url
