@@ -19,7 +19,9 @@ RUN pip install ".[postgres]" \
 USER spinewatch
 ENV SPINEWATCH_ENVIRONMENT=production
 EXPOSE 8000
-# --proxy-headers: behind a TLS-terminating proxy, trust its X-Forwarded-* (set FORWARDED_ALLOW_IPS).
-# No access log: RequestIdMiddleware writes one JSON line per request, without query strings.
-CMD ["uvicorn", "service.api.app:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000", \
-     "--proxy-headers", "--no-access-log"]
+# `spinewatch serve` runs uvicorn with the settings' HTTP limits (h11, SPINEWATCH_HTTP_MAX_HEADER_BYTES,
+# SPINEWATCH_HTTP_KEEP_ALIVE_SECONDS) and refuses invalid settings with exit 2. Proxy headers are on:
+# behind a TLS-terminating proxy, trust its X-Forwarded-* (set FORWARDED_ALLOW_IPS). That proxy must
+# time out slow headers (uvicorn cannot; docs/operations.md). No access log: RequestIdMiddleware
+# writes one JSON line per request, without query strings.
+CMD ["spinewatch", "serve", "--host", "0.0.0.0", "--port", "8000"]

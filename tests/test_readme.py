@@ -1,8 +1,6 @@
 """The README holds exactly two set-up commands, and .ci/run runs the test one."""
 
-from pathlib import Path
 from tests.support.paths import ROOT
-
 
 
 def setup_commands() -> list[str]:

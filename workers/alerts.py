@@ -9,6 +9,7 @@ assessment, handing in its FHIR client, the alerts' Redis client and the audit l
       │     none at all .................................. AlertFailed     (dead letter: no one to tell)
       ├─ Communication, conditional create (If-None-Exist on its identifier): a retry finds the first
       ├─ webhook (optional), HMAC-SHA256 signed body ..... AlertRetry on 5xx/429/network, AlertFailed on 4xx
+      │     (an AlertRetry's `retry_after`: the lock's TTL, or the FHIR server's / webhook's Retry-After)
       └─ mark done (Redis, SPINEWATCH_ALERT_DEDUP_DAYS) ... "sent"
 
 Errors (the task layer retries AlertRetry with backoff and dead-letters what exhausts its retries;
@@ -42,6 +43,7 @@ from service.core.errors import AlertError, AlertFailed, AlertRetry, SpineWatchE
 from service.core.metrics import ALERTS
 from service.infra.audit.writer import AuditLog
 from service.core.errors import FHIRNotFound
+from service.infra.fhir.base import parse_retry_after
 
 __all__ = ["AlertError", "AlertFailed", "AlertResult", "AlertRetry", "ClientAdapter", "alert_if_needed"]
 log = structlog.get_logger("spinewatch.alerts")
@@ -172,7 +174,9 @@ def _post_webhook(settings, alert: AlertInput, comm_ref: str, recipients: list[s
         if http is None:
             client.close()
     if response.status_code == 429 or response.status_code >= 500:
-        raise AlertRetry(f"webhook answered {response.status_code}")
+        error = AlertRetry(f"webhook answered {response.status_code}")
+        error.retry_after = parse_retry_after(response.headers.get("retry-after"))  # as for FHIR (workers/tasks.py)
+        raise error
     if response.status_code >= 300:
         raise AlertFailed(f"webhook answered {response.status_code}")
 
@@ -189,7 +193,10 @@ def _fhir_call(fn, *args, **kwargs):
         raise AlertRetry(f"FHIR server unreachable ({type(exc).__name__})") from exc
     except SpineWatchError as exc:  # the one retry rule (service/core/errors.py)
         status = getattr(exc, "status", None)
-        raise (AlertRetry if is_transient(exc) else AlertFailed)(f"FHIR {type(exc).__name__} {status or ''}".strip()) from exc
+        error = (AlertRetry if is_transient(exc) else AlertFailed)(f"FHIR {type(exc).__name__} {status or ''}".strip())
+        if isinstance(error, AlertRetry):
+            error.retry_after = getattr(exc, "retry_after", None)  # the FHIR server's Retry-After
+        raise error from exc
 
 
 def _lock_ttl(r, lock_key: str) -> float:

@@ -87,6 +87,35 @@ def _warm_up(**_: Any) -> None:
     load_terminology()
 
 
+def check_redis_durability(settings: Settings) -> str | None:
+    """At worker start: does Redis keep the queue (service/infra/queue/durability.py)? In
+    production, a Redis that does not (appendonly no, an evicting maxmemory-policy) is a one-line
+    error to refuse to start with; elsewhere a warning. Redis unreachable or not saying: a warning
+    (the worker waits for its broker as ever; /readyz reports the rest)."""
+    import redis
+
+    from service.infra.queue.durability import read_durability
+    from service.infra.redis import redis_client
+
+    client = redis_client(settings.redis_url, timeout=5.0)
+    try:
+        durability = read_durability(client)
+    except redis.RedisError as exc:
+        log.warning("worker.redis_durability_unknown", error=type(exc).__name__)
+        return None
+    finally:
+        client.close()
+    if not durability.problems:
+        if durability.source != "config":
+            log.warning("worker.redis_durability_unknown", durability=durability.summary)
+        return None
+    reason = "; ".join(durability.problems)
+    if settings.environment == "production":
+        return f"Redis does not keep the queue: {reason}"
+    log.warning("worker.redis_not_durable", reason=reason, environment=settings.environment)
+    return None
+
+
 def beat_schedule(settings: Settings) -> dict:
     watchdog_every = max(1.0, settings.heartbeat_watchdog_seconds / 2)
     schedule = {

@@ -6,6 +6,11 @@ Failure handling, the same for every task:
 - an error that is transient (service.core.errors.is_transient: FHIR unreachable, 5xx/429, Redis
   blip, an alert to retry) is retried with exponential backoff and jitter, up to
   SPINEWATCH_TASK_MAX_RETRIES;
+- an error may say when a retry can succeed: its `retry_after` (seconds), the one mechanism for the
+  FHIR server's Retry-After (FHIRServerError) and an alert's (AlertRetry: a held lock, a webhook's
+  Retry-After). The next retry waits at least that long, however short the backoff would be, up to
+  SPINEWATCH_FHIR_RETRY_AFTER_MAX_SECONDS (and below the visibility timeout): a server asking for
+  120 s is asked again after 120 s, not dead-lettered after a minute of 2-4-8-16-32 s retries;
 - anything else, and a transient error past its last retry, lands in the dead-letter list
   (SpineWatchTask.on_failure), never silently dropped.
 """
@@ -25,9 +30,22 @@ from service.infra.queue import TASK_CATCH_UP, TASK_EVALUATE, TASK_RECONCILE, TA
 from workers import pipeline
 
 __all__ = ["BACKOFF_CAP_SECONDS", "SpineWatchTask", "backoff", "catch_up", "evaluate_patient", "heartbeat_watchdog",
-           "is_transient", "reconcile", "resolve_focus"]
+           "is_transient", "reconcile", "resolve_focus", "retry_countdown"]
 log = structlog.get_logger("spinewatch.tasks")
 BACKOFF_CAP_SECONDS = 600.0  # well below the visibility timeout: a waiting retry is held unacknowledged
+
+
+def retry_countdown(exc: BaseException, retries: int, settings) -> float:
+    """Seconds before the next retry: the backoff, or the error's `retry_after` where that is longer,
+    capped at SPINEWATCH_FHIR_RETRY_AFTER_MAX_SECONDS and below the broker visibility timeout less
+    the task time limit (longer and the held retry would be redelivered as a duplicate)."""
+    delay = backoff(retries, settings.task_retry_backoff_seconds)
+    asked = getattr(exc, "retry_after", None)
+    if not isinstance(asked, (int, float)) or asked != asked or asked <= 0:  # none, or NaN
+        return delay
+    cap = min(float(settings.fhir_retry_after_max_seconds),
+              float(settings.broker_visibility_timeout_seconds - settings.task_time_limit_seconds))
+    return max(delay, min(float(asked), max(cap, 0.0)))
 
 
 def backoff(retries: int, base: float) -> float:
@@ -45,11 +63,11 @@ class SpineWatchTask(Task):
         except Exception as exc:
             if not is_transient(exc):
                 raise
-            log.warning("task.retry", error=type(exc).__name__, retries=self.request.retries)
             # Past max_retries, retry() re-raises exc: on_failure then dead-letters it.
-            # An error may say when a retry can succeed (AlertRetry: the alert lock's remaining TTL).
-            countdown = max(backoff(self.request.retries, c.settings.task_retry_backoff_seconds),
-                            float(getattr(exc, "retry_after", 0) or 0))
+            # An error may say when a retry can succeed (retry_after: Retry-After, a held alert lock).
+            countdown = retry_countdown(exc, self.request.retries, c.settings)
+            log.warning("task.retry", error=type(exc).__name__, retries=self.request.retries,
+                        countdown=round(countdown, 1), retry_after=getattr(exc, "retry_after", None))
             raise self.retry(exc=exc, countdown=countdown, max_retries=c.settings.task_max_retries)
 
     def on_failure(self, exc, task_id, args, kwargs, einfo):

@@ -11,13 +11,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fhir_mappings.clinical.terminology import load_terminology
 from service.api.errors import outcome_response, spinewatch_error_handler
+from service.api.headers import PathHeaders
 from service.api.middleware import CdsHooksCors, RequestIdMiddleware
+from service.api.pages import REVIEW_HEADERS
 from service.api.routes import (audit_events, audit_verify, discovery, evidence, feedback, hooks, notifications, ops,
                                 review_page)
 from service.api.services import build_services
 from service.core.errors import SpineWatchError
 from service.core.logging import configure_logging
 from service.core.settings import Settings, get_settings
+from service.usecases.auth_failures import AuthFailures
 
 
 async def _validation_handler(request, exc: RequestValidationError):
@@ -27,7 +30,8 @@ async def _validation_handler(request, exc: RequestValidationError):
 
 
 async def _http_handler(request, exc: StarletteHTTPException):
-    code = {404: "not-found", 405: "not-supported", 413: "too-costly"}.get(exc.status_code, "processing")
+    code = {404: "not-found", 405: "not-supported", 413: "too-costly",
+            429: "throttled"}.get(exc.status_code, "processing")
     return outcome_response(exc.status_code, str(exc.detail), code, headers=getattr(exc, "headers", None))
 
 
@@ -36,18 +40,23 @@ async def _warm_up(app: FastAPI):
     # Compile the clinical vocabulary (about a second) before the first hook call, not during it.
     load_terminology()
     yield
+    app.state.auth_failures.flush(app.state.services.audit.event)  # the refusal summaries still open
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings)
-    app = FastAPI(title="SpineWatch", version="0.1.0", lifespan=_warm_up,
+    # No /docs nor /redoc: their pages load Swagger UI / ReDoc from a CDN, blank offline or behind a
+    # strict proxy. The OpenAPI document itself is served at /openapi.json (docs/operations.md).
+    app = FastAPI(title="SpineWatch", version="0.1.0", lifespan=_warm_up, docs_url=None, redoc_url=None,
                   description="CDS Hooks service and FHIR subscriber for spinal metastasis red flags")
     app.state.services = build_services(settings)
+    app.state.auth_failures = AuthFailures.from_settings(settings)  # refused callers: limits, audit summaries
     app.add_exception_handler(SpineWatchError, spinewatch_error_handler)
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(StarletteHTTPException, _http_handler)
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(PathHeaders, prefix="/audit", headers=REVIEW_HEADERS)  # no-store, CSP, nosniff
     for routes in (ops, audit_events, review_page, audit_verify, discovery, hooks, feedback, notifications, evidence):
         app.include_router(routes.router)
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]

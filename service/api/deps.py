@@ -10,10 +10,11 @@ from typing import Annotated
 import structlog
 from fastapi import Depends, Request
 
+from service.api import throttle
 from service.api.reviewer import SESSION_COOKIE, authorised, refuse
 from service.api.services import Services
 from service.core.errors import ServiceUnavailable, Unauthorized
-from service.core.metrics import AUTH_FAILURES, NOTIFICATIONS
+from service.core.metrics import NOTIFICATIONS
 from service.core.settings import Settings
 from service.infra.audit.writer import AuditLog
 from service.infra.evidence_links import EvidenceLinks
@@ -82,6 +83,7 @@ async def verified_client(request: Request, services: ServicesDep) -> CdsClient:
     """The authenticated CDS client (service/infra/jwt.py checks the bearer JWT), or a bare 401."""
     if services.verifier is None:
         return CdsClient(iss="unverified", verified=False)
+    throttle.check(request, "cds-hooks", services.audit.event)  # 429, unchecked, past the failure limit
     scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
     try:
         if scheme.lower() != "bearer" or not credentials.strip():
@@ -92,9 +94,8 @@ async def verified_client(request: Request, services: ServicesDep) -> CdsClient:
         # The route template, not the raw path: the caller chose the path, and it may carry any text.
         route = getattr(request.scope.get("route"), "path", "/cds-services")
         cds_log.warning("cds.auth_failed", reason=exc.reason, path=route, iss=exc.iss)
-        AUTH_FAILURES.labels(surface="cds-hooks", reason=exc.reason).inc()
-        services.audit.event("auth-failure", "failure", actor=exc.iss or "unknown",
-                             detail={"surface": "cds-hooks", "reason": exc.reason, "path": route})
+        throttle.refused(request, services.audit.event, "cds-hooks", exc.reason, actor=exc.iss or "unknown",
+                         detail={"surface": "cds-hooks", "reason": exc.reason, "path": route})
         raise Unauthorized(exc.reason) from None  # the handler answers a bare 401: the reason stays here
     except ReplayCacheUnavailable:
         raise ServiceUnavailable("the JWT replay cache is unavailable; retry") from None
@@ -103,15 +104,17 @@ async def verified_client(request: Request, services: ServicesDep) -> CdsClient:
 async def verified_notifier(request: Request, settings: SettingsDep, audit: AuditDep) -> None:
     """The notifying server's secret, from channel.header (R4 Subscription.channel.header:
     "Additional headers / information to send as part of the notification"), as
-    `Authorization: Bearer <secret>`, compared in constant time; 401 otherwise."""
+    `Authorization: Bearer <secret>`, compared in constant time; 401 otherwise (429, unchecked,
+    past the failure limit)."""
+    throttle.check(request, "notifications", audit.event)
     expected = settings.notification_token.get_secret_value().encode()
     scheme, _, presented = request.headers.get("authorization", "").partition(" ")
     # compare_digest on equal-length inputs takes the same time wherever they differ.
     if not (scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), expected)):
         reason = "missing" if not presented else "mismatch"
-        AUTH_FAILURES.labels(surface="notifications", reason=reason).inc()
         NOTIFICATIONS.labels(kind="unknown", outcome="unauthorized").inc()
-        audit.event("auth-failure", "failure", actor="notifier", detail={"surface": "notifications", "reason": reason})
+        throttle.refused(request, audit.event, "notifications", reason, actor="notifier",
+                         detail={"surface": "notifications", "reason": reason})
         notification_log.warning("notification.unauthorized", reason=reason)
         raise Unauthorized("notification secret missing or wrong")
 

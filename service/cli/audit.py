@@ -1,6 +1,7 @@
-"""`spinewatch audit list|verify|export`: read, verify and export the hash-chained audit log.
+"""`spinewatch audit list|verify|head|export`: read, verify and export the hash-chained audit log.
 
-`verify` walks the chain and names the first record that does not hold (exit 1); `export --format
+`verify` walks the chain and names the first record that does not hold (exit 1), also against heads
+kept outside the database (`--expect-head`, from `head` or the head export file); `export --format
 fhir` writes IHE BALP-shaped FHIR R4 AuditEvents as NDJSON (or a Bundle with --bundle). Exports are
 themselves audited (kind `audit-access`): ATNA expects access to the audit trail to be traceable.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import re
 import socket
 import sys
 from typing import Annotated, Optional
@@ -28,17 +30,17 @@ UntilOption = Annotated[Optional[str], typer.Option(help="until this time (ISO-8
 
 def _store(db: str | None):
     from service.core.settings import get_settings
-    from service.infra.audit.store import sqlite_path, store_for
+    from service.infra.audit.store import settings_store, sqlite_path
 
     if db is None:
-        return store_for(get_settings().audit_db_url)
+        return settings_store(get_settings())
     # These commands read an existing log: a mistyped SQLite path must not become a new, empty
     # (and so "intact") one.
     path = sqlite_path(db)
     if path is not None and not path.is_file():
         typer.echo(f"spinewatch: --db: no audit log at {path} (no such SQLite file)", err=True)
         raise typer.Exit(2)
-    return store_for(db)
+    return settings_store(get_settings(), db)
 
 
 def _patient(value: str | None) -> str | None:
@@ -85,12 +87,50 @@ def list_(db: DbOption = None, patient: PatientOption = None, kind: KindOption =
     typer.echo(f"{len(records)} of {total} records", err=True)
 
 
+def _expected_heads(values: list[str] | None) -> dict[int, str]:
+    """--expect-head values: SEQ:HASH, the JSON line of `audit head`, or a file of such lines (the
+    head export file: every line in it is checked)."""
+    from pathlib import Path
+
+    from service.infra.audit.records import parse_head
+
+    expect: dict[int, str] = {}
+    for value in values or []:
+        text = value.strip()
+        if text.startswith("{") or re.fullmatch(r"\d+:\S*", text):
+            lines = [("--expect-head", text)]
+        else:
+            try:
+                lines = [(f"{value}:{n}", line) for n, line in enumerate(Path(value).read_text().splitlines(), 1)
+                         if line.strip()]
+            except (OSError, UnicodeDecodeError) as exc:
+                typer.echo(f"spinewatch: --expect-head: not SEQ:HASH, a head's JSON or a readable file: {value!r} "
+                           f"({type(exc).__name__})", err=True)
+                raise typer.Exit(2)
+        for where, line in lines:
+            try:
+                seq, digest = parse_head(line)
+            except ValueError as exc:
+                typer.echo(f"spinewatch: {where}: {exc}", err=True)
+                raise typer.Exit(2)
+            if expect.get(seq, digest) != digest:
+                typer.echo(f"spinewatch: {where}: two different hashes expected for record {seq}", err=True)
+                raise typer.Exit(1)
+            expect[seq] = digest
+    return expect
+
+
 @app.command()
-def verify(db: DbOption = None) -> None:
+def verify(db: DbOption = None,
+           expect_head: Annotated[Optional[list[str]], typer.Option(
+               "--expect-head", help="a head kept elsewhere: SEQ:HASH, the JSON of `audit head`, or the head "
+                                     "export file (repeatable); fails if record SEQ lacks that hash or is gone")] = None
+           ) -> None:
     """Verify the hash chain; name the first broken record and exit 1 when it does not hold."""
+    expect = _expected_heads(expect_head)
     store = _store(db)
     try:
-        result = store.verify()
+        result = store.verify(expect=expect)
     except Exception as exc:  # noqa: BLE001
         _fail_unreadable(exc)
     if result.ok:
@@ -98,6 +138,23 @@ def verify(db: DbOption = None) -> None:
         return
     typer.echo(result.message(), err=True)
     raise typer.Exit(1)
+
+
+@app.command()
+def head(db: DbOption = None) -> None:
+    """Print the log's head as one JSON line ({"seq", "hash", ...}): keep it outside the database and
+    check it later with `verify --expect-head`."""
+    from datetime import datetime, timezone
+
+    from service.infra.audit.records import utc_iso
+
+    store = _store(db)
+    try:
+        current = store.current_head()
+    except Exception as exc:  # noqa: BLE001
+        _fail_unreadable(exc)
+    typer.echo(json.dumps({**current.to_json(), "at": utc_iso(datetime.now(timezone.utc))}, sort_keys=True,
+                          separators=(",", ":")))
 
 
 @app.command()

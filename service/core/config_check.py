@@ -9,11 +9,16 @@ before doing anything, with that message and no traceback. Values of settings th
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pydantic import ValidationError
 
 PREFIX = "SPINEWATCH_"
+# SPINEWATCH_ variables that are not settings of the service: docker-compose.yml's published port,
+# the browser test's screenshot folder.
+NOT_SETTINGS = frozenset({"SPINEWATCH_PORT", "SPINEWATCH_ARTIFACT_DIR"})
 _SECRET_PARTS = ("secret", "token", "password", "key", "url", "uri", "endpoint", "dsn", "jwks", "credential")
 
 
@@ -40,6 +45,23 @@ def describe(exc: ValidationError) -> list[str]:
         if err.get("type") != "missing" and not may_hold_secret(field) and isinstance(value, (str, int, float)):
             shown = f"={str(value)[:60]!r}"
         lines.append(f"invalid setting {env_name(field)}{shown}: {reason}")
+    return lines
+
+
+def unknown_variables(environ: Mapping[str, str], fields: Iterable[str]) -> list[str]:
+    """One line per SPINEWATCH_ variable that is no setting (pydantic-settings ignores it: a typo
+    silently leaves the default in force), with the nearest real setting. Names only, never values."""
+    known = {env_name(f) for f in fields}
+    lines = []
+    for name in sorted(environ):
+        upper = name.upper()  # pydantic-settings matches names case-insensitively
+        if not upper.startswith(PREFIX) or upper in known or upper in NOT_SETTINGS:
+            continue
+        # Compared without the prefix, which every name shares and would make anything look close.
+        nearest = difflib.get_close_matches(upper.removeprefix(PREFIX), sorted(n.removeprefix(PREFIX) for n in known),
+                                            n=1, cutoff=0.6)
+        hint = f" (did you mean {PREFIX}{nearest[0]}?)" if nearest else ""
+        lines.append(f"unknown setting {name}: not a SpineWatch setting, ignored{hint}")
     return lines
 
 

@@ -19,11 +19,12 @@
         │   ├── FHIRAccessError          a hook's fetch failed (answered 412)
         │   └── FHIRResponseError        any other HTTP error, by status (R4 §3.1.0.8)
         │       ├── FHIRBadRequest, FHIRNotFound, FHIRPreconditionFailed, FHIRNotSupported
-        │       └── FHIRServerError      5xx, 408, 409, 429                                 transient
+        │       └── FHIRServerError      5xx, 408, 409, 429; .retry_after (Retry-After)     transient
         ├── QueueUnavailable             Redis, the broker and its bookkeeping             transient
         ├── ReplayCacheUnavailable       the JWT jti store (answered 503)                   transient
         ├── EvidenceStoreUnavailable     the full-evidence page store                      transient
         ├── TerminologyUnavailable       the optional terminology server (never required)  transient
+        ├── AuditKeyError                the audit log is keyed with another key (or none): nothing appended
         └── AlertError                   a care-team alert could not be delivered
             ├── AlertRetry                                                                  transient
             └── AlertFailed              a retry cannot help: dead-letter now
@@ -119,6 +120,11 @@ class TerminologyUnavailable(DependencyError):
     transient = True
 
 
+class AuditKeyError(DependencyError):
+    """This store's key (or its lack of one) is not the key the log is written with: appending would
+    break the chain, so nothing is appended (the writer logs and counts it as a failed write)."""
+
+
 class AlertError(DependencyError):
     """A care-team alert could not be delivered."""
 
@@ -160,15 +166,18 @@ class FHIRAccessError(FHIRError):
 
 
 class FHIRResponseError(FHIRError):
-    def __init__(self, message: str, status: int, outcome: dict | None = None):
+    def __init__(self, message: str, status: int, outcome: dict | None = None, retry_after: float | None = None):
         super().__init__(message)
         self.status = status
         self.outcome = outcome  # the server's OperationOutcome, when it sent one
+        # Seconds the server asked us to wait (Retry-After, RFC 9110 §10.2.3; 429, 503): the task
+        # layer's next retry waits at least this long (workers/tasks.py retry_countdown).
+        self.retry_after = retry_after
 
     def __reduce__(self):
         # Pickleable as itself: Celery pickles a failed task's exception, and would otherwise fall
         # back to the nearest base class that pickles (FHIRError), losing the type.
-        return type(self), (self.message, self.status, self.outcome)
+        return type(self), (self.message, self.status, self.outcome, self.retry_after)
 
     @property
     def issue_codes(self) -> list[str]:
@@ -205,9 +214,10 @@ _BY_STATUS: dict[int, type[FHIRResponseError]] = {
 }
 
 
-def fhir_error_for(status: int, what: str, outcome: dict | None) -> FHIRError:
-    """The FHIR error for an HTTP status (`what` names the request, never its data)."""
+def fhir_error_for(status: int, what: str, outcome: dict | None, retry_after: float | None = None) -> FHIRError:
+    """The FHIR error for an HTTP status (`what` names the request, never its data); `retry_after`:
+    the answer's Retry-After in seconds, kept on a FHIRServerError (a retry there can help)."""
     if status in (401, 403):
         return FHIRAuthError(f"{what}: HTTP {status} (not authorised)")
     cls = _BY_STATUS.get(status) or (FHIRServerError if status >= 500 else FHIRBadRequest)
-    return cls(f"{what}: HTTP {status}", status, outcome)
+    return cls(f"{what}: HTTP {status}", status, outcome, retry_after if cls is FHIRServerError else None)

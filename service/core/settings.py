@@ -63,9 +63,32 @@ class Settings(BaseSettings):
     audit_db_url: str = Field("sqlite:///./var/audit.sqlite",
                               description="SQLAlchemy URL of the audit log: a SQLite file (its directory is created) "
                                           "or postgresql://user:pass@host/db")
+    audit_hmac_key: SecretStr | None = Field(
+        None, description="HMAC-SHA256 key of the audit chain (hash version 2): without it nobody can forge a record "
+                          "or recompute a rolled-back head; one key for the life of a log (docs/audit.md); production: "
+                          "required unless audit_hmac_disabled, at least 32 characters, 10 distinct, not shared")
+    audit_hmac_disabled: bool = Field(False, description="production: deliberately run the audit chain unkeyed "
+                                                         "(SHA-256 only) without audit_hmac_key")
+    audit_head_export_path: str | None = Field(
+        None, description="file that gets the audit log head (seq, hash) appended as a JSON line after every committed "
+                          "batch, fsync'd: keep it where the database's users cannot write, for "
+                          "`spinewatch audit verify --expect-head`")
     reviewer_token: SecretStr = Field(SecretStr(PLACEHOLDER_SECRET),
                                 description="bearer token for GET /audit/events and the review page /audit; production: at "
                                             "least 32 characters, 10 distinct, not shared with another secret")
+    reviewer_session_seconds: int = Field(28_800, ge=60, le=7 * 86_400,
+                                          description="how long a review page session lasts after sign-in (seconds); "
+                                                      "checked server-side, and the cookie's Max-Age")
+    # Refused callers (service/usecases/auth_failures.py): per process, per surface
+    auth_failure_limit: int = Field(30, ge=1, le=100_000,
+                                    description="refused attempts a client address may make on one surface per minute; "
+                                                "past it every call is answered 429 until the minute has passed")
+    auth_failure_global_limit: int = Field(600, ge=1, le=1_000_000,
+                                           description="refused attempts per minute on one surface from all clients "
+                                                       "together; past it every call on that surface is answered 429")
+    auth_failure_audit_per_window: int = Field(5, ge=0, le=10_000,
+                                               description="refusals audited one by one per surface, reason and client "
+                                                           "per minute; the rest are summarised in one auth-failure record")
     alert_default_recipient: str | None = Field(
         None, description="FHIR reference alerted when a patient has no active CareTeam and no generalPractitioner, "
                           "e.g. Organization/acute-oncology (no default: alerts with no recipient are dead-lettered)")
@@ -190,6 +213,10 @@ class Settings(BaseSettings):
                              description="scopes requested with the SMART Backend Services token")
     fhir_timeout_seconds: float = Field(10.0, gt=0, le=120, description="HTTP timeout (seconds) for each FHIR request")
     fhir_max_pages: int = Field(50, ge=1, le=10_000, description="most search pages followed for one search")
+    fhir_retry_after_max_seconds: float = Field(
+        600.0, ge=0, le=3600, description="longest Retry-After (429/503) a task's next retry honours, even past "
+        "its backoff; kept below the broker visibility timeout minus the task time limit (a waiting retry is "
+        "held unacknowledged)")
     subscription_types: str = Field(
         "Condition,Observation",
         description="comma-separated resource types `spinewatch subscribe` subscribes to (one Subscription each) "
@@ -323,6 +350,7 @@ class Settings(BaseSettings):
         if self.environment != "production":
             return self
         names = ["reviewer_token", "notification_token"] + (["alert_webhook_secret"] if self.alert_webhook_url else [])
+        names += [] if self.audit_hmac_disabled and not self.audit_hmac_key else ["audit_hmac_key"]
         problems, seen = [], {}
         for name in names:
             value = _plain(getattr(self, name)) or ""

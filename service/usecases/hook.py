@@ -5,6 +5,13 @@ a `HookServices` made once by the composition root.
 Data, in order (service/infra/fhir/fetch.py): the prefetch, else the CDS client's `fhirServer`, else
 a stored assessment younger than SPINEWATCH_STORED_ASSESSMENT_MAX_AGE_SECONDS. Data that cannot be
 had is PreconditionFailed (2.0: "the service SHALL respond with an HTTP 412"), never "no cards".
+
+Time budgets, one per stage, so a hook call never hangs the EHR: fetching (SPINEWATCH_HOOK_TIMEOUT_
+SECONDS), the terminology server (SPINEWATCH_TERMINOLOGY_BUDGET_SECONDS: then the local sets alone),
+and the evaluation itself (SPINEWATCH_HOOK_EVALUATION_TIMEOUT_SECONDS): `assess` is CPU-bound and runs
+in a worker thread; past its budget the call is answered 412 with an OperationOutcome naming the
+budget (docs/cds-hooks.md). Python cannot stop a thread: the abandoned evaluation runs on to its end
+in the background, in anyio's bounded thread pool, and its result is dropped.
 SNOMED CT codes the local value sets do not know are first asked of the optional terminology
 server (service/infra/fhir/terminology.py), within its time budget.
 
@@ -23,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 
+import anyio
 import httpx
 import structlog
 from anyio import to_thread
@@ -30,6 +38,7 @@ from anyio import to_thread
 from fhir_mappings.cds.cards import cards_for, xray_card
 from fhir_mappings.cds.evidence_view import evidence_view
 from fhir_mappings.clinical.evaluate import Assessment, assess
+from fhir_mappings.clinical.terminology import load_terminology
 from fhir_mappings.clinical.orders import MRI_SPINE, XRAY_SPINE, classify_order, draft_resources, reference
 from fhir_mappings.fhir.bundle import patient_key
 from service.core.errors import PreconditionFailed
@@ -46,9 +55,6 @@ from service.infra.assessments import StoredAssessments, fresh_assessment
 
 log = structlog.get_logger("spinewatch.cds_hooks")
 
-# A record this large is evaluated in a worker thread, so one big chart does not stall the event
-# loop for every other caller; small ones run inline (no thread hop on the latency path).
-INLINE_EVALUATION_MAX_RESOURCES = 500
 # FHIR R4 ServiceRequest.intent codes: the MRI suggestion takes the X-ray's intent.
 SERVICE_REQUEST_INTENTS = {"proposal", "plan", "directive", "order", "original-order", "reflex-order",
                            "filler-order", "instance-order", "option"}
@@ -146,16 +152,30 @@ async def assess_patient(services: HookServices, call: HookCall, now: datetime) 
     consulted = await consult(services.terminology, resources)  # bounded; on failure the local sets alone
     rules = evaluation_settings(settings)
     started = time.perf_counter()
-    if len(resources) <= INLINE_EVALUATION_MAX_RESOURCES:
-        assessment = assess(resources, now, rules, terminology=consulted.terminology)
-    else:
-        assessment = await to_thread.run_sync(
-            lambda: assess(resources, now, rules, terminology=consulted.terminology))
+    assessment = await evaluate_within_budget(
+        lambda: assess(resources, now, rules, terminology=consulted.terminology),
+        settings.hook_evaluation_timeout_seconds, len(resources))
     consulted.note(assessment)
     EVALUATION_SECONDS.labels(origin="hook").observe(time.perf_counter() - started)
     EVALUATIONS.labels(tier=assessment.urgency, origin="hook").inc()
     assessment.patient = call.patient  # the context names the patient (clinical identifiers get no defaults)
     return assessment, gathered.source
+
+
+async def evaluate_within_budget(evaluate, budget: float, resources: int) -> Assessment:
+    """`evaluate()` in a worker thread (the event loop keeps serving other callers), or
+    PreconditionFailed once `budget` seconds have passed: the EHR gets an answer, never a hang.
+    The one-off compilation of the clinical vocabulary (done at start-up by the app's lifespan) is
+    not the evaluation's: a process that has not compiled it yet does so first, outside the budget."""
+    if load_terminology.cache_info().currsize == 0:
+        await to_thread.run_sync(load_terminology)
+    with anyio.move_on_after(budget) as scope:
+        return await to_thread.run_sync(evaluate, abandon_on_cancel=True)
+    if not scope.cancelled_caught:  # pragma: no cover - the body returns unless cancelled
+        raise RuntimeError("evaluation neither finished nor timed out")
+    log.warning("cds.evaluation_over_budget", budget_seconds=budget, resources=resources)
+    raise PreconditionFailed(f"the evaluation did not finish within its time budget of {budget:g} s "
+                             f"(SPINEWATCH_HOOK_EVALUATION_TIMEOUT_SECONDS); no decision could be made")
 
 
 def patients_own(gathered: list[dict], patient: str) -> list[dict]:

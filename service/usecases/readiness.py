@@ -1,8 +1,13 @@
 """Readiness checks and the queue-depth gauge, for /readyz and /metrics.
 
-A check is an async callable that returns on success and raises on failure. `default_checks`
-builds the standard ones from the settings (Redis, the audit store, the FHIR server). Failure
-reasons are short error class names: URLs may carry passwords, so they are never echoed.
+A check is an async callable that returns on success (optionally a dict of details shown with the
+result, e.g. a warning) and raises on failure. `default_checks` builds the standard ones from the
+settings (Redis, the audit store, the FHIR server). Failure reasons are short error class names:
+URLs may carry passwords, so they are never echoed; a NotReady says its own (safe) reason.
+
+The Redis check also asks whether Redis keeps what it is given (service/infra/queue/durability.py:
+appendonly, maxmemory-policy): in production one that does not is not ready, with the reason;
+elsewhere ready, with a warning in the detail.
 """
 
 from __future__ import annotations
@@ -10,24 +15,39 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import httpx
 
 from service.core.metrics import QUEUE_DEPTH
 from service.core.settings import Settings
 from service.infra.queue import QUEUE
+from service.infra.queue.durability import aread_durability
 from service.infra.redis import async_redis_client
 
-Check = Callable[[], Awaitable[None]]
+Check = Callable[[], Awaitable[Any]]
 
 
-def redis_check(url: str, timeout: float) -> Check:
-    async def check() -> None:
+class NotReady(Exception):
+    """A check's failure whose message is a safe reason to show (no URL, no secret)."""
+
+
+def redis_check(url: str, timeout: float, require_durable: bool = False) -> Check:
+    """PING, then persistence and eviction: not durable is a failure where `require_durable`
+    (production), a warning otherwise; what Redis would not say is reported as unknown."""
+    async def check() -> dict:
         client = async_redis_client(url, timeout)
         try:
             await client.ping()
+            durability = await aread_durability(client)
         finally:
             await client.aclose()
+        if durability.problems and require_durable:
+            raise NotReady("; ".join(durability.problems))
+        detail = {"durability": durability.summary}
+        if durability.problems:
+            detail["warning"] = "; ".join(durability.problems)
+        return detail
     return check
 
 
@@ -63,7 +83,8 @@ def default_checks(settings: Settings) -> dict[str, Check]:
     timeout = settings.readiness_timeout_seconds
     checks: dict[str, Check] = {}
     if settings.redis_url:
-        checks["redis"] = redis_check(settings.redis_url, timeout)
+        checks["redis"] = redis_check(settings.redis_url, timeout,
+                                      require_durable=settings.environment == "production")
     if settings.audit_db_url and settings.audit_enabled:
         checks["audit_store"] = audit_store_check(settings.audit_db_url)
     if settings.fhir_base_url:
@@ -80,10 +101,12 @@ async def run_checks(checks: dict[str, Check], timeout: float) -> tuple[bool, di
 async def _run(check: Check, timeout: float) -> dict:
     started = time.perf_counter()
     try:
-        await asyncio.wait_for(check(), timeout)
-        result: dict = {"ok": True}
+        detail = await asyncio.wait_for(check(), timeout)
+        result: dict = {"ok": True} | (detail if isinstance(detail, dict) else {})
     except asyncio.TimeoutError:
         result = {"ok": False, "error": f"no answer within {timeout:g} s"}
+    except NotReady as exc:
+        result = {"ok": False, "error": str(exc)}
     except Exception as exc:  # any failure means unready; the class name says which kind
         result = {"ok": False, "error": type(exc).__name__}
     result["ms"] = round((time.perf_counter() - started) * 1000, 1)

@@ -1,11 +1,14 @@
 """The reviewer page: GET /audit (filters, events, a per-patient timeline, card feedback counts) and
 its token form, POST /audit/login and /audit/logout. A browser without a session gets the form (401).
-The session cookie is HttpOnly, SameSite=Strict, Secure in production (OWASP Session Management
-cheat sheet). Every page served is audited (kind `audit-access`)."""
+The session cookie is HttpOnly, SameSite=Strict, Secure in production, and lasts
+SPINEWATCH_REVIEWER_SESSION_SECONDS (Max-Age, and checked server-side); signing out revokes it
+(service/api/reviewer.py; OWASP Session Management cheat sheet). Every page served is audited (kind
+`audit-access`); every response under /audit carries pages.REVIEW_HEADERS (no-store, CSP)."""
 
 from __future__ import annotations
 
 import hmac
+import time
 from typing import Annotated
 from urllib.parse import urlencode
 
@@ -14,8 +17,10 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 
 from service.api.deps import AuditDep, SettingsDep
 from service.api.models.audit import AuditFilters
-from service.api.pages import page
-from service.api.reviewer import SESSION_COOKIE, authorised, refuse, session_value
+from service.api import throttle
+from service.api.pages import reviewer_page
+from service.api.reviewer import (REVOKED, SESSION_COOKIE, SURFACE, Session, authorised, read_session, refuse,
+                                  session_value)
 from service.usecases.audit_review import KINDS, review, summarise
 
 router = APIRouter(tags=["audit"])
@@ -24,7 +29,10 @@ router = APIRouter(tags=["audit"])
 @router.get("/audit", response_class=HTMLResponse)
 def review_page(request: Request, filters: AuditFilters, settings: SettingsDep, audit: AuditDep):
     if not authorised(request, settings, audit):
-        return page("audit_login.html", 401, failed=request.query_params.get("failed") == "1")
+        response = reviewer_page("audit_login.html", 401, failed=request.query_params.get("failed") == "1")
+        if request.cookies.get(SESSION_COOKIE):  # expired, revoked or forged: the browser stops sending it
+            response.delete_cookie(SESSION_COOKIE, path="/audit")
+        return response
     found = review(audit.store, filters)
     audit.record("audit-access", "success", actor="reviewer", patient=filters.patient,
                  detail={"action": "page", "filters": filters.audit_detail(), "count": len(found.records)})
@@ -37,25 +45,34 @@ def review_page(request: Request, filters: AuditFilters, settings: SettingsDep, 
         return "/audit?" + urlencode(list(base.items()) + kinds + [("offset", offset)])
 
     after = filters.offset + filters.limit
-    return page("audit.html", records=found.records, total=found.total, filters=filters, kinds=KINDS,
-                timeline=found.timeline, feedback=found.feedback, query=request.query_params, summarise=summarise,
-                prev_url=page_url(max(filters.offset - filters.limit, 0)) if filters.offset else None,
-                next_url=page_url(after) if after < found.total else None)
+    return reviewer_page("audit.html", records=found.records, total=found.total, filters=filters, kinds=KINDS,
+                         timeline=found.timeline, feedback=found.feedback, query=request.query_params,
+                         summarise=summarise,
+                         prev_url=page_url(max(filters.offset - filters.limit, 0)) if filters.offset else None,
+                         next_url=page_url(after) if after < found.total else None)
 
 
 @router.post("/audit/login")
 def login(request: Request, token: Annotated[str, Form(max_length=500)], settings: SettingsDep, audit: AuditDep):
+    throttle.check(request, SURFACE, audit.record)  # 429, the token unchecked, past the failure limit
     if not hmac.compare_digest(token.encode(), settings.reviewer_token.get_secret_value().encode()):
         refuse(request, audit, "bad-token")
         return RedirectResponse("/audit?failed=1", status_code=303)
     response = RedirectResponse("/audit", status_code=303)
-    response.set_cookie(SESSION_COOKIE, session_value(settings.reviewer_token.get_secret_value()), httponly=True, samesite="strict",
+    response.set_cookie(SESSION_COOKIE, session_value(settings.reviewer_token.get_secret_value()),
+                        max_age=settings.reviewer_session_seconds, httponly=True, samesite="strict",
                         secure=settings.environment == "production", path="/audit")
     return response
 
 
 @router.post("/audit/logout")
-def logout():
+def logout(request: Request, settings: SettingsDep):
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if cookie:
+        now = time.time()
+        found = read_session(cookie, settings.reviewer_token.get_secret_value(), settings.reviewer_session_seconds, now)
+        if isinstance(found, Session):  # only a genuine, live session is remembered as revoked
+            REVOKED.revoke(found, now)
     response = RedirectResponse("/audit", status_code=303)
     response.delete_cookie(SESSION_COOKIE, path="/audit")
     return response

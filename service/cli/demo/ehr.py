@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -44,12 +45,75 @@ class DemoEhrIssuer:
     def trusted_issuers(self) -> str:
         return json.dumps({self.iss: str(self.jwks_path)})
 
+    def token(self, audience: str, lifetime: int = 300) -> str:
+        """A signed JWT for one call to `audience` (its jti is remembered: a token works once)."""
+        return sign(self._jwt, self.key, self.kid, self.iss, audience, lifetime)
+
     def authorization(self, audience: str) -> dict[str, str]:
-        now = int(time.time())
-        token = self._jwt.encode({"iss": self.iss, "aud": audience, "iat": now, "exp": now + 300,
-                                  "jti": uuid.uuid4().hex}, self.key, algorithm="ES384",
-                                 headers={"kid": self.kid, "typ": "JWT"})
-        return {"Authorization": f"Bearer {token}"}
+        return {"Authorization": f"Bearer {self.token(audience)}"}
+
+    def save_key(self) -> Path:
+        """The signing key in the run directory (0600), for `python -m service.cli.demo.ehr token`
+        while `spinewatch demo --serve` runs: a demo key, trusted only by the demo's own API."""
+        from cryptography.hazmat.primitives import serialization
+
+        path = self.jwks_path.with_name(KEY_FILE)
+        pem = self.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption())
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        return path
+
+
+KEY_FILE = "demo-ehr-key.pem"
+CURL_TOKEN_SECONDS = 1800  # the printed curl example's token: within SPINEWATCH_JWT_MAX_LIFETIME_SECONDS
+
+
+def sign(jwt_module, key, kid: str, iss: str, audience: str, lifetime: int) -> str:
+    now = int(time.time())
+    return jwt_module.encode({"iss": iss, "aud": audience, "iat": now, "exp": now + lifetime,
+                              "jti": uuid.uuid4().hex}, key, algorithm="ES384", headers={"kid": kid, "typ": "JWT"})
+
+
+def patient_view_body(fhir_base: str, patient_id: str) -> dict:
+    return {"hook": "patient-view", "hookInstance": str(uuid.uuid4()), "fhirServer": fhir_base,
+            "context": {"userId": "Practitioner/sw-demo-gp", "patientId": patient_id}}
+
+
+def curl_example(api: str, fhir_base: str, issuer: DemoEhrIssuer, patient_id: str) -> str:
+    """A ready patient-view call as the demo EHR makes it, signed (one call, within 30 min)."""
+    import shlex
+
+    url = f"{api}/cds-services/{PATIENT_VIEW_SERVICE}"
+    body = json.dumps(patient_view_body(fhir_base, patient_id), separators=(",", ":"))
+    token = issuer.token(url, CURL_TOKEN_SECONDS)
+    return (f"curl -sS -X POST {shlex.quote(url)} -H 'Content-Type: application/json' "
+            f"-H {shlex.quote('Authorization: Bearer ' + token)} -d {shlex.quote(body)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m service.cli.demo.ehr token --dir RUN_DIR URL`: a fresh demo-EHR JWT for one call
+    to URL, while `spinewatch demo --serve` runs (its run directory holds the key and JWK Set)."""
+    import argparse
+
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+
+    parser = argparse.ArgumentParser(prog="python -m service.cli.demo.ehr")
+    parser.add_argument("command", choices=["token"])
+    parser.add_argument("--dir", required=True, type=Path, help="the demo's run directory")
+    parser.add_argument("url", help="the URL the token is for (the JWT aud), e.g. .../cds-services/spinewatch-patient-view")
+    args = parser.parse_args(argv)
+    try:
+        key = serialization.load_pem_private_key((args.dir / KEY_FILE).read_bytes(), password=None)
+        kid = json.loads((args.dir / "demo-ehr-jwks.json").read_text())["keys"][0]["kid"]
+    except (OSError, ValueError, KeyError, IndexError) as exc:
+        print(f"spinewatch demo: no demo EHR key in {args.dir} ({type(exc).__name__}): is `spinewatch demo --serve` "
+              f"running with that --dir?", file=sys.stderr)
+        return 2
+    print(sign(jwt, key, kid, DemoEhrIssuer.iss, args.url, 300))
+    return 0
 
 
 def demo_environment(run_dir: Path, redis_url: str, fhir_base: str, api_base: str,
@@ -141,8 +205,7 @@ def patient_view(api: str, fhir_base: str, issuer: DemoEhrIssuer, patient: DemoP
     """The CDS Hooks call an EHR makes when a clinician opens the chart (CDS Hooks 2.0 patient-view),
     with fhirServer so the service reads the record itself."""
     url = f"{api}/cds-services/{PATIENT_VIEW_SERVICE}"
-    body = {"hook": "patient-view", "hookInstance": str(uuid.uuid4()), "fhirServer": fhir_base,
-            "context": {"userId": "Practitioner/sw-demo-gp", "patientId": patient.patient_id}}
+    body = patient_view_body(fhir_base, patient.patient_id)
     r = httpx.post(url, json=body, headers=issuer.authorization(url), timeout=10.0)
     if r.status_code != 200:
         raise DemoError(f"patient-view for {patient.reference} answered HTTP {r.status_code}")
@@ -188,3 +251,7 @@ def audit_summary(db_url: str) -> dict:
     store.dispose()
     return {"count": sum(counts.values()), "kinds": ", ".join(f"{k} {n}" for k, n in sorted(counts.items())),
             "ok": result.ok, "verification": f"{'verified' if result.ok else 'BROKEN'} ({result.message()})"}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -17,6 +17,7 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -27,9 +28,10 @@ from typing import Any
 
 import httpx
 
-from service.cli.demo.ehr import (DemoEhrIssuer, DemoPatient, audit_summary, communications, demo_environment,
-                                  describe_communication, load_demo_patients, patient_view, post_transaction,
-                                  stored_tier)
+from service.cli.demo.ehr import (PATIENT_VIEW_SERVICE, DemoEhrIssuer, DemoPatient, audit_summary, communications,
+                                  curl_example, demo_environment, describe_communication, load_demo_patients,
+                                  patient_view, post_transaction, stored_tier)
+from service.core.settings import PLACEHOLDER_SECRET
 from service.cli.demo.processes import (FHIR_JSON, HOST, DemoError, Processes, find_or_install_redis, free_port,
                                         spinewatch_cmd, start_api, start_redis, start_sekmet, start_worker,
                                         wait_until)
@@ -80,6 +82,9 @@ class Demo:
     write: Callable[[str], None] | None = None
     procs: Processes = field(init=False)
     urls: dict[str, str] = field(default_factory=dict)
+    issuer: DemoEhrIssuer | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    run_path: Path | None = None
     patients: list[DemoPatient] = field(default_factory=list)
     results: dict = field(default_factory=dict)
 
@@ -124,8 +129,10 @@ class Demo:
             self.urls["fhir"] = start_sekmet(self.procs, run_dir)
             s["detail"] = self.urls["fhir"]
         api_port = free_port()
-        issuer = DemoEhrIssuer(run_dir)
-        env = demo_environment(run_dir, self.urls["redis"], self.urls["fhir"], f"http://{HOST}:{api_port}", issuer)
+        issuer = self.issuer = DemoEhrIssuer(run_dir)
+        env = self.env = demo_environment(run_dir, self.urls["redis"], self.urls["fhir"], f"http://{HOST}:{api_port}",
+                                          issuer)
+        self.run_path = run_dir
         self.urls["audit"] = env["SPINEWATCH_AUDIT_DB_URL"]
         with out.step("SpineWatch API (spinewatch serve)") as s:
             self.urls["api"] = start_api(self.procs, env, api_port)
@@ -216,11 +223,27 @@ class Demo:
     def _serve(self, out: Progress) -> None:
         out.say("")
         out.say("Serving until Ctrl-C:")
-        out.say(f"  SpineWatch API   {self.urls['api']}  (/cds-services, /healthz, /readyz, /metrics, /docs)")
+        api = self.urls["api"]
+        out.say(f"  SpineWatch API   {api}  (/cds-services, /healthz, /readyz, /metrics)")
+        out.say(f"  OpenAPI          {api}/openapi.json")
+        token = self.env.get("SPINEWATCH_REVIEWER_TOKEN", PLACEHOLDER_SECRET)
+        out.say(f"  review page      {api}/audit  (reviewer token: {token}, the development default)")
         out.say(f"  demo EHR (FHIR)  {self.urls['fhir']}")
         out.say(f"  Redis            {self.urls['redis']}")
         out.say(f"  audit log        {self.urls['audit']}")
         out.say(f"  logs             {self.procs.log_dir}")
+        if self.issuer is not None and self.patients and self.run_path is not None:
+            patient = next((p for p in self.patients if p.expected_tier == "emergency"), self.patients[0])
+            url = f"{api}/cds-services/{PATIENT_VIEW_SERVICE}"
+            self.issuer.save_key()
+            out.say("")
+            out.say(f"Call a hook as the demo EHR (patient-view, {patient.reference}; a signed JWT, good for one call "
+                    f"within 30 min):")
+            out.say(f"  {curl_example(api, self.urls['fhir'], self.issuer, patient.patient_id)}")
+            out.say("A fresh token for another call (replace the Bearer value):")
+            out.say(f"  {sys.executable} -m service.cli.demo.ehr token --dir {self.run_path} {url}")
+        out.say("")
+        out.say("Ctrl-C stops everything.")
         while True:
             self.procs.check_alive()
             time.sleep(0.5)

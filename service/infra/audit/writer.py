@@ -47,7 +47,7 @@ import time
 import structlog
 
 from service.infra.audit.records import AuditRecord
-from service.infra.audit.store import AuditStore, store_for
+from service.infra.audit.store import AuditStore, settings_store
 
 log = structlog.get_logger("spinewatch.audit")
 
@@ -69,12 +69,19 @@ class AuditLog:
         self.settings = settings
         self.background = background and store is None
         self._store = store
+        self._resolved: tuple[int, AuditStore] | None = None
         self._writer = _Writer(self)
 
     @property
     def store(self) -> AuditStore:
-        """The store for SPINEWATCH_AUDIT_DB_URL (or the one given)."""
-        return self._store if self._store is not None else store_for(self.settings.audit_db_url)
+        """The store for SPINEWATCH_AUDIT_DB_URL with SPINEWATCH_AUDIT_HMAC_KEY and
+        SPINEWATCH_AUDIT_HEAD_EXPORT_PATH (or the one given); looked up once per process."""
+        if self._store is not None:
+            return self._store
+        resolved = self._resolved
+        if resolved is None or resolved[0] != os.getpid():
+            resolved = self._resolved = (os.getpid(), settings_store(self.settings))
+        return resolved[1]
 
     @property
     def enabled(self) -> bool:

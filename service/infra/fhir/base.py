@@ -10,7 +10,8 @@ and the asynchronous one of a CDS Hooks call (service/infra/fhir/async_client.py
 - search paging (R4 §3.1.1.5.6 "Paging": Bundle.link relation `next`): a `next` link is followed
   only on the base's origin, and only up to the face's page cap: a partial record could hide a red
   flag, so too many pages fail rather than being cut short;
-- the OperationOutcome an error answer carries (R4 §3.1.0 "HTTP Status Codes"), kept on the error.
+- the OperationOutcome an error answer carries (R4 §3.1.0 "HTTP Status Codes"), kept on the error,
+  and its Retry-After (RFC 9110 §10.2.3: delta-seconds or an HTTP-date) as `retry_after` seconds.
 
 How each failure is worded and typed is the face's own (`FHIRBase.failure`): the workers' face says
 what failed in FHIR terms (typed, some transient); the hook face answers every failure with a 412
@@ -21,15 +22,18 @@ from __future__ import annotations
 
 import json
 import ssl
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from datetime import timezone
+from email.utils import parsedate_to_datetime
 from functools import lru_cache
 from urllib.parse import urlsplit
 
 import httpx
 
-from service.core.errors import (FHIRError, FHIRPagingError, FHIRResponseError, FHIRTooLarge, FHIRTransportError,
-                                 fhir_error_for)
+from service.core.errors import (FHIRError, FHIRPagingError, FHIRResponseError, FHIRServerError, FHIRTooLarge,
+                                 FHIRTransportError, fhir_error_for)
 
 FHIR_JSON = "application/fhir+json"  # R4 §3.1.0 "Content Types and encodings"
 USER_AGENT = "SpineWatch/0.1"
@@ -80,6 +84,26 @@ def operation_outcome(body: bytes) -> dict | None:
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     return document if isinstance(document, dict) and document.get("resourceType") == "OperationOutcome" else None
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (RFC 9110 §10.2.3): delta-seconds (`120`) or an
+    HTTP-date (IMF-fixdate, or the obsolete RFC 850 and asctime forms, §5.6.7), measured from `now`
+    (epoch seconds). A date in the past is 0; a value that is neither is None (no advice)."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():  # 1*DIGIT only: no sign, no fraction
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    if when.tzinfo is None:  # HTTP-dates are always GMT (§5.6.7)
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 def bundle_entries(bundle: dict) -> Iterator[tuple[dict, str | None]]:
@@ -192,14 +216,18 @@ class FHIRBase:
         """Whether a status is an answer (R4 §3.1.0 "HTTP Status Codes": 4xx and 5xx are errors)."""
         return status < 400
 
-    def check_status(self, status: int, body: bytes, what: str) -> None:
-        """The face's failure for an HTTP error, with the OperationOutcome the body holds."""
+    def check_status(self, status: int, body: bytes, what: str, headers: Mapping[str, str] | None = None) -> None:
+        """The face's failure for an HTTP error, with the OperationOutcome the body holds and the
+        Retry-After the headers carry."""
         if not self.answered(status):
-            raise self.failure("status", what, status=status, outcome=operation_outcome(body))
+            error = self.failure("status", what, status=status, outcome=operation_outcome(body))
+            if isinstance(error, FHIRServerError):  # a face's own failure (the hook's 412) has no use for it
+                error.retry_after = parse_retry_after((headers or {}).get("retry-after"))
+            raise error
 
-    def document(self, status: int, body: bytes, what: str) -> dict:
+    def document(self, status: int, body: bytes, what: str, headers: Mapping[str, str] | None = None) -> dict:
         """The JSON object an answer holds ({} for none); the face's failure otherwise."""
-        self.check_status(status, body, what)
+        self.check_status(status, body, what, headers)
         if not body:
             return {}
         try:

@@ -16,6 +16,7 @@ the workers retry only the transient ones):
         ├── FHIRPreconditionFailed   412: conditional request whose condition failed    permanent
         ├── FHIRNotSupported         405, 501: interaction or operation not offered     permanent
         └── FHIRServerError          408, 409, 429, 5xx: busy, conflicting, failing     transient
+                                     .retry_after: the server's Retry-After, in seconds
 
 Messages name the interaction, the resource type and the status; never a query value, a body or a
 token (search parameters hold patient ids, and tokens are credentials).
@@ -87,8 +88,8 @@ class FHIRClient(FHIRBase):
 
     def delete(self, resource_type: str, resource_id: str) -> None:
         what = f"delete {resource_type}"
-        status, _, body = self._exchange("DELETE", f"{resource_type}/{resource_id}", what=what)
-        self.check_status(status, body, what)
+        status, headers, body = self._exchange("DELETE", f"{resource_type}/{resource_id}", what=what)
+        self.check_status(status, body, what, headers)
 
     def search(self, resource_type: str, params: dict | list | None = None) -> Iterator[dict]:
         """Every resource of every page (matches and includes; OperationOutcome entries skipped),
@@ -114,10 +115,10 @@ class FHIRClient(FHIRBase):
         what = "read Binary"
         if not self.on_server(self.url(target)):
             raise self.failure("off origin", what, detail="the URL")  # never send our token elsewhere
-        status, content_type, body = self._exchange("GET", target, what=what, max_bytes=max_bytes)
-        self.check_status(status, body, what)
+        status, headers, body = self._exchange("GET", target, what=what, max_bytes=max_bytes)
+        self.check_status(status, body, what, headers)
         try:
-            return binary_resource(content_type, body, key_of(target))
+            return binary_resource(headers.get("content-type"), body, key_of(target))
         except NotABinary as exc:
             raise FHIRResponseError(f"{what}: {exc}", status) from None
 
@@ -126,12 +127,13 @@ class FHIRClient(FHIRBase):
     def _request(self, method: str, path: str, *, params=None, json_body: dict | None = None,
                  headers: dict | None = None, what: str) -> dict:
         headers = dict(headers or {}) | ({"Content-Type": FHIR_JSON} if json_body is not None else {})
-        status, _, body = self._exchange(method, path, what=what, params=params, json=json_body, headers=headers)
-        return self.document(status, body, what)
+        status, answer_headers, body = self._exchange(method, path, what=what, params=params, json=json_body,
+                                                      headers=headers)
+        return self.document(status, body, what, answer_headers)
 
     def _exchange(self, method: str, path: str, *, what: str, max_bytes: int | None = None,
-                  headers: dict | None = None, **request) -> tuple[int, str | None, bytes]:
-        """(status, Content-Type, body) of one request, asked again once with a new token after a
+                  headers: dict | None = None, **request) -> tuple[int, httpx.Headers, bytes]:
+        """(status, headers, body) of one request, asked again once with a new token after a
         401 (an expired or revoked token)."""
         started = time.perf_counter()
         for attempt in (1, 2):
@@ -146,4 +148,4 @@ class FHIRClient(FHIRBase):
                 break
         log.debug("fhir.request", interaction=what, status=r.status_code, bytes=len(body.data),
                   ms=round((time.perf_counter() - started) * 1000, 1))
-        return r.status_code, r.headers.get("content-type"), bytes(body.data)
+        return r.status_code, r.headers, bytes(body.data)

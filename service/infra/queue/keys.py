@@ -5,9 +5,11 @@ Redis keys (prefix `spinewatch:`):
     dedup:event:Subscription/<id>:<n>   an event number seen          "claimed" | "queued"
     dedup:version:<Type>/<id>:<v>       a resource version seen       "claimed" | "queued"
     pending:Patient/<id>                an evaluation is queued and not started ("queued"), or
-                                        being queued right now ("claimed:<token>")
+                                        being queued right now ("claimed:<token>"; "joined:<token>"
+                                        once later events coalesced into it)
     pending-focus:Patient/<id>          references the queued evaluation must re-read
-    pending-due                         zset: patients with a queued evaluation, by due time (ms)
+    pending-due                         zset: patients with a claimed or queued evaluation, by due
+                                        time (ms)
     subscription:Subscription/<id>      hash: highest event number, last event / heartbeat times,
                                         status, kind
     subscriptions                       set of the Subscriptions the watchdog looks after
@@ -35,7 +37,6 @@ CLAIM_SECONDS = 30
 PENDING_SECONDS = 300
 PENDING_DUE = PREFIX + "pending-due"  # zset: patient -> when its queued evaluation is due (ms)
 STALE_PENDING_SECONDS = 60.0  # a queued evaluation this late is sent again (recover_pending)
-BUSY_WAITS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0)  # ~90 ms in all
 
 SUBSCRIPTIONS = PREFIX + "subscriptions"
 RECONCILE_SINCE = PREFIX + "reconcile:since"

@@ -10,9 +10,19 @@ fail; a failed enqueue deletes its claims so the server's retry is not mistaken 
 from __future__ import annotations
 
 # What must happen before a task is sent, in one round trip (one fsync under appendfsync always).
-# KEYS: the dedup keys (ARGV[1] of them), then, when a patient is given, its marker and focus set.
-# ARGV: n, claim ttl, dedup ttl, token ('' = no patient), pending ttl, focus refs...
-# Returns {dedup state: new | duplicate | busy, the patient's marker: claimed | coalesced | busy | ''}.
+# KEYS: the dedup keys (ARGV[1] of them), then, when a patient is given, its marker, its focus set
+# and the pending-due index.
+# ARGV: n, claim ttl, dedup ttl, token ('' = no patient), pending ttl, due (ms), patient, focus refs...
+# Returns {dedup state: new | duplicate | busy, the patient's marker: claimed | coalesced | ''}.
+#
+# The patient's marker: absent (nothing queued), "claimed:<token>" (a delivery is queueing the
+# evaluation right now), "joined:<token>" (the same, and later events have coalesced into it),
+# "queued" (sent, not started). A later event coalesces into any of the three: the evaluation has
+# not started, so it reads the record after this event. It used to be told "busy" while the marker
+# was claimed and to queue its own evaluation after ~90 ms of waiting; a first delivery slower than
+# that (a loaded API, a broker round trip) gave two evaluations for two same-millisecond events.
+# The claim goes into the pending-due index at once, so an evaluation that was joined and then never
+# sent (the claimer failed or died) is found and sent by recover_pending: joining never loses one.
 CLAIM = """
 local n = tonumber(ARGV[1])
 local state = 'new'
@@ -27,24 +37,33 @@ elseif state == 'duplicate' then
   for i = 1, n do redis.call('SET', KEYS[i], 'queued', 'EX', ARGV[3], 'NX') end
 end
 if state ~= 'new' or ARGV[4] == '' then return {state, ''} end
-local marker, focus = KEYS[n + 1], KEYS[n + 2]
+local marker, focus, due = KEYS[n + 1], KEYS[n + 2], KEYS[n + 3]
 local pending = redis.call('GET', marker)
-if pending and pending ~= 'queued' then return {state, 'busy'} end
-if not pending then redis.call('SET', marker, 'claimed:' .. ARGV[4], 'EX', ARGV[5]) end
-if #ARGV > 5 then
-  redis.call('SADD', focus, unpack(ARGV, 6))
+if not pending then
+  redis.call('SET', marker, 'claimed:' .. ARGV[4], 'EX', ARGV[5])
+  redis.call('ZADD', due, ARGV[6], ARGV[7])
+else
+  if string.sub(pending, 1, 8) == 'claimed:' then
+    redis.call('SET', marker, 'joined:' .. string.sub(pending, 9), 'EX', ARGV[5])
+  end
+  redis.call('ZADD', due, 'NX', ARGV[6], ARGV[7])  -- an owed evaluation is always in the index
+end
+if #ARGV > 7 then
+  redis.call('SADD', focus, unpack(ARGV, 8))
   redis.call('EXPIRE', focus, ARGV[5])
 end
 if pending then return {state, 'coalesced'} end
 return {state, 'claimed'}
 """
 
-# Set the marker to "queued" only if it is still our claim: had the task already started (and
-# deleted the marker), a new "queued" marker would swallow later events. The patient also goes into
-# the pending-due index (KEYS[2], score: when the task is due, ms), so a task the broker lost can be
+# Set the marker to "queued" only if it is still our claim (joined or not): had the task already
+# started (and deleted the marker), a new "queued" marker would swallow later events. The patient's
+# due time in the pending-due index (KEYS[2], score: ms) is updated, so a task the broker lost can be
 # found and sent again (recover_pending).
+# KEYS: marker, pending-due. ARGV: token, pending ttl, due (ms), patient.
 PENDING_QUEUED = """
-if redis.call('GET', KEYS[1]) == 'claimed:' .. ARGV[1] then
+local v = redis.call('GET', KEYS[1])
+if v == 'claimed:' .. ARGV[1] or v == 'joined:' .. ARGV[1] then
   redis.call('SET', KEYS[1], 'queued', 'EX', ARGV[2])
   redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
   return 1
@@ -52,8 +71,36 @@ end
 return 0
 """
 
+# Our send failed. Nobody joined: the claim goes (deleting a marker never loses an event: the
+# next one queues anew). Someone joined (and was answered 200): the evaluation is owed, so the
+# marker stays as "queued" and its entry in the pending-due index makes recover_pending send it.
+# KEYS: marker, pending-due. ARGV: token, pending ttl, patient.
 PENDING_RELEASE = """
-if redis.call('GET', KEYS[1]) == 'claimed:' .. ARGV[1] then redis.call('DEL', KEYS[1]) end
+local v = redis.call('GET', KEYS[1])
+if v == 'claimed:' .. ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('ZREM', KEYS[2], ARGV[3])
+  return 0
+elseif v == 'joined:' .. ARGV[1] then
+  redis.call('SET', KEYS[1], 'queued', 'EX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# recover_pending, one late patient: an evaluation is owed if the marker is "queued" (sent, perhaps
+# lost by the broker) or "joined:*" (its claimer failed or died after others coalesced into it); it
+# is marked "queued" with a new due time before being sent again. No marker (started meanwhile) or a
+# stale "claimed:*" (a request that died with nobody relying on it; its notifier retries): the
+# patient leaves the index. KEYS: marker, pending-due. ARGV: pending ttl, new due (ms), patient.
+PENDING_RECOVER = """
+local v = redis.call('GET', KEYS[1])
+if v == 'queued' or (v and string.sub(v, 1, 7) == 'joined:') then
+  redis.call('SET', KEYS[1], 'queued', 'EX', ARGV[1])
+  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+  return 1
+end
+redis.call('ZREM', KEYS[2], ARGV[3])
 return 0
 """
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
@@ -22,7 +23,7 @@ from service.core.errors import QueueUnavailable
 from service.core.settings import Settings
 from service.infra.queue import scripts
 from service.infra.queue.celery import producer
-from service.infra.queue.keys import (BUSY_WAITS, CLAIM_SECONDS, PENDING_DUE, PENDING_SECONDS, QUEUE,
+from service.infra.queue.keys import (CLAIM_SECONDS, PENDING_DUE, PENDING_SECONDS, QUEUE,
                                       STALE_PENDING_SECONDS, TASK_EVALUATE, dedup_key, focus_key, pending_key)
 from service.infra.queue.ledger import SubscriptionLedger
 from service.infra.redis import redis_client as make_redis_client
@@ -38,18 +39,21 @@ def redis_client(url: str, timeout: float = 2.0) -> redis.Redis:
 @dataclass(frozen=True)
 class Claim:
     state: str  # new | duplicate | busy
-    pending: str | None = None  # the patient's evaluation: claimed | coalesced | busy (None: not asked)
+    pending: str | None = None  # the patient's evaluation: claimed | coalesced (None: not asked)
     token: str | None = None
 
 
 class WorkQueue(SubscriptionLedger):
-    def __init__(self, settings: Settings, redis_conn: redis.Redis | None = None, celery_app: Celery | None = None):
+    def __init__(self, settings: Settings, redis_conn: redis.Redis | None = None, celery_app: Celery | None = None,
+                 clock: Callable[[], float] = time.time):
         self.settings = settings
+        self.clock = clock  # seconds since the epoch: due times in the pending-due index (tests freeze it)
         self.redis = redis_conn or redis_client(settings.redis_url)
         self.celery = celery_app or producer(settings)
         self._claim = self.redis.register_script(scripts.CLAIM)
         self._pending_queued = self.redis.register_script(scripts.PENDING_QUEUED)
         self._pending_release = self.redis.register_script(scripts.PENDING_RELEASE)
+        self._pending_recover = self.redis.register_script(scripts.PENDING_RECOVER)
         self._advance = self.redis.register_script(scripts.ADVANCE)
 
     # ---------------- sending ----------------
@@ -78,10 +82,10 @@ class WorkQueue(SubscriptionLedger):
 
     def _claim_call(self, keys, patient: str | None, focus, token: str) -> Claim:
         dedup = [dedup_key(k) for k in keys]
-        extra = [pending_key(patient), focus_key(patient)] if patient else []
+        extra = [pending_key(patient), focus_key(patient), PENDING_DUE] if patient else []
         state, pending = self._redis(self._claim, keys=dedup + extra,
                                      args=[len(dedup), CLAIM_SECONDS, self.settings.dedup_ttl_seconds, token,
-                                           PENDING_SECONDS, *(focus if patient else ())])
+                                           PENDING_SECONDS, self._due_ms(), patient or "", *(focus if patient else ())])
         return Claim(state, pending or None, token or None)
 
     def confirm(self, keys, after: redis.client.Pipeline | None = None) -> None:
@@ -125,15 +129,11 @@ class WorkQueue(SubscriptionLedger):
         last write instead of a round trip of its own."""
         token = reserved.token if reserved and reserved.token else uuid.uuid4().hex
         state = reserved.pending if reserved and reserved.pending else None
-        for wait in BUSY_WAITS:
-            if state is None or state == "busy":
-                state = self._claim_call((), patient, focus, token).pending
-            if state != "busy":
-                break
-            # Another delivery is queueing this patient's evaluation right now (a millisecond's
-            # work): wait for it rather than queue a second one. If it stays busy (that request
-            # died), queue our own: an extra evaluation is harmless, a lost one is not.
-            time.sleep(wait)
+        if state is None:
+            state = self._claim_call((), patient, focus, token).pending
+        # Another delivery's claim (its task not sent yet) is joined like a queued task: no waiting,
+        # no second evaluation; if that delivery then fails, the joined evaluation is recovered
+        # (scripts.py CLAIM, PENDING_RELEASE).
         if state == "coalesced":
             return "coalesced"
         marker = pending_key(patient)
@@ -143,9 +143,9 @@ class WorkQueue(SubscriptionLedger):
         except QueueUnavailable:
             if state == "claimed":
                 try:
-                    self._pending_release(keys=[marker], args=[token])
+                    self._pending_release(keys=[marker, PENDING_DUE], args=[token, PENDING_SECONDS, patient])
                 except redis.RedisError:
-                    pass  # expires by itself; meanwhile "claimed" makes others queue their own task
+                    pass  # in the pending-due index already: recover_pending sends it if others joined
             raise
         if state == "claimed":
             keys, args = [marker, PENDING_DUE], [token, PENDING_SECONDS, self._due_ms(), patient]
@@ -156,7 +156,7 @@ class WorkQueue(SubscriptionLedger):
         return "queued"
 
     def _due_ms(self) -> int:
-        return int((time.time() + self.settings.coalesce_seconds) * 1000)
+        return int((self.clock() + self.settings.coalesce_seconds) * 1000)
 
     def recover_pending(self, late_seconds: float = STALE_PENDING_SECONDS) -> list[str]:
         """Evaluations queued more than `late_seconds` past their due time and still not started:
@@ -164,16 +164,17 @@ class WorkQueue(SubscriptionLedger):
         crashing, while BRPOP hands it over; bench/soak.py shows it), and the patient's "queued"
         marker would then swallow every later event for PENDING_SECONDS. A task that was only late
         (a long queue) is evaluated twice, which is harmless; a lost one is not."""
-        cutoff = int((time.time() - late_seconds) * 1000)
+        cutoff = int((self.clock() - late_seconds) * 1000)
         recovered = []
         for patient in self._redis(self.redis.zrangebyscore, PENDING_DUE, "-inf", cutoff) or []:
-            if self._redis(self.redis.get, pending_key(patient)) != "queued":
-                self._redis(self.redis.zrem, PENDING_DUE, patient)  # started meanwhile
-                continue
+            # Owed: "queued" (sent, maybe lost) or "joined" (its claimer failed after others coalesced
+            # into it). Marked "queued" with a new due time first: a failed send is found next time.
+            if not self._redis(self._pending_recover, keys=[pending_key(patient), PENDING_DUE],
+                               args=[PENDING_SECONDS, self._due_ms(), patient]):
+                continue  # started meanwhile, or a dead claim nobody relied on
             focus = sorted(self._redis(self.redis.smembers, focus_key(patient)) or [])
             self.send(TASK_EVALUATE, kwargs={"patient": patient, "focus": focus,
                                              "trigger": {"kind": "recovery", "source": "pending"}})
-            self._redis(self.redis.zadd, PENDING_DUE, {patient: self._due_ms()})
             recovered.append(patient)
         if recovered:
             log.warning("queue.pending_recovered", patients=len(recovered))
@@ -181,10 +182,12 @@ class WorkQueue(SubscriptionLedger):
 
     def release_reservation(self, patient: str, claim: Claim) -> None:
         """Best effort, after a failed request: a marker still "claimed" by it goes (deleting a marker
-        never loses an event: the next one queues a new evaluation)."""
+        never loses an event: the next one queues a new evaluation); one others joined meanwhile is
+        left to recover_pending (scripts.py PENDING_RELEASE)."""
         if claim.pending == "claimed" and claim.token:
             try:
-                self._pending_release(keys=[pending_key(patient)], args=[claim.token])
+                self._pending_release(keys=[pending_key(patient), PENDING_DUE],
+                                      args=[claim.token, PENDING_SECONDS, patient])
             except redis.RedisError:
                 pass
 

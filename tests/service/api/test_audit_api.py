@@ -236,3 +236,100 @@ def test_cli_list_and_export_accept_a_bare_patient_id_as_the_api_does(url, seede
     assert [json.loads(line)["seq"] for line in bare.stdout.splitlines() if line.startswith("{")] == [8, 4]
     res = runner.invoke(cli, ["audit", "export", "--db", url, "--format", "json", "--patient", "a"])
     assert len([line for line in res.stdout.splitlines() if line.startswith("{")]) == 4
+
+
+# -- anchored heads and the keyed chain through the command line and the API --------------------------
+
+HMAC_KEY = "cli-test-audit-hmac-key-0123456789abcdef"
+
+
+@pytest.fixture
+def keyed_env(monkeypatch):
+    from service.core.settings import get_settings
+
+    monkeypatch.setenv("SPINEWATCH_AUDIT_HMAC_KEY", HMAC_KEY)
+    get_settings.cache_clear()
+    yield HMAC_KEY.encode()
+    get_settings.cache_clear()
+
+
+def _roll_back_tail(db, keep):
+    with sqlite3.connect(db) as conn:
+        digest = conn.execute("SELECT hash FROM audit_log WHERE seq = ?", (keep,)).fetchone()[0]
+        conn.execute("DELETE FROM audit_log WHERE seq > ?", (keep,))
+        conn.execute("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1", (keep, digest))
+
+
+def test_cli_head_then_verify_expect_head_catches_a_deleted_tail_with_the_head_rolled_back(url, db, seeded):
+    out = runner.invoke(cli, ["audit", "head", "--db", url])
+    assert out.exit_code == 0
+    (line,) = out.stdout.splitlines()
+    head = json.loads(line)
+    assert (head["seq"], head["hash"]) == seeded.head() and head["seq"] == 9
+    _roll_back_tail(db, 7)
+    assert runner.invoke(cli, ["audit", "verify", "--db", url]).exit_code == 0  # the chain alone: fooled
+    for expected in (line, f"{head['seq']}:{head['hash']}"):
+        broken = runner.invoke(cli, ["audit", "verify", "--db", url, "--expect-head", expected])
+        assert broken.exit_code == 1
+        (message,) = broken.output.strip().splitlines()
+        assert message == ("audit log BROKEN at record 8: the log ends at record 7 but an expected head names "
+                           "record 9: records 8..9 were deleted and the head rolled back")
+
+
+def test_cli_verify_expect_head_accepts_the_head_export_file(url, db, seeded, tmp_path):
+    anchors = tmp_path / "heads.jsonl"
+    heads = []
+    for _ in range(2):
+        heads.append(runner.invoke(cli, ["audit", "head", "--db", url]).stdout)
+        seeded.append("card", "success", actor="tester")
+    anchors.write_text("".join(heads))
+    ok = runner.invoke(cli, ["audit", "verify", "--db", url, "--expect-head", str(anchors)])
+    assert ok.exit_code == 0 and "2 expected head(s) match" in ok.output, ok.output
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE audit_log SET actor = 'x' WHERE seq = 3")
+    assert runner.invoke(cli, ["audit", "verify", "--db", url, "--expect-head", str(anchors)]).exit_code == 1
+
+
+@pytest.mark.parametrize("value", ["9:abc", "x:" + "0" * 64, '{"seq": 1}', "/no/such/heads.jsonl"])
+def test_cli_verify_refuses_an_unreadable_expected_head(url, seeded, value):
+    out = runner.invoke(cli, ["audit", "verify", "--db", url, "--expect-head", value])
+    assert out.exit_code == 2 and len(out.output.strip().splitlines()) == 1, out.output
+
+
+def test_cli_on_a_keyed_log_needs_the_key_and_says_where_keying_began(url, seeded, keyed_env, monkeypatch):
+    keyed = AuditStore(url, key=keyed_env)
+    keyed.append("card", "success", actor="tester")
+    ok = runner.invoke(cli, ["audit", "verify", "--db", url])
+    assert ok.exit_code == 0
+    assert "10 records verified (records 1..9 unkeyed (SHA-256), keyed with HMAC from record 10)" in ok.output
+    assert json.loads(runner.invoke(cli, ["audit", "head", "--db", url]).stdout)["keyed_from"] == 10
+    from service.core.settings import get_settings
+
+    monkeypatch.setenv("SPINEWATCH_AUDIT_HMAC_KEY", "a-wrong-audit-hmac-key-00000000000000000")
+    get_settings.cache_clear()
+    wrong = runner.invoke(cli, ["audit", "verify", "--db", url])
+    assert wrong.exit_code == 1 and "record 10: wrong key: SPINEWATCH_AUDIT_HMAC_KEY (key id" in wrong.output
+
+
+def test_verify_endpoint_with_an_expected_head(client, db, seeded):
+    seq, digest = seeded.head()
+    body = client.get("/audit/verify", params={"expect_head": f"{seq}:{digest}"}, headers=AUTH).json()
+    assert body["ok"] is True and body["head_seq"] == seq and body["keyed_from"] is None
+    _roll_back_tail(db, 5)
+    body = client.get("/audit/verify", params={"expect_head": f"{seq}:{digest}"}, headers=AUTH).json()
+    assert body["ok"] is False and body["broken_seq"] == 6 and "head rolled back" in body["reason"]
+    assert client.get("/audit/verify", params={"expect_head": "9:nothex"}, headers=AUTH).status_code == 400
+
+
+def test_production_refuses_an_unkeyed_audit_chain_unless_deliberately_disabled():
+    from pydantic import ValidationError
+
+    strong = dict(environment="production", reviewer_token="9f3c1a7e5b2d8046f1e9c3a5b7d2e4f60a1b",
+                  notification_token="Zx81-Qw72_Lp45.Mn36+Kj27=Hg18!Fd09", public_base_url="https://cds.example.org",
+                  _env_file=None)
+    with pytest.raises(ValidationError, match="SPINEWATCH_AUDIT_HMAC_KEY is empty"):
+        Settings(**strong)
+    with pytest.raises(ValidationError, match="SPINEWATCH_AUDIT_HMAC_KEY is shorter than 32"):
+        Settings(**strong, audit_hmac_key="short")
+    assert Settings(**strong, audit_hmac_disabled=True).audit_hmac_key is None
+    assert Settings(**strong, audit_hmac_key="c0ffee-4d1e-4b2f-9a8c-7e6d5c4b3a29").audit_hmac_key

@@ -100,11 +100,12 @@ def test_demo_serve_stops_everything_on_ctrl_c(tmp_path):
     try:
         for line in proc.stdout:
             lines.append(line)
-            if line.startswith("Serving until Ctrl-C") or time.monotonic() > deadline:
+            if line.startswith("Ctrl-C stops everything") or time.monotonic() > deadline:
                 break
         assert any(line.startswith("Serving until Ctrl-C") for line in lines), "".join(lines)
-        time.sleep(0.5)  # let the URLs print
         assert processes_mentioning(str(run_dir))  # the services are up ...
+        served = "".join(lines)
+        assert_serve_says_how_to_use_it(served)
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
         rest = proc.stdout.read()  # not communicate(): it would skip what the line iterator buffered
@@ -115,6 +116,28 @@ def test_demo_serve_stops_everything_on_ctrl_c(tmp_path):
     assert re.search(r"SpineWatch API\s+http://127\.0\.0\.1:\d+", text), text
     assert proc.returncode == 130 and text.rstrip().endswith("stopped."), text
     assert processes_mentioning(str(run_dir)) == []  # ... and gone after Ctrl-C
+
+
+def assert_serve_says_how_to_use_it(served: str):
+    """The review page with its token, the OpenAPI document, and a signed hook call that works as
+    printed; a second call needs a fresh token (the helper printed mints one)."""
+    import httpx
+
+    api = re.search(r"SpineWatch API\s+(http://127\.0\.0\.1:\d+)", served).group(1)
+    assert re.search(rf"review page\s+{api}/audit\s+\(reviewer token: dev-only-change-me", served), served
+    assert httpx.get(re.search(r"OpenAPI\s+(\S+)", served).group(1)).json()["info"]["title"] == "SpineWatch"
+    assert "/docs" not in served
+    curl = next(line.strip() for line in served.splitlines() if line.strip().startswith("curl "))
+    done = subprocess.run(curl, shell=True, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and '"indicator":"critical"' in done.stdout.replace(" ", ""), done.stdout + done.stderr
+    helper = next(line.strip() for line in served.splitlines() if "-m service.cli.demo.ehr token" in line)
+    token = subprocess.run(helper, shell=True, capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert token.returncode == 0, token.stderr
+    url = helper.rsplit(" ", 1)[1]
+    body = re.search(r"-d '(.*)'$", curl).group(1)
+    again = httpx.post(url, content=body, headers={"Content-Type": "application/json",
+                                                   "Authorization": f"Bearer {token.stdout.strip()}"}, timeout=30)
+    assert again.status_code == 200 and again.json()["cards"][0]["indicator"] == "critical", again.text
 
 
 def test_demo_without_redis_says_how_to_get_it(tmp_path):

@@ -119,6 +119,7 @@ def test_trusted_issuers_must_be_a_json_object_of_jwks(monkeypatch, fresh_settin
 STRONG_A = "9f3c1a7e5b2d8046f1e9c3a5b7d2e4f60a1b"
 STRONG_B = "Zx81-Qw72_Lp45.Mn36+Kj27=Hg18!Fd09"
 STRONG_C = "c0ffee-4d1e-4b2f-9a8c-7e6d5c4b3a29"
+STRONG_D = "7Hq2-Rt5w_Yu8e.Io1p+As4d=Fg7h!Jk0l"
 
 
 @pytest.mark.parametrize("value,why", [
@@ -147,6 +148,7 @@ def test_production_webhook_secret_counts_only_with_a_webhook(monkeypatch, fresh
     monkeypatch.setenv("SPINEWATCH_REVIEWER_TOKEN", STRONG_A)
     monkeypatch.setenv("SPINEWATCH_NOTIFICATION_TOKEN", STRONG_B)
     monkeypatch.setenv("SPINEWATCH_PUBLIC_BASE_URL", "https://cds.example.org")
+    monkeypatch.setenv("SPINEWATCH_AUDIT_HMAC_KEY", STRONG_D)
     assert get_settings().environment == "production"
     get_settings.cache_clear()
     (line,) = refusal(monkeypatch, SPINEWATCH_ALERT_WEBHOOK_URL="https://hooks.example.org/x",
@@ -190,12 +192,12 @@ def test_secrets_never_show_in_repr_or_dumps():
 ])
 def test_production_refuses_an_unset_or_http_public_url_and_cors_star(monkeypatch, fresh_settings, env, expected):
     (line,) = refusal(monkeypatch, SPINEWATCH_ENVIRONMENT="production", SPINEWATCH_REVIEWER_TOKEN=STRONG_A,
-                      SPINEWATCH_NOTIFICATION_TOKEN=STRONG_B, **env)
+                      SPINEWATCH_NOTIFICATION_TOKEN=STRONG_B, SPINEWATCH_AUDIT_HMAC_KEY=STRONG_D, **env)
     assert line.startswith("invalid settings: production refuses: ") and expected in line
 
 
 @pytest.mark.parametrize("url", ["https://cds.example.org", "http://localhost:8000", "http://127.0.0.1:8000"])
 def test_production_takes_an_https_or_loopback_public_url(url):
     settings = Settings(environment="production", reviewer_token=STRONG_A, notification_token=STRONG_B,
-                        public_base_url=url, _env_file=None)
+                        audit_hmac_key=STRONG_D, public_base_url=url, _env_file=None)
     assert settings.public_base_url == url

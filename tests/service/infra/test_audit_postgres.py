@@ -201,3 +201,79 @@ def test_concurrent_writers_keep_one_chain(url):
     assert result.ok and result.checked == 120, result.message()
     assert time.monotonic() - started < 120
     store.dispose()
+
+
+# -- keyed chain and anchored heads on PostgreSQL ---------------------------------------------------------
+
+KEY = b"pg-test-audit-hmac-key-0123456789abcdef"
+
+
+def test_tail_deletion_with_the_head_rolled_back_is_caught_by_an_anchored_head(url):
+    store = filled(url)
+    anchored = store.current_head()
+    (digest,) = sql(url, "SELECT hash FROM audit_log WHERE seq = 4")[0]
+    sql(url, "DELETE FROM audit_log WHERE seq > 4")
+    sql(url, "UPDATE audit_head SET seq = 4, hash = %s WHERE id = 1", digest)
+    assert store.verify().ok
+    result = store.verify(expect={anchored.seq: anchored.hash})
+    assert not result.ok and result.broken_seq == 5 and "head rolled back" in result.reason
+    store.dispose()
+
+
+def test_an_old_unkeyed_log_migrates_switches_to_keyed_and_verifies_only_with_its_key(url, tmp_path):
+    from service.infra.audit.store import AuditKeyError, AuditStore
+
+    filled(url, 3).dispose()
+    sql(url, "ALTER TABLE audit_log DROP COLUMN hash_v")  # the schema of the first release
+    sql(url, "ALTER TABLE audit_head DROP COLUMN key_id")
+    sql(url, "ALTER TABLE audit_head DROP COLUMN keyed_from")
+    export = tmp_path / "heads.jsonl"
+    store = AuditStore(url, key=KEY, head_export_path=export)
+    for i in range(3):
+        store.append("card", "success", actor="keyed", detail={"i": i})
+    assert [r[0] for r in sql(url, "SELECT hash_v FROM audit_log ORDER BY seq")] == [None] * 3 + ["2"] * 3
+    result = store.verify()
+    assert result.ok and result.keyed_from == 4, result.message()
+    assert len(export.read_text().splitlines()) == 3
+    wrong = AuditStore(url, key=b"another-pg-audit-hmac-key-9876543210").verify()
+    assert not wrong.ok and wrong.broken_seq == 4 and wrong.reason.startswith("wrong key")
+    with pytest.raises(AuditKeyError):
+        AuditStore(url).append("card", "success", actor="unkeyed")
+    # A forged record with a recomputed unkeyed hash, head moved along: named.
+    from service.infra.audit.records import record_hash
+
+    recorded, prev = sql(url, "SELECT recorded, hash FROM audit_log WHERE seq = 6")[0]
+    forged = record_hash(seq=7, recorded=recorded, kind="card", outcome="success", actor="x", patient=None,
+                         detail="{}", prev_hash=prev)
+    sql(url, "INSERT INTO audit_log (seq, recorded, kind, outcome, actor, patient, detail, prev_hash, hash, hash_v) "
+             "VALUES (7, %s, 'card', 'success', 'x', NULL, '{}', %s, %s, '1')", recorded, prev, forged)
+    sql(url, "UPDATE audit_head SET seq = 7, hash = %s WHERE id = 1", forged)
+    result = store.verify()
+    assert not result.ok and result.broken_seq == 7 and "after keying began at record 4" in result.reason
+    store.dispose()
+
+
+def _keyed_writer(url, n, worker):
+    from service.infra.audit.store import AuditStore
+
+    store = AuditStore(url, key=KEY)
+    for i in range(n):
+        store.append("card", "success", actor=f"w{worker}", detail={"i": i})
+    store.dispose()
+
+
+def test_concurrent_keyed_writers_keep_one_keyed_chain(url):
+    from service.infra.audit.store import AuditStore
+
+    AuditStore(url).ensure_schema()
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_keyed_writer, args=(url, 20, w)) for w in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    store = AuditStore(url, key=KEY)
+    result = store.verify()
+    assert result.ok and result.checked == 60 and result.keyed_from == 1, result.message()
+    store.dispose()

@@ -224,3 +224,195 @@ def test_a_background_write_that_fails_is_counted_and_the_writer_goes_on(tmp_pat
     audit.event("card", "success", actor="x")
     audit.flush()
     assert store_for(url).query()[1] == 1
+
+# -- keyed chain (hash version 2) and heads anchored outside the database ------------------------------
+
+KEY = b"test-audit-hmac-key-0123456789abcdef"
+OTHER_KEY = b"another-audit-hmac-key-9876543210fedc"
+
+
+def keyed(db, key=KEY, **kw):
+    return AuditStore(f"sqlite:///{db}", key=key, **kw)
+
+
+def rows(db):
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT seq, recorded, kind, outcome, actor, patient, detail, prev_hash, hash, hash_v "
+                            "FROM audit_log ORDER BY seq").fetchall()
+
+
+def roll_back_tail(db, keep):
+    """What an attacker with database access does: delete the newest records and move the head back."""
+    with sqlite3.connect(db) as conn:
+        seq, digest = conn.execute("SELECT seq, hash FROM audit_log WHERE seq = ?", (keep,)).fetchone()
+        conn.execute("DELETE FROM audit_log WHERE seq > ?", (keep,))
+        conn.execute("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1", (seq, digest))
+
+
+def test_tail_deletion_with_the_head_rolled_back_passes_alone_and_fails_against_an_anchored_head(store, db):
+    fill(store)
+    anchored = store.current_head()
+    assert (anchored.seq, anchored.hash) == store.head() == (6, rows(db)[-1][8])
+    roll_back_tail(db, 4)
+    assert store.verify().ok  # the chain alone cannot tell: this is what the anchor is for
+    result = store.verify(expect={anchored.seq: anchored.hash})
+    assert not result.ok and result.broken_seq == 5
+    assert "ends at record 4" in result.reason and "deleted and the head rolled back" in result.reason
+
+
+def test_a_rewrite_with_recomputed_hashes_fails_against_an_anchored_head(store, db):
+    from service.infra.audit.records import record_hash
+
+    fill(store)
+    anchored = store.current_head()
+    prev = rows(db)[1][8]
+    with sqlite3.connect(db) as conn:  # edit record 3, recompute 3..6 and the head (unkeyed: anyone can)
+        for seq, recorded, kind, outcome, actor, patient, detail, _, _, _ in rows(db)[2:]:
+            outcome = "failure" if seq == 3 else outcome
+            digest = record_hash(seq=seq, recorded=recorded, kind=kind, outcome=outcome, actor=actor,
+                                 patient=patient, detail=detail, prev_hash=prev)
+            conn.execute("UPDATE audit_log SET outcome = ?, prev_hash = ?, hash = ? WHERE seq = ?",
+                         (outcome, prev, digest, seq))
+            prev = digest
+        conn.execute("UPDATE audit_head SET hash = ? WHERE id = 1", (prev,))
+    assert store.verify().ok
+    result = store.verify(expect={anchored.seq: anchored.hash})
+    assert not result.ok and result.broken_seq == 6 and "expected head hash" in result.reason
+
+
+def test_an_expected_head_that_matches_is_counted(store):
+    fill(store)
+    middle = store.query(limit=1, offset=2)[0][0]
+    result = store.verify(expect={middle.seq: middle.hash, 6: store.head()[1]})
+    assert result.ok and result.anchors == 2 and "2 expected head(s) match" in result.message()
+    assert AuditStore(store.url).verify(expect={0: GENESIS_HASH}).ok
+
+
+def test_a_keyed_log_writes_version_2_and_verifies_only_with_its_key(db):
+    store = keyed(db)
+    fill(store)
+    assert {r[9] for r in rows(db)} == {"2"}
+    result = store.verify()
+    assert result.ok and result.keyed_from == 1 and "HMAC-keyed" in result.message(), result.message()
+    unkeyed = AuditStore(store.url).verify()
+    assert not unkeyed.ok and unkeyed.broken_seq == 1 and "SPINEWATCH_AUDIT_HMAC_KEY is not set" in unkeyed.reason
+
+
+def test_a_wrong_key_fails_verification_and_says_so(db):
+    fill(keyed(db))
+    result = keyed(db, OTHER_KEY).verify()
+    assert not result.ok and result.broken_seq == 1
+    assert result.reason.startswith("wrong key: SPINEWATCH_AUDIT_HMAC_KEY (key id ")
+    assert KEY.decode() not in result.message() and OTHER_KEY.decode() not in result.message()
+
+
+def test_a_forged_record_with_a_recomputed_unkeyed_hash_is_detected_when_keyed(db):
+    from service.infra.audit.records import record_hash
+
+    store = keyed(db)
+    fill(store)
+    last = rows(db)[-1]
+    cols = "seq, recorded, kind, outcome, actor, patient, detail, prev_hash, hash, hash_v"
+    for version in (None, "1", "2"):  # unlabelled, labelled unkeyed, or claiming to be keyed
+        forged = record_hash(seq=7, recorded=last[1], kind="card", outcome="success", actor="intruder",
+                             patient="Patient/p0", detail="{}", prev_hash=last[8])
+        with sqlite3.connect(db) as conn:
+            conn.execute(f"INSERT INTO audit_log ({cols}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                         (7, last[1], "card", "success", "intruder", "Patient/p0", "{}", last[8], forged, version))
+            conn.execute("UPDATE audit_head SET seq = 7, hash = ? WHERE id = 1", (forged,))
+        result = store.verify()
+        assert not result.ok and result.broken_seq == 7, result.message()
+        assert ("unkeyed record after keying began at record 1" in result.reason if version != "2"
+                else "does not match its keyed hash" in result.reason)
+        raw(db, "DELETE FROM audit_log WHERE seq = 7")
+        raw(db, "UPDATE audit_head SET seq = 6, hash = ? WHERE id = 1", last[8])
+    assert store.verify().ok
+
+
+def test_a_keyed_segment_rewritten_unkeyed_is_detected(db):
+    from service.infra.audit.records import record_hash
+
+    store = keyed(db)
+    fill(store)
+    prev = GENESIS_HASH
+    with sqlite3.connect(db) as conn:  # every record recomputed as version 1 (no key needed), and the head
+        for seq, recorded, kind, outcome, actor, patient, detail, _, _, _ in rows(db):
+            digest = record_hash(seq=seq, recorded=recorded, kind=kind, outcome=outcome, actor=actor,
+                                 patient=patient, detail=detail, prev_hash=prev)
+            conn.execute("UPDATE audit_log SET prev_hash = ?, hash = ?, hash_v = '1' WHERE seq = ?",
+                         (prev, digest, seq))
+            prev = digest
+        conn.execute("UPDATE audit_head SET hash = ? WHERE id = 1", (prev,))
+    result = store.verify()
+    assert not result.ok and "the log head says keyed from record 1 but the records show no keyed record" \
+        in result.reason
+
+
+def test_an_unkeyed_log_switches_to_keyed_and_both_parts_verify(db):
+    fill(AuditStore(f"sqlite:///{db}"), 3)
+    store = keyed(db)
+    assert store.verify().ok and store.verify().keyed_from is None  # keying begins with the next append
+    fill(store, 3)
+    assert [r[9] for r in rows(db)] == ["1", "1", "1", "2", "2", "2"]
+    result = store.verify()
+    assert result.ok and result.checked == 6 and result.keyed_from == 4, result.message()
+    assert "records 1..3 unkeyed (SHA-256), keyed with HMAC from record 4" in result.message()
+    assert store.current_head().keyed_from == 4
+    unkeyed = AuditStore(store.url).verify()
+    assert not unkeyed.ok and unkeyed.broken_seq == 4
+
+
+def test_once_keyed_an_unkeyed_or_other_key_writer_appends_nothing(db, tmp_path):
+    from service.infra.audit.store import AuditKeyError
+
+    fill(keyed(db), 2)
+    for writer in (AuditStore(f"sqlite:///{db}"), keyed(db, OTHER_KEY)):
+        with pytest.raises(AuditKeyError, match="nothing appended"):
+            writer.append("card", "success", actor="x")
+    assert keyed(db).verify().ok and keyed(db).head()[0] == 2
+    # An AuditLog without the key: the failed write is counted, never raised into the caller.
+    assert AuditLog(Settings(environment="test", audit_db_url=f"sqlite:///{db}")).record("card", "success",
+                                                                                        actor="x") is None
+
+
+def test_a_log_made_before_the_keyed_chain_gets_its_columns_and_keeps_verifying(db):
+    fill(AuditStore(f"sqlite:///{db}"), 4)
+    with sqlite3.connect(db) as conn:  # the schema of the first release
+        conn.execute("ALTER TABLE audit_log DROP COLUMN hash_v")
+        conn.execute("ALTER TABLE audit_head DROP COLUMN key_id")
+        conn.execute("ALTER TABLE audit_head DROP COLUMN keyed_from")
+    store = keyed(db)
+    assert store.verify().ok
+    fill(store, 2)
+    assert [r[9] for r in rows(db)] == [None] * 4 + ["2", "2"]
+    assert store.verify().keyed_from == 5
+
+
+def test_the_head_is_exported_after_every_committed_batch(db, tmp_path):
+    import json
+
+    export = tmp_path / "anchors" / "audit-heads.jsonl"
+    store = keyed(db, head_export_path=export)
+    fill(store, 3)
+    store.append_many([("card", "success", "x", None, {}), ("card", "success", "x", None, {})])
+    lines = [json.loads(line) for line in export.read_text().splitlines()]
+    assert [line["seq"] for line in lines] == [1, 2, 3, 5]
+    assert (lines[-1]["seq"], lines[-1]["hash"]) == store.head() and lines[-1]["key_id"] == store.key_id
+    roll_back_tail(db, 3)
+    result = store.verify(expect={line["seq"]: line["hash"] for line in lines})
+    assert not result.ok and result.broken_seq == 4
+
+
+def test_an_audit_log_takes_key_and_head_export_from_its_settings(tmp_path):
+    import json
+
+    url, export = f"sqlite:///{tmp_path}/k.sqlite", tmp_path / "heads.jsonl"
+    settings = Settings(environment="test", audit_db_url=url, audit_hmac_key=KEY.decode(),
+                        audit_head_export_path=str(export))
+    log = AuditLog(settings, background=True)
+    for n in range(3):
+        log.event("card", "success", actor="x", detail={"n": n})
+    log.flush()
+    assert AuditStore(url, key=KEY).verify().keyed_from == 1
+    last = json.loads(export.read_text().splitlines()[-1])
+    assert (last["seq"], last["hash"]) == AuditStore(url).head()
