@@ -32,10 +32,12 @@ import uuid
 from pathlib import Path
 
 from _common import percentiles_ms, start_server  # noqa: E402  (bench/ is on sys.path)
-from fastapi import Request  # module level: the baseline endpoint's annotation must resolve
+from fastapi import Request  # module level: the baseline endpoint's annotations must resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.support (keys, patient records) without installing tests
+
+from service.api.deps import VerifiedClient  # noqa: E402 - module level, as Request
 
 ISSUER = "https://ehr.bench.example.org"
 PATIENT_VIEW_PATH = "/cds-services/spinewatch-patient-view"
@@ -128,7 +130,6 @@ class ServerTimer:
 
 def build_app(workdir: Path, issuer, audit: bool):
     from service.api.app import create_app
-    from service.api.deps import VerifiedClient
     from service.core.settings import Settings
 
     jwks = workdir / "jwks.json"

@@ -162,13 +162,26 @@ async def assess_patient(services: HookServices, call: HookCall, now: datetime) 
     return assessment, gathered.source
 
 
+# A record this small is evaluated inline, on the event loop: a few milliseconds, less than the
+# thread hop costs, and far inside any budget. A larger one runs in a worker thread under the budget,
+# so one big chart neither stalls the other callers nor hangs its own. (Running every evaluation in
+# a thread also let concurrent first validations of a fresh process's FHIR models pile up in the
+# pool until calls timed out: bench/hooks.py at 16 connections.)
+INLINE_EVALUATION_MAX_RESOURCES = 500
+
+
 async def evaluate_within_budget(evaluate, budget: float, resources: int) -> Assessment:
     """`evaluate()` in a worker thread (the event loop keeps serving other callers), or
     PreconditionFailed once `budget` seconds have passed: the EHR gets an answer, never a hang.
     The one-off compilation of the clinical vocabulary (done at start-up by the app's lifespan) is
     not the evaluation's: a process that has not compiled it yet does so first, outside the budget."""
     if load_terminology.cache_info().currsize == 0:
-        await to_thread.run_sync(load_terminology)
+        # Inline, once: on the event loop the first caller compiles and every concurrent caller then
+        # finds it compiled. In threads, each concurrent first caller compiled its own copy (the
+        # cache is not single-flight), and 16 connections timed out (bench/hooks.py).
+        load_terminology()
+    if resources <= INLINE_EVALUATION_MAX_RESOURCES:
+        return evaluate()  # milliseconds: no thread hop on the latency path (see the constant)
     with anyio.move_on_after(budget) as scope:
         return await to_thread.run_sync(evaluate, abandon_on_cancel=True)
     if not scope.cancelled_caught:  # pragma: no cover - the body returns unless cancelled
