@@ -57,7 +57,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-DEFAULT_CORPUS = REPO / "tests" / "corpus" / "snippets.yaml"
+DEFAULT_CORPUS = REPO / "tests" / "fhir_mappings" / "clinical" / "corpus" / "snippets.yaml"
 DEFAULT_NEGEX = SHARED_DATA / "negex"
 NEGATION_FILE = "Annotations-1-120.txt"
 EXPERIENCER_FILE = "annotations-1-120-experiencer.txt"
@@ -72,7 +72,7 @@ ENGINE_LABELS = {"spinewatch": "SpineWatch", "medspacy": "medspaCy ConText"}
 
 def _labels():
     # By path: another package called "tests" may sit in site-packages (spaCy's dependencies ship one).
-    spec = importlib.util.spec_from_file_location("corpus_labels", REPO / "tests" / "corpus" / "labels.py")
+    spec = importlib.util.spec_from_file_location("corpus_labels", REPO / "tests" / "fhir_mappings" / "clinical" / "corpus" / "labels.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

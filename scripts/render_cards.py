@@ -3,7 +3,7 @@
     .venv/bin/python scripts/render_cards.py          # docs/cards/*.png, docs/cards/manifest.json, docs/cards.md
 
 The cards come from scripts/card_gallery.py (the real card code on demo records). Each is laid out
-as the sandbox lays a card out (cds-hooks/sandbox; INTEROP.md "Cards"): the summary, the detail
+as the sandbox lays a card out (github.com/cds-hooks/sandbox, its card list): the summary, the detail
 rendered as Markdown to HTML, the indicator as the colour of the card's edge, the source, the
 suggestions and links as buttons, and "Dismiss" with the override reasons (the card has a uuid).
 Headless Chromium (/usr/bin/chromium) takes the pictures. manifest.json holds a digest of each

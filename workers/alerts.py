@@ -195,7 +195,7 @@ def _fhir_call(fn, *args, **kwargs):
         status = getattr(exc, "status", None)
         error = (AlertRetry if is_transient(exc) else AlertFailed)(f"FHIR {type(exc).__name__} {status or ''}".strip())
         if isinstance(error, AlertRetry):
-            error.retry_after = getattr(exc, "retry_after", None)  # the FHIR server's Retry-After
+            error.retry_after = exc.retry_after  # the FHIR server's Retry-After
         raise error from exc
 
 

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 import structlog
 from celery import Task, shared_task
 
-from service.core.errors import is_transient
+from service.core.errors import SpineWatchError, is_transient
 from service.core.metrics import DEAD_LETTERS
 from service.infra.dead_letters import DeadLetters
 from service.infra.queue import TASK_CATCH_UP, TASK_EVALUATE, TASK_RECONCILE, TASK_RESOLVE, TASK_WATCHDOG
@@ -40,7 +40,7 @@ def retry_countdown(exc: BaseException, retries: int, settings) -> float:
     capped at SPINEWATCH_FHIR_RETRY_AFTER_MAX_SECONDS and below the broker visibility timeout less
     the task time limit (longer and the held retry would be redelivered as a duplicate)."""
     delay = backoff(retries, settings.task_retry_backoff_seconds)
-    asked = getattr(exc, "retry_after", None)
+    asked = exc.retry_after if isinstance(exc, SpineWatchError) else None
     if not isinstance(asked, (int, float)) or asked != asked or asked <= 0:  # none, or NaN
         return delay
     cap = min(float(settings.fhir_retry_after_max_seconds),
@@ -67,7 +67,7 @@ class SpineWatchTask(Task):
             # An error may say when a retry can succeed (retry_after: Retry-After, a held alert lock).
             countdown = retry_countdown(exc, self.request.retries, c.settings)
             log.warning("task.retry", error=type(exc).__name__, retries=self.request.retries,
-                        countdown=round(countdown, 1), retry_after=getattr(exc, "retry_after", None))
+                        countdown=round(countdown, 1), retry_after=exc.retry_after)  # transient: a SpineWatchError
             raise self.retry(exc=exc, countdown=countdown, max_retries=c.settings.task_max_retries)
 
     def on_failure(self, exc, task_id, args, kwargs, einfo):

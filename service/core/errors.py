@@ -43,6 +43,7 @@ class SpineWatchError(Exception):
     status_code = 500
     code = "exception"  # OperationOutcome.issue.code (http://hl7.org/fhir/R4/valueset-issue-type.html)
     transient = False
+    retry_after: float | None = None  # seconds the failing party asked us to wait (Retry-After, a held lock)
 
     def __init__(self, message: str):
         super().__init__(message)

@@ -175,11 +175,10 @@ async def evaluate_within_budget(evaluate, budget: float, resources: int) -> Ass
     PreconditionFailed once `budget` seconds have passed: the EHR gets an answer, never a hang.
     The one-off compilation of the clinical vocabulary (done at start-up by the app's lifespan) is
     not the evaluation's: a process that has not compiled it yet does so first, outside the budget."""
-    if load_terminology.cache_info().currsize == 0:
-        # Inline, once: on the event loop the first caller compiles and every concurrent caller then
-        # finds it compiled. In threads, each concurrent first caller compiled its own copy (the
-        # cache is not single-flight), and 16 connections timed out (bench/hooks.py).
-        load_terminology()
+    # On the event loop, so the first caller compiles (the app's lifespan normally has) and every
+    # concurrent caller finds it compiled: the cache is not single-flight, and in threads each
+    # concurrent first caller compiled its own copy until 16 connections timed out (bench/hooks.py).
+    load_terminology()
     if resources <= INLINE_EVALUATION_MAX_RESOURCES:
         return evaluate()  # milliseconds: no thread hop on the latency path (see the constant)
     with anyio.move_on_after(budget) as scope:

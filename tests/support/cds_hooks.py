@@ -113,7 +113,7 @@ def _vital(pid: str, rid: str, days_ago: float) -> dict:
 
 
 def record(tier: str, pid: str = "p1", vitals: int = 0) -> list[dict]:
-    """One patient's resources that evaluate to `tier` at the current time (CLINICAL.md tiers)."""
+    """One patient's resources that evaluate to `tier` at the current time (NICE NG234 Box 2 / Box 1 tiers)."""
     out: list[dict] = [{"resourceType": "Patient", "id": pid, "gender": "female", "birthDate": "1961-04-12"}]
     if tier != "none":
         out.append(_condition(pid, "cancer", SNOMED, "254837009", "Malignant neoplasm of breast", 900,

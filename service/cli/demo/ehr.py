@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spinewatch demo: no demo EHR key in {args.dir} ({type(exc).__name__}): is `spinewatch demo --serve` "
               f"running with that --dir?", file=sys.stderr)
         return 2
+    # The command's one output, on stdout for the caller's `curl` (never a log line): a JWT signed
+    # with the throwaway key of a development demo, for one URL, good once and for 5 minutes.
     print(sign(jwt, key, kid, DemoEhrIssuer.iss, args.url, 300))
     return 0
 

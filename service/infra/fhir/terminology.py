@@ -40,12 +40,7 @@ from fhir_mappings.clinical.terminology import SNOMED, Terminology, load_termino
 from service.core.errors import TerminologyUnavailable
 from service.infra.fhir.auth import Auth, auth_from_settings
 from service.infra.fhir.base import FHIR_JSON, USER_AGENT, origin, tls_context
-from service.infra.fhir.terminology_roots import ROOTS_PATH, Roots, load_roots, questions, record_codes
-
-__all__ = ["TerminologyServer", "Consultation", "LOCAL", "AnswerCache", "consult", "consult_sync",
-           "TerminologyUnavailable",  # re-exported
-           # what is asked (service/infra/fhir/terminology_roots.py), re-exported
-           "ROOTS_PATH", "Roots", "load_roots", "questions", "record_codes"]
+from service.infra.fhir.terminology_roots import Roots, load_roots, questions, record_codes
 
 log = structlog.get_logger("spinewatch.terminology_server")
 

@@ -1,5 +1,5 @@
 """fhir_mappings.clinical.orders: which draft orders are a plain spine X-ray or a spine MRI (value sets
-xray-spine and mri-spine; CLINICAL.md "Codes")."""
+xray-spine and mri-spine, fhir_mappings/clinical/valuesets/)."""
 
 from __future__ import annotations
 

@@ -255,7 +255,7 @@ def test_a_note_is_routed_to_its_patient_like_a_condition(client, r, deliver):
     it is delivered; a focus that names no patient is read first to find whose it is."""
     if deliver == "rest-hook put":
         response = client.put("/fhir/notifications/DocumentReference/d1", content=json.dumps(NOTE), headers=AUTH)
-    elif deliver == "medplum post":  # INTEROP.md: the resource POSTed to the endpoint itself
+    elif deliver == "medplum post":  # Medplum rest-hook: the resource POSTed to the endpoint itself
         response = post(client, NOTE)
     elif deliver == "backport id-only":
         response = post(client, event(1, focus="DocumentReference/d1", patient="Patient/p1"))

@@ -1,4 +1,4 @@
-"""`spinewatch evaluate PATH [--now]` as DESIGN.md specifies: one JSON object, exit 0; exit 2 + one line."""
+"""`spinewatch evaluate PATH [--now]` as the README documents: one JSON object, exit 0; exit 2 + one line."""
 
 import json
 import subprocess

@@ -70,7 +70,7 @@ def subscribe(stack) -> list[dict]:
 
 
 def write_chart(fhir: httpx.Client) -> str:
-    """A patient with breast cancer, low back pain and new leg weakness (CLINICAL.md Box 2), written
+    """A patient with breast cancer, low back pain and new leg weakness (NICE NG234 Box 2), written
     the way an EHR writes it: one resource at a time, ids assigned by the server."""
     pid = fhir.post("/Patient", json={"resourceType": "Patient", "name": [{"family": "E2E"}]}).json()["id"]
     for resource in ch.record("emergency", pid)[1:]:

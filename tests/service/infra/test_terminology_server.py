@@ -18,8 +18,8 @@ from fhir_mappings.clinical.schema import TerminologyRootsFile, load
 from fhir_mappings.clinical.terminology import SNOMED, load_terminology
 from service.infra.fhir.sync import FHIRClient
 from service.core.settings import Settings
-from service.infra.fhir.terminology import (LOCAL, ROOTS_PATH, AnswerCache, TerminologyServer, consult_sync, load_roots,
-                                        questions, record_codes)
+from service.infra.fhir.terminology import LOCAL, AnswerCache, TerminologyServer, consult_sync
+from service.infra.fhir.terminology_roots import ROOTS_PATH, load_roots, questions, record_codes
 from tests.support.cds_hooks import PATIENT_VIEW, hook_request, make_env, prefetch_for, reset_audit, validate_cds_response
 from workers import pipeline
 

@@ -20,7 +20,7 @@ FIXTURES = HERE / "fixtures"
 README = HERE / "README.md"
 NOW = datetime(2026, 6, 1, 12, 0, 0, tzinfo=timezone.utc)
 
-# CLINICAL.md, Box 2 (emergency) and Box 1 (urgent) tables.
+# NICE NG234 Box 2 (emergency: suspected MSCC) and Box 1 (urgent: suspected spinal metastasis).
 BOX2 = (
     "radicular-pain",
     "limb-weakness",
@@ -172,8 +172,8 @@ def test_flag_stays_quiet(path):
 
 @_params(sorted(p for d in FLAGS for p in _files(f"{d}/*.json")))
 def test_flag_fixture_tier_follows_flags(path):
-    # Every flag fixture is in scope (cancer + recent back pain) and has no MRI, so CLINICAL.md
-    # 'Tiers' fixes the urgency from the flags alone.
+    # Every flag fixture is in scope (cancer + recent back pain) and has no MRI, so the tier
+    # follows from the flags alone (NICE NG234 1.4: Box 2 emergency, Box 1 urgent).
     a = _assess(path)
     flags = set(a.red_flags)
     expected = "emergency" if flags & set(BOX2) else "urgent" if flags & set(BOX1) else "routine"
