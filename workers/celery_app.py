@@ -24,6 +24,7 @@ import structlog
 from celery import Celery
 from celery import signals
 
+from fhir_mappings.clinical.extract import warm_models
 from fhir_mappings.clinical.terminology import load_terminology
 from service.core.logging import configure_logging
 from service.core.settings import Settings, get_settings
@@ -83,8 +84,10 @@ def create_celery_app(settings: Settings | None = None) -> SpineWatchCelery:
 def _warm_up(**_: Any) -> None:
     """Compile the clinical vocabulary once, in the worker's main process before the pool forks
     (worker_init): the pool processes inherit it, and each is up at once rather than seconds later
-    (a pool process that is not up within worker_proc_alive_timeout, 4 s, is killed and replaced)."""
+    (a pool process that is not up within worker_proc_alive_timeout, 4 s, is killed and replaced).
+    The FHIR models too: their first evaluation would otherwise import their nested classes."""
     load_terminology()
+    warm_models()
 
 
 def check_redis_durability(settings: Settings) -> str | None:

@@ -12,7 +12,8 @@ Failure handling, the same for every task:
   SPINEWATCH_FHIR_RETRY_AFTER_MAX_SECONDS (and below the visibility timeout): a server asking for
   120 s is asked again after 120 s, not dead-lettered after a minute of 2-4-8-16-32 s retries;
 - anything else, and a transient error past its last retry, lands in the dead-letter list
-  (SpineWatchTask.on_failure), never silently dropped.
+  (SpineWatchTask.on_failure), never silently dropped; one that is a configuration problem (a scope
+  the token lacks, a refused token: service/infra/config_problems.py) is recorded there too.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from celery import Task, shared_task
 
 from service.core.errors import SpineWatchError, is_transient
 from service.core.metrics import DEAD_LETTERS
+from service.infra import config_problems
 from service.infra.dead_letters import DeadLetters
 from service.infra.queue import TASK_CATCH_UP, TASK_EVALUATE, TASK_RECONCILE, TASK_RESOLVE, TASK_WATCHDOG
 from workers import pipeline
@@ -79,10 +81,15 @@ class SpineWatchTask(Task):
             log.error("task.dead_letter_lost", error=type(exc).__name__, store_error=type(store_error).__name__)
             return
         DEAD_LETTERS.labels(task=self.name).inc()
+        problem = config_problems.find(exc)  # e.g. a scope the token lacks: shown by /readyz and check-config
+        if problem:
+            config_problems.record(c.queue.redis, problem, task=self.name)
         c.audit.event("dead-letter", "failure", actor="worker",
                       patient=kwargs.get("patient") if isinstance(kwargs, dict) else None,
                       detail={"task": self.name, "task_id": task_id, "error": entry["error"],
-                              "retries": entry["retries"]})
+                              "retries": entry["retries"]}
+                      | ({"configuration_problem": problem.kind, "needed_scope": problem.needed_scope}
+                         if problem else {}))
         log.error("task.dead_letter", error=entry["error"], retries=entry["retries"])
 
 

@@ -150,11 +150,20 @@ def suggestion_label(intent: str, urgency: str, replacing: bool = False) -> str:
 def _mri_suggestion(a: Assessment, now: datetime, intent: str, new_id: NewId, replacing: list[str] = (),
                     settings: CardSettings = DEFAULT_SETTINGS) -> dict:
     when = WITHIN.get(a.urgency, "")
-    # CDS Hooks 2.0 §Action: `resourceId` is a *string*, "a relative reference to the relevant resource".
-    actions = [{"type": "delete", "description": "Remove the draft spine X-ray order", "resourceId": ref}
-               for ref in replacing]
-    actions.append({"type": "create", "description": f"Whole-spine MRI{when}",
-                    "resource": mri_service_request(a, now, intent, settings)})
+    mri = mri_service_request(a, now, intent, settings)
+    if not replacing:
+        actions = [{"type": "create", "description": f"Whole-spine MRI{when}", "resource": mri}]
+    else:
+        # The first draft X-ray becomes the MRI in place: an `update` of the draft by its id (CDS
+        # Hooks 2.0 §Action; restful-interaction "update an existing resource by its id"). One
+        # action, and the one the CDS Hooks Sandbox applies to draft orders (it applies no create
+        # or delete there). Any other draft spine X-ray is removed; 2.0 §Action: a delete's
+        # `resourceId` is a *string*, "a relative reference to the relevant resource".
+        first, *others = replacing
+        actions = [{"type": "update", "description": f"Change the draft spine X-ray into a whole-spine MRI{when}",
+                    "resource": mri | {"id": first.split("/", 1)[1]}}]
+        actions += [{"type": "delete", "description": "Remove the other draft spine X-ray order", "resourceId": ref}
+                    for ref in others]
     return {"label": suggestion_label(intent, a.urgency, bool(replacing)), "uuid": new_id(), "isRecommended": True,
             "actions": actions}
 

@@ -16,6 +16,7 @@ Which BALP pattern each SpineWatch record follows (https://profiles.ihe.net/ITI/
                    is the CDS client it was issued to, and the viewer's address is in the detail)
     feedback       PatientCreate / Create  rest / create / C             the EHR               SpineWatch
     alert          PatientCreate / Create  rest / create / C             SpineWatch worker     FHIR server
+                   (alert-retraction too: the follow-up Communication is written the same way)
     audit-access   PatientQuery / Query    rest / search / E             the reviewer          SpineWatch
     auth-failure   FHIR "Access Denied"    DCM 110114 / 110122 Login / E the rejected caller   SpineWatch
     other          -                       DCM 110100 Application Activity / E
@@ -69,6 +70,7 @@ _PATTERNS = {
     "evidence-view": ("Read", {"system": RESTFUL, "code": "read", "display": "read"}, "R", True),
     "feedback": ("Create", {"system": RESTFUL, "code": "create", "display": "create"}, "C", True),
     "alert": ("Create", {"system": RESTFUL, "code": "create", "display": "create"}, "C", False),
+    "alert-retraction": ("Create", {"system": RESTFUL, "code": "create", "display": "create"}, "C", False),
     "audit-access": ("Query", {"system": RESTFUL, "code": "search", "display": "search"}, "E", True),
 }
 _SERIOUS = {"failure", "failed", "error", "dead-letter"}
@@ -188,7 +190,7 @@ def _data_entity(kind: str, record: dict) -> tuple[dict | None, list[str]]:
                                       or d.get("override_reason"), "hook": d.get("hook"),
                                       "service": d.get("service")})}
         return entity, []
-    if kind == "alert":
+    if kind in ("alert", "alert-retraction"):  # a follow-up is a Communication written like the alert
         ref = d.get("communication")
         what = {"reference": ref} if is_reference(ref) else {"identifier": {"value": str(d.get("alert_id") or seq)}}
         entity = {"what": what, "type": SYSTEM_OBJECT, "role": DOMAIN_RESOURCE,

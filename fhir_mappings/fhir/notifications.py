@@ -14,7 +14,25 @@ Two wire shapes arrive:
   `empty` (event numbers only), `id-only` (focus references; entries with a fullUrl and no
   resource) or `full-resource` (the resources themselves).
 
-`parse_notification` / `parse_rest_hook` / `ping` return a `Notification`; `Notification.work()` says
+Deletes (R4 Subscription §2.46 notifies on create and update only, so each server has its own shape):
+
+- **Medplum** POSTs `{}` to the endpoint with `X-Medplum-Interaction: delete` and
+  `X-Medplum-Deleted-Resource: Type/id` (Medplum docs, "Subscription Extensions": interactions;
+  packages/server/src/workers/subscription.ts, buildRestHookHeaders). Its other headers name the
+  Subscription (`X-Medplum-Subscription`, a bare id) and the write (`x-trace-id`, kept in the job, so
+  every retry repeats it); `Delivery` carries them.
+- **HAPI FHIR** with `channel.payload` set sends an HTTP `DELETE {endpoint}/{type}/{id}`
+  (SubscriptionDeliveringRestHookSubscriber.createDeliveryRequestNormal: `client.delete().resourceById`;
+  only for Subscriptions with the extension http://hapifhir.io/fhir/StructureDefinition/subscription-send-delete-messages).
+- **Backport IG** notifications: a history Bundle entry's `request` is "filled out in a way that makes
+  sense" for the event (IG "Notifications", Bundle Type Considerations) and a full-resource entry
+  without its resource carries `request`/`response` (IG "Payload Types"); HAPI's topic Subscriptions
+  put a deleted focus in as an entry with `request.method` DELETE, `request.url` Type/id and no
+  resource (SubscriptionTopicPayloadBuilder, BundleBuilder.addTransactionDeleteEntry). Firely's
+  shape was not verified.
+
+`parse_notification` / `parse_post` / `parse_rest_hook` / `ping` return a `Notification` (parse_post
+and parse_rest_hook given the `Delivery` that `delivery_headers` reads); `Notification.work()` says
 for each event which patient to evaluate (when the payload names one), which references must be
 read first (when it does not), or that the server must be asked what happened (empty payloads), and
 under which keys a repeat of the same event is recognised.
@@ -26,7 +44,8 @@ split across files, the shapes a server may send would no longer be readable sid
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
 from fhir_mappings.fhir.bundle import patient_key
 
@@ -42,6 +61,15 @@ _ID = r"[A-Za-z0-9\-.]{1,64}"
 _REFERENCE = re.compile(rf"(?:^|/)({_TYPE})/({_ID})(?:/_history/({_ID}))?/?$")
 TYPE_PATTERN = re.compile(rf"^{_TYPE}$")
 ID_PATTERN = re.compile(rf"^{_ID}$")
+RESOURCE_PATTERN = re.compile(rf"^{_TYPE}/{_ID}$")
+# A trace id is kept in the audit record: a uuid or a W3C traceparent fits; anything else is dropped.
+TRACE_PATTERN = re.compile(r"^[A-Za-z0-9\-._]{1,128}$")
+INTERACTIONS = ("create", "update", "delete")
+# Medplum's rest-hook headers (packages/server/src/workers/subscription.ts, buildRestHookHeaders).
+SUBSCRIPTION_HEADER = "X-Medplum-Subscription"
+INTERACTION_HEADER = "X-Medplum-Interaction"
+DELETED_HEADER = "X-Medplum-Deleted-Resource"
+TRACE_HEADER = "x-trace-id"
 
 
 class NotificationError(ValueError):
@@ -55,6 +83,7 @@ class NotificationEvent:
     focus: str | None  # "Type/id", the resource that triggered the event; None in empty payloads
     focus_version: str | None  # from `_history/N` in the reference or the included resource's meta
     context: tuple[str, ...] = ()  # additional-context references, "Type/id"
+    deleted: bool = False  # the event is the focus's deletion
 
 
 @dataclass(frozen=True)
@@ -68,6 +97,7 @@ class WorkItem:
     resolve: bool = False  # the patient is not known: read `focus` to find it
     catch_up: bool = False  # nothing named: ask the server what happened ($events, _lastUpdated)
     event_number: int | None = None
+    deleted: bool = False  # `focus` was deleted: it can no longer be read at its current version
 
 
 @dataclass
@@ -81,6 +111,8 @@ class Notification:
     resources: dict[str, dict] = field(default_factory=dict)  # "Type/id" -> included resource
     errors: list[str] = field(default_factory=list)  # subscription error codes (query-status)
     warnings: list[str] = field(default_factory=list)  # non-conformance we accept; no values
+    interaction: str | None = None  # create | update | delete, when the delivery says
+    trace: str | None = None  # the server's id of the write (Medplum x-trace-id)
 
     @property
     def is_control(self) -> bool:
@@ -89,6 +121,10 @@ class Notification:
     @property
     def event_numbers(self) -> list[int]:
         return sorted({e.number for e in self.events if e.number is not None})
+
+    @property
+    def deleted(self) -> list[str]:
+        return sorted({e.focus for e in self.events if e.deleted and e.focus})
 
     def work(self) -> list[WorkItem]:
         if self.kind == "ping":
@@ -111,16 +147,30 @@ class Notification:
         if event.focus is None:
             return WorkItem(keys=tuple(keys), catch_up=True, event_number=event.number)
         included = self.resources.get(event.focus)
-        version = event.focus_version
-        if version:
-            keys.append(version_key(event.focus, version))
-        elif included is not None and (included.get("meta") or {}).get("lastUpdated"):
-            # No versionId: the server's lastUpdated instant tells one write from the next.
-            keys.append(f"updated:{event.focus}:{included['meta']['lastUpdated']}")
+        keys.extend(self._delete_keys(event) if event.deleted else self._write_keys(event, included))
         patient = self._patient_of(event, included)
-        if patient is None:
-            return WorkItem(keys=tuple(keys), focus=(event.focus,), resolve=True, event_number=event.number)
-        return WorkItem(keys=tuple(keys), patient=patient, focus=(event.focus,), event_number=event.number)
+        return WorkItem(keys=tuple(keys), patient=patient, focus=(event.focus,), resolve=patient is None,
+                        event_number=event.number, deleted=event.deleted)
+
+    @staticmethod
+    def _write_keys(event: NotificationEvent, included: dict | None) -> list[str]:
+        if event.focus_version:
+            return [version_key(event.focus, event.focus_version)]
+        if included is not None and (included.get("meta") or {}).get("lastUpdated"):
+            # No versionId: the server's lastUpdated instant tells one write from the next.
+            return [f"updated:{event.focus}:{included['meta']['lastUpdated']}"]
+        return []
+
+    def _delete_keys(self, event: NotificationEvent) -> list[str]:
+        # Not version_key: a delete that carries the last version would be taken for the update that
+        # wrote it. Without a version or a trace id nothing tells this delete from a later one of the
+        # same id (re-created, deleted again), so no key: a repeat costs one more evaluation, whereas
+        # a dropped delete would leave the deleted resource in the patient's assessment.
+        if event.focus_version:
+            return [delete_key(event.focus, event.focus_version)]
+        if self.trace:
+            return [delete_key(event.focus, f"trace:{self.trace}")]
+        return []
 
     def _patient_of(self, event: NotificationEvent, included: dict | None) -> str | None:
         if event.focus and event.focus.startswith("Patient/"):
@@ -145,6 +195,10 @@ def version_key(reference: str, version: str) -> str:
     return f"version:{reference}:{version}"
 
 
+def delete_key(reference: str, marker: str) -> str:
+    return f"deleted:{reference}:{marker}"
+
+
 def relative_reference(reference: object) -> tuple[str, str | None] | None:
     """An absolute or relative literal reference → ("Type/id", versionId or None); None for
     anything else (urn:uuid, contained "#x", logical-only references)."""
@@ -156,26 +210,102 @@ def relative_reference(reference: object) -> tuple[str, str | None] | None:
     return f"{match.group(1)}/{match.group(2)}", match.group(3)
 
 
+@dataclass(frozen=True)
+class Delivery:
+    """What a notification's request says besides its body (Medplum's headers; an HTTP DELETE), each
+    checked for syntax. A header we cannot use is left out with a warning; only a deleted-resource
+    header we cannot read is refused, since it alone says what the notification is about."""
+
+    subscription: str | None = None  # "Subscription/<id>"
+    interaction: str | None = None  # create | update | delete
+    deleted: str | None = None  # "Type/id"
+    trace: str | None = None
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def is_delete(self) -> bool:
+        return self.interaction == "delete" or self.deleted is not None
+
+
+def delivery_headers(headers: Mapping[str, str]) -> Delivery:
+    """Medplum's rest-hook headers → Delivery. Names are case-insensitive (RFC 9110 §5.1)."""
+    values = {name.lower(): value.strip() for name, value in headers.items()}
+    warnings: list[str] = []
+
+    def checked(name: str, valid) -> str | None:
+        value = values.get(name.lower())
+        if value is None or valid(value):
+            return value
+        warnings.append(f"{name} header ignored (not a valid value)")
+        return None
+
+    subscription = checked(SUBSCRIPTION_HEADER, ID_PATTERN.match)
+    interaction = checked(INTERACTION_HEADER, lambda v: v.lower() in INTERACTIONS)
+    deleted = values.get(DELETED_HEADER.lower())
+    if deleted is not None and not RESOURCE_PATTERN.match(deleted):
+        raise NotificationError(f"the {DELETED_HEADER} header must be a reference Type/id")
+    return Delivery(subscription=f"Subscription/{subscription}" if subscription else None,
+                    interaction=interaction.lower() if interaction else None, deleted=deleted,
+                    trace=checked(TRACE_HEADER, TRACE_PATTERN.match), warnings=tuple(warnings))
+
+
 def ping() -> Notification:
     """R4 rest-hook without payload: an empty POST that says only that something changed."""
     return Notification(kind="ping")
 
 
-def parse_rest_hook(resource_type: str, resource_id: str, body: object | None) -> Notification:
+def parse_post(body: object | None, delivery: Delivery = Delivery()) -> Notification:
+    """POST {endpoint}: a backport Bundle, a resource (servers that POST rather than PUT, as Medplum
+    always does), a Medplum delete, or a ping. `{}` without a delete header names nothing: it is
+    read as a ping (the sweep finds what changed) rather than refused, since a refusal would be
+    retried by the server for days (Medplum: 18 attempts over about 73 hours) and change nothing."""
+    if delivery.deleted:
+        note = _deleted(delivery.deleted, _matching_resource(body, delivery.deleted, DELETED_HEADER))
+    elif body is None or body == {}:
+        note = ping()
+        if delivery.is_delete:
+            note.warnings.append(f"{INTERACTION_HEADER}: delete without {DELETED_HEADER}: read as a ping")
+        elif body == {}:
+            note.warnings.append("an empty JSON object without a delete header: read as a ping")
+    else:
+        note = parse_resource(body)
+        if delivery.is_delete and note.kind == "rest-hook":  # the resource's last version, deleted
+            note.events = [replace(e, deleted=True) for e in note.events]
+    return _with_delivery(note, delivery)
+
+
+def parse_rest_hook(resource_type: str, resource_id: str, body: object | None,
+                    delivery: Delivery = Delivery()) -> Notification:
     """R4 rest-hook with payload: `PUT {endpoint}/{type}/{id}` carrying the resource (R4 §2.46.7.1);
-    an empty body there still names the resource, which is then read."""
+    an empty body (or `{}`) there still names the resource, which is then read. A delete (HAPI's
+    HTTP DELETE, or Medplum's headers on this path) may carry the last version."""
     if not TYPE_PATTERN.match(resource_type) or not ID_PATTERN.match(resource_id):
         raise NotificationError("the path must be /{resourceType}/{id} with a FHIR type and id")
     focus = f"{resource_type}/{resource_id}"
-    if body is None:
-        return Notification(kind="rest-hook", events=[NotificationEvent(None, None, focus, None)])
+    if delivery.deleted not in (None, focus):
+        raise NotificationError(f"the {DELETED_HEADER} header differs from the path")
+    resource = _matching_resource(body, focus, "the path")
+    if delivery.is_delete:
+        note = _deleted(focus, resource)
+    elif resource is None:
+        note = Notification(kind="rest-hook", events=[NotificationEvent(None, None, focus, None)])
+    else:
+        note = _resource_notification(resource)
+    return _with_delivery(note, delivery)
+
+
+def _matching_resource(body: object | None, focus: str, where: str) -> dict | None:
+    """The body's resource, which must be `focus`; None for an empty body or `{}`."""
+    if body is None or body == {}:
+        return None
     if not isinstance(body, dict) or not isinstance(body.get("resourceType"), str):
         raise NotificationError("the body must be a FHIR resource (no resourceType)")
+    resource_type, resource_id = focus.split("/", 1)
     if body["resourceType"] != resource_type:
-        raise NotificationError("the body's resourceType differs from the path")
+        raise NotificationError(f"the body's resourceType differs from {where}")
     if body.get("id") not in (None, resource_id):
-        raise NotificationError("the body's id differs from the path")
-    return _resource_notification({**body, "id": resource_id})
+        raise NotificationError(f"the body's id differs from {where}")
+    return {**body, "id": resource_id}
 
 
 def parse_resource(body: object) -> Notification:
@@ -190,11 +320,27 @@ def parse_resource(body: object) -> Notification:
     return _resource_notification(body)
 
 
-def _resource_notification(resource: dict) -> Notification:
+def _resource_notification(resource: dict, *, deleted: bool = False) -> Notification:
     focus = f"{resource['resourceType']}/{resource['id']}"
     version = (resource.get("meta") or {}).get("versionId")
-    event = NotificationEvent(None, None, focus, version if isinstance(version, str) else None)
+    event = NotificationEvent(None, None, focus, version if isinstance(version, str) else None, deleted=deleted)
     return Notification(kind="rest-hook", events=[event], resources={focus: resource})
+
+
+def _deleted(focus: str, last_version: dict | None) -> Notification:
+    if last_version is not None:
+        return _resource_notification(last_version, deleted=True)
+    return Notification(kind="rest-hook", events=[NotificationEvent(None, None, focus, None, deleted=True)])
+
+
+def _with_delivery(note: Notification, delivery: Delivery) -> Notification:
+    if delivery.subscription and note.subscription not in (None, delivery.subscription):
+        note.warnings.append(f"{SUBSCRIPTION_HEADER} differs from the notification's subscription: ignored")
+    note.subscription = note.subscription or delivery.subscription
+    note.interaction = delivery.interaction or ("delete" if note.deleted else None)
+    note.trace = delivery.trace
+    note.warnings.extend(delivery.warnings)
+    return note
 
 
 def parse_notification(bundle: object) -> Notification:
@@ -227,7 +373,22 @@ def parse_notification(bundle: object) -> Notification:
                 warnings.append(f"Bundle.entry[{index}] lacks request/response (R4 bdl-3/bdl-4, history Bundle)")
     note.warnings = warnings + note.warnings
     _collect_entries(note, entries[1:])
+    deleted = _deleted_entries(entries[1:])
+    note.events = [replace(e, deleted=True) if e.focus in deleted else e for e in note.events]
     return note
+
+
+def _deleted_entries(entries: list[dict]) -> set[str]:
+    """Entries whose request is a DELETE (the IG leaves the request to fit the event; HAPI writes a
+    deleted focus as DELETE Type/id without a resource): the references deleted."""
+    deleted = set()
+    for entry in entries:
+        request = entry.get("request")
+        if isinstance(request, dict) and str(request.get("method")).upper() == "DELETE":
+            found = relative_reference(request.get("url")) or relative_reference(entry.get("fullUrl"))
+            if found:
+                deleted.add(found[0])
+    return deleted
 
 
 def _collect_entries(note: Notification, entries: list[dict]) -> None:

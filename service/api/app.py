@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from fhir_mappings.clinical.extract import warm_models
 from fhir_mappings.clinical.terminology import load_terminology
 from service.api.errors import outcome_response, spinewatch_error_handler
 from service.api.headers import PathHeaders
@@ -37,8 +38,10 @@ async def _http_handler(request, exc: StarletteHTTPException):
 
 @asynccontextmanager
 async def _warm_up(app: FastAPI):
-    # Compile the clinical vocabulary (about a second) before the first hook call, not during it.
+    # Compile the clinical vocabulary (about a second) and ready the FHIR models before the first
+    # hook call, not during it.
     load_terminology()
+    warm_models()
     yield
     app.state.auth_failures.flush(app.state.services.audit.event)  # the refusal summaries still open
 

@@ -4,8 +4,10 @@ authentication (CDS clients, the notifying FHIR server, the audit reviewer)."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, NoReturn
 
 import structlog
 from fastapi import Depends, Request
@@ -101,22 +103,41 @@ async def verified_client(request: Request, services: ServicesDep) -> CdsClient:
         raise ServiceUnavailable("the JWT replay cache is unavailable; retry") from None
 
 
-async def verified_notifier(request: Request, settings: SettingsDep, audit: AuditDep) -> None:
+SignatureCheck = Callable[[bytes], None]
+
+
+async def verified_notifier(request: Request, settings: SettingsDep, audit: AuditDep) -> SignatureCheck:
     """The notifying server's secret, from channel.header (R4 Subscription.channel.header:
     "Additional headers / information to send as part of the notification"), as
     `Authorization: Bearer <secret>`, compared in constant time; 401 otherwise (429, unchecked,
-    past the failure limit)."""
+    past the failure limit). Returns the body's signature check, which the route calls on the raw
+    bytes it read: with SPINEWATCH_NOTIFICATION_SIGNATURE_SECRET set, `X-Signature` must be
+    hex(HMAC-SHA256(secret, body)) (Medplum's subscription-secret extension), else 401 the same way."""
     throttle.check(request, "notifications", audit.event)
     expected = settings.notification_token.get_secret_value().encode()
     scheme, _, presented = request.headers.get("authorization", "").partition(" ")
     # compare_digest on equal-length inputs takes the same time wherever they differ.
     if not (scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), expected)):
-        reason = "missing" if not presented else "mismatch"
-        NOTIFICATIONS.labels(kind="unknown", outcome="unauthorized").inc()
-        throttle.refused(request, audit.event, "notifications", reason, actor="notifier",
-                         detail={"surface": "notifications", "reason": reason})
-        notification_log.warning("notification.unauthorized", reason=reason)
-        raise Unauthorized("notification secret missing or wrong")
+        _refuse_notifier(request, audit, "missing" if not presented else "mismatch")
+    secret = settings.notification_signature_secret
+
+    def check_signature(body: bytes) -> None:
+        if secret is None:
+            return
+        signature = request.headers.get("x-signature", "").strip().lower()
+        digest = hmac.new(secret.get_secret_value().encode(), body, hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(signature.encode(), digest.encode()):
+            _refuse_notifier(request, audit, "signature-missing" if not signature else "signature-mismatch")
+
+    return check_signature
+
+
+def _refuse_notifier(request: Request, audit: AuditLog, reason: str) -> NoReturn:
+    NOTIFICATIONS.labels(kind="unknown", outcome="unauthorized").inc()
+    throttle.refused(request, audit.event, "notifications", reason, actor="notifier",
+                     detail={"surface": "notifications", "reason": reason})
+    notification_log.warning("notification.unauthorized", reason=reason)
+    raise Unauthorized("notification secret or signature missing or wrong")
 
 
 def require_reviewer(request: Request, settings: SettingsDep, audit: AuditDep) -> str:
@@ -128,5 +149,5 @@ def require_reviewer(request: Request, settings: SettingsDep, audit: AuditDep) -
 
 
 VerifiedClient = Annotated[CdsClient, Depends(verified_client)]
-VerifiedNotifier = Annotated[None, Depends(verified_notifier)]
+VerifiedNotifier = Annotated[SignatureCheck, Depends(verified_notifier)]
 Reviewer = Annotated[str, Depends(require_reviewer)]

@@ -11,7 +11,7 @@ import uuid
 from typing import Any
 
 import structlog
-from starlette.datastructures import MutableHeaders
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.middleware.cors import CORSMiddleware
 
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -61,17 +61,37 @@ class RequestIdMiddleware:
 
 class CdsHooksCors:
     """CORS for /cds-services only (CDS Hooks 2.0 §Cross-Origin Resource Sharing: browser-based CDS
-    clients need it); the rest of the API is not for browsers on other origins."""
+    clients need it); the rest of the API is not for browsers on other origins.
+
+    Private Network Access (https://wicg.github.io/private-network-access/#cors-preflight): Chrome
+    preflights a public page's call to a service on a private address (the CDS Hooks Sandbox calling
+    localhost) with `Access-Control-Request-Private-Network: true`, and blocks the call unless the
+    answer carries `Access-Control-Allow-Private-Network: true`. Granted to allowed origins only."""
+
+    PRIVATE_NETWORK_GRANT = "Access-Control-Allow-Private-Network"
 
     def __init__(self, app: Any, origins: list[str]):
         self.app = app
         # No credentials: CDS clients authenticate with a bearer JWT, never cookies (OWASP HTML5
         # Security cheat sheet, "Cross Origin Resource Sharing").
         self.cors = CORSMiddleware(app, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
-                                   allow_headers=["Authorization", "Content-Type"], max_age=600)
+                                   allow_headers=["Authorization", "Content-Type"], max_age=600,
+                                   allow_private_network=True)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"].startswith("/cds-services"):
+            origin = Headers(scope=scope).get("origin")
+            if origin is not None and not self.cors.is_allowed_origin(origin):
+                send = self._without_private_network_grant(send)
             await self.cors(scope, receive, send)
         else:
             await self.app(scope, receive, send)
+
+    @classmethod
+    def _without_private_network_grant(cls, send: Any) -> Any:
+        """`send`, minus the grant that Starlette's refusal of a disallowed origin's preflight carries."""
+        async def send_without(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                del MutableHeaders(scope=message)[cls.PRIVATE_NETWORK_GRANT]
+            await send(message)
+        return send_without

@@ -4,6 +4,8 @@ Invalid settings: one line each on stderr and exit 2, here and in `spinewatch se
 (`settings_or_exit`), with the same lines (service/core/config_check.py `describe`). A SPINEWATCH_
 variable that is no setting (a typo: pydantic-settings would ignore it and keep the default) is
 named with the nearest real setting, in every environment; in production check-config then exits 2.
+With SMART Backend Services it also shows the scope the workers ask for and warns about each scope an
+explicit SPINEWATCH_SMART_SCOPE lacks; and it shows the last configuration problem a worker met.
 """
 
 from __future__ import annotations
@@ -13,7 +15,11 @@ import os
 import typer
 from pydantic import ValidationError
 
-from service.core.config_check import InvalidSettings, describe, env_name, shown_value, unknown_variables
+from service.core.config_check import (InvalidSettings, describe, env_name, problem_line, scope_warnings, shown_value,
+                                       unknown_variables)
+
+
+REDIS_TIMEOUT_SECONDS = 1.0
 
 
 def _say(line: str) -> None:
@@ -56,4 +62,28 @@ def check_config() -> None:
         raise typer.Exit(2)
     for field in type(settings).model_fields:
         typer.echo(f"{env_name(field)}={shown_value(field, getattr(settings, field))}")
+    _fhir_access(settings)
     typer.echo(f"configuration OK (environment: {settings.environment})", err=True)
+
+
+def _fhir_access(settings) -> None:
+    """The SMART scope the workers ask for and what an explicit one lacks; the last configuration
+    problem a worker met (kept in Redis), or that it cannot be known."""
+    from service.infra import config_problems
+    from service.infra.fhir.auth import requested_scope, scope_uses
+    from service.infra.redis import redis_client
+
+    if settings.fhir_auth == "smart-backend":
+        _say(f"SMART scope requested: {requested_scope(settings)}")
+        for line in scope_warnings(settings.smart_scope, scope_uses(settings), settings.smart_scope_version):
+            _say(f"warning: {line}")
+    client = redis_client(settings.redis_url, REDIS_TIMEOUT_SECONDS)
+    try:
+        problem = config_problems.last(client)
+    except Exception as exc:  # noqa: BLE001 - redis.RedisError: check-config does not need Redis
+        _say(f"last configuration problem: unknown (Redis unreachable: {type(exc).__name__})")
+        return
+    finally:
+        client.close()
+    if problem:
+        _say(f"warning: {problem_line(problem)}")

@@ -5,6 +5,11 @@
 `get_settings()` raises InvalidSettings (a SystemExit), so the API, the workers and every command stop
 before doing anything, with that message and no traceback. Values of settings that can hold a secret
 (URLs may carry passwords) are never echoed.
+
+Valid but not enough: `scope_warnings` names each SMART scope an explicit SPINEWATCH_SMART_SCOPE
+lacks for what SpineWatch does (fhir_mappings/fhir/scopes.py), and `problem_line` words the last
+configuration problem a worker met (service/infra/config_problems.py); `spinewatch check-config`
+prints both.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pydantic import ValidationError
+
+from fhir_mappings.fhir.scopes import ScopeVersion, Use, missing, needs
 
 PREFIX = "SPINEWATCH_"
 # SPINEWATCH_ variables that are not settings of the service: docker-compose.yml's published port,
@@ -86,3 +93,22 @@ def shown_value(field: str, value: Any) -> str:
         user = userinfo.split(":", 1)[0]
         return f"{scheme}://{user}:****@{host}"
     return text
+
+
+def scope_warnings(requested: str | None, uses: Iterable[Use], version: ScopeVersion) -> list[str]:
+    """One line per scope an explicit SPINEWATCH_SMART_SCOPE (`requested`; None: the default, which asks
+    for exactly what is needed) lacks, with what needs it. On a server that enforces scopes each of
+    these interactions is refused."""
+    if not requested:
+        return []
+    uses = list(uses)
+    by_type: dict[str, list[str]] = {}
+    for use in uses:
+        by_type.setdefault(use.resource_type, []).append(use.by)
+    return [f"SPINEWATCH_SMART_SCOPE lacks {scope}, needed by {'; '.join(dict.fromkeys(by_type[rtype]))}"
+            for rtype, scope in missing(needs(uses), requested, version).items()]
+
+
+def problem_line(problem: Mapping[str, Any]) -> str:
+    """The last configuration problem, as check-config prints it (no token, no id: see its message)."""
+    return f"last configuration problem ({problem.get('at')}, {problem.get('task')}): {problem.get('message')}"

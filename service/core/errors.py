@@ -14,6 +14,7 @@
         ├── FHIRError                    a FHIR server (service.infra.fhir)
         │   ├── FHIRTransportError       unreachable, timed out                            transient
         │   ├── FHIRAuthError            401/403, or no token could be had
+        │   │   └── FHIRScopeRefused     403 / 401 insufficient_scope: names the scope it needed
         │   ├── FHIRPagingError          a search's `next` chain misbehaved
         │   ├── FHIRTooLarge             a body over the configured cap
         │   ├── FHIRAccessError          a hook's fetch failed (answered 412)
@@ -151,6 +152,20 @@ class FHIRTransportError(FHIRError):
 
 class FHIRAuthError(FHIRError):
     pass
+
+
+class FHIRScopeRefused(FHIRAuthError):
+    """The FHIR server refused one interaction with our token: 403, or 401 with
+    `error="insufficient_scope"` (RFC 6750 §3.1). A configuration problem: the same token is refused
+    again, so no retry. `interaction` ("Communication create") and `needed_scope` (the SMART scope that
+    allows it) are None when the request names no resource type."""
+
+    def __init__(self, message: str, status: int, interaction: str | None = None, needed_scope: str | None = None):
+        super().__init__(message)
+        self.status, self.interaction, self.needed_scope = status, interaction, needed_scope
+
+    def __reduce__(self):  # pickleable as itself (Celery pickles a failed task's exception)
+        return type(self), (self.message, self.status, self.interaction, self.needed_scope)
 
 
 class FHIRPagingError(FHIRError):

@@ -14,3 +14,9 @@ AUTH_FAILURES = Counter("spinewatch_auth_failures_total", "Rejected callers", ["
 DEAD_LETTERS = Counter("spinewatch_dead_letters_total", "Tasks moved to the dead-letter list", ["task"])
 AUDIT_WRITES = Counter("spinewatch_audit_writes_total", "Audit log writes", ["kind", "outcome"])  # outcome: ok|error
 QUEUE_DEPTH = Gauge("spinewatch_queue_depth", "Messages waiting in the Celery queue", ["queue"])
+# The Subscriptions `spinewatch subscribe` registered, by the status last seen (the watchdog and
+# notifications keep it): anything but `active` for long means no notifications arrive.
+SUBSCRIPTIONS = Gauge("spinewatch_subscriptions", "Watched Subscriptions by last seen status", ["status"])
+CONFIGURATION_PROBLEMS = Counter("spinewatch_configuration_problems_total", "Failures no retry can fix: SpineWatch "
+                                 "is set up wrong for a server it calls (service/infra/config_problems.py)",
+                                 ["kind"])  # kind: fhir-scope|fhir-auth

@@ -193,7 +193,12 @@ class Settings(BaseSettings):
     notification_token: SecretStr = Field(SecretStr(PLACEHOLDER_SECRET),
                                     description="secret the FHIR server sends with every notification "
                                                 "(channel.header `Authorization: Bearer <it>`); compared in constant time; "
+                                                "no `:` (refused: Medplum would cut it short); "
                                                 "production: at least 32 characters, 10 distinct, not shared")
+    notification_signature_secret: SecretStr | None = Field(
+        None, description="when set, every notification must carry `X-Signature: hex(HMAC-SHA256(secret, body))` "
+                          "(Medplum's subscription-secret extension, which `spinewatch subscribe` then sets); "
+                          "unset: not checked")
     notification_max_bytes: int = Field(5_000_000, ge=1024, description="largest notification body accepted (bytes); "
                                                                         "larger: 413")
     fhir_base_url: str = Field("http://127.0.0.1:8080/fhir",
@@ -209,8 +214,16 @@ class Settings(BaseSettings):
     smart_private_key_path: str | None = Field(None, description="PEM private key that signs the client assertion")
     smart_alg: Literal["RS384", "ES384"] = Field("RS384", description="client assertion algorithm: RS384 or ES384")
     smart_key_id: str | None = Field(None, description="`kid` of the signing key in the JWKS registered with the server")
-    smart_scope: str = Field("system/*.read system/Subscription.write",
-                             description="scopes requested with the SMART Backend Services token")
+    smart_scope: str | None = Field(None, description="scopes requested with the SMART Backend Services token; "
+                                                      "unset: exactly what SpineWatch reads and writes "
+                                                      "(fhir_mappings/fhir/scopes.py), in the syntax "
+                                                      "SPINEWATCH_SMART_SCOPE_VERSION says; `spinewatch check-config` "
+                                                      "shows it, and names what an explicit one lacks")
+    # v2 by default: SMART App Launch 2.x is the current standard, and only v2 can ask for "search
+    # and create" without also asking for update and delete (v1 `.write` is `.cud`).
+    smart_scope_version: Literal["v1", "v2"] = Field(
+        "v2", description="SMART scope syntax: v2 (`system/Communication.cs`, SMART App Launch 2.x) or v1 "
+                          "(`system/Communication.read`, `.write`) for a server that knows only SMART 1.0 scopes")
     fhir_timeout_seconds: float = Field(10.0, gt=0, le=120, description="HTTP timeout (seconds) for each FHIR request")
     fhir_max_pages: int = Field(50, ge=1, le=10_000, description="most search pages followed for one search")
     fhir_retry_after_max_seconds: float = Field(
@@ -244,11 +257,28 @@ class Settings(BaseSettings):
                                      "(0.0.0.0 in a container)")
     heartbeat_watchdog_seconds: int = Field(600, ge=1, description="no notification nor heartbeat from a "
                                                                    "Subscription for this long: ask its $status")
+    subscription_activation_grace_seconds: int = Field(
+        600, ge=0, description="a Subscription the server leaves `requested` longer than this is reported (no "
+                               "notifications will arrive) and `spinewatch subscribe` and the watchdog ask for "
+                               "`active`; longer than our backport heartbeat period, so a heartbeat reports the "
+                               "activation first")
     reconciliation_interval_seconds: int = Field(900, ge=0, description="every so often, look for resources of "
                                                                         "the subscribed types changed since the last "
                                                                         "sweep (_lastUpdated), as a safety net; 0 = off")
     dedup_ttl_seconds: int = Field(7 * 86400, ge=60, description="how long a seen event number or resource version "
                                                                  "is remembered for de-duplication")
+
+    @field_validator("notification_token")
+    @classmethod
+    def _header_safe_token(cls, value: SecretStr) -> SecretStr:
+        # Medplum splits each channel.header value at ':' and keeps only the text up to the second
+        # one (packages/server/src/workers/subscription.ts, buildRestHookHeaders), so the secret in
+        # `Authorization: Bearer <it>` would arrive cut short and every notification be refused.
+        if ":" in value.get_secret_value():
+            raise ValueError("must not contain ':' (Medplum splits channel.header values at ':' and keeps only "
+                             "the part up to the second ':', so the secret would arrive cut short and every "
+                             "notification would be refused)")
+        return value
 
     # URLs are plain strings above; refuse a wrong scheme here, at start-up, rather than at first use.
     @field_validator("redis_url", "cds_jti_redis_url", "evidence_link_redis_url")

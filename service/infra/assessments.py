@@ -6,6 +6,11 @@ One hash per patient, `spinewatch:assessment:Patient/<id>`:
     evaluated_ms  the evaluation time, for ordering
     revision      how many times it was written (1, 2, ...)
 
+and, for each reference a stored assessment cites (`cited_references`), a string
+`spinewatch:assessment-cites:<Type>/<id>` -> `Patient/<id>`, written with the assessment and kept
+`index_ttl_seconds`: when the server deletes a resource and keeps no history of it, this is how the
+workers still learn whose it was (workers/pipeline/sweeps.py resolve_focus).
+
 Two workers can evaluate one patient at once (a redelivered task, an event during an evaluation),
 and the later evaluation can finish first. The write is a compare-and-set on the evaluation time in
 one Lua script, so an older evaluation never replaces a newer one.
@@ -31,18 +36,30 @@ from service.infra.redis import redis_client
 log = structlog.get_logger("spinewatch.stored_assessment")
 
 PREFIX = "spinewatch:assessment:"
+CITES_PREFIX = "spinewatch:assessment-cites:"
 
-# KEYS[1] hash; ARGV: evaluated_ms, json. Returns the new revision, or 0 when a newer one is stored.
+# KEYS[1] hash, KEYS[2..] the citation index entries; ARGV: evaluated_ms, json, index ttl (s), patient.
+# Returns the new revision, or 0 when a newer one is stored (and then the index is left alone too).
 _SAVE = """
 local current = redis.call('HGET', KEYS[1], 'evaluated_ms')
 if current and tonumber(current) > tonumber(ARGV[1]) then return 0 end
 redis.call('HSET', KEYS[1], 'evaluated_ms', ARGV[1], 'json', ARGV[2])
+for i = 2, #KEYS do redis.call('SET', KEYS[i], ARGV[4], 'EX', ARGV[3]) end
 return redis.call('HINCRBY', KEYS[1], 'revision', 1)
 """
 
 
 def patient_reference(patient: str) -> str:
     return patient if patient.startswith("Patient/") else f"Patient/{patient}"
+
+
+def cited_references(record: dict) -> set[str]:
+    """The references an assessment (its to_json() form) rests on: cancers, back pain, red-flag
+    evidence, what suppressed it and the MRI orders pending."""
+    refs = {e.get("reference") for key in ("cancers", "back_pain", "evidence") for e in record.get(key) or []}
+    refs |= set(record.get("suppressed_by") or [])
+    refs |= {p.get("reference") for p in record.get("pending_mri") or []}
+    return {r for r in refs if isinstance(r, str) and "/" in r}
 
 
 class StoredAssessments(Protocol):
@@ -56,8 +73,9 @@ class AssessmentStore:
         self._save = redis_client.register_script(_SAVE)
 
     def save(self, assessment_json: dict, *, seen: dict[str, str | None] | None = None,
-             stored_at: datetime | None = None) -> int:
-        """Store `assessment.to_json()` with when it was stored and the resource versions it saw.
+             stored_at: datetime | None = None, index_ttl_seconds: int = 0) -> int:
+        """Store `assessment.to_json()` with when it was stored and the resource versions it saw,
+        and (index_ttl_seconds > 0) index the references it cites to the patient for that long.
         Returns the revision written, or 0 when a newer evaluation is already stored."""
         patient = assessment_json.get("patient")
         if not patient:
@@ -66,8 +84,16 @@ class AssessmentStore:
         record = dict(assessment_json)
         record["stored_at"] = (stored_at or datetime.now(timezone.utc)).isoformat()
         record["seen"] = dict(seen if seen is not None else assessment_json.get("seen") or {})
-        key = PREFIX + patient_reference(patient)
-        return int(self._save(keys=[key], args=[int(evaluated_at.timestamp() * 1000), json.dumps(record)]))
+        patient = patient_reference(patient)
+        cites = [CITES_PREFIX + ref for ref in sorted(cited_references(record))] if index_ttl_seconds > 0 else []
+        return int(self._save(keys=[PREFIX + patient, *cites],
+                              args=[int(evaluated_at.timestamp() * 1000), json.dumps(record), index_ttl_seconds,
+                                    patient]))
+
+    def patient_citing(self, reference: str) -> str | None:
+        """The patient whose stored assessment cited `reference` (within the index's lifetime), or None."""
+        found = self.redis.get(CITES_PREFIX + reference)
+        return found.decode() if isinstance(found, bytes) else found
 
     def get(self, patient_ref: str) -> dict | None:
         values = self.redis.hmget(PREFIX + patient_reference(patient_ref), "json", "revision")

@@ -4,7 +4,8 @@ a `HookServices` made once by the composition root.
 
 Data, in order (service/infra/fhir/fetch.py): the prefetch, else the CDS client's `fhirServer`, else
 a stored assessment younger than SPINEWATCH_STORED_ASSESSMENT_MAX_AGE_SECONDS. Data that cannot be
-had is PreconditionFailed (2.0: "the service SHALL respond with an HTTP 412"), never "no cards".
+had, or is not FHIR R4 (a DSTU2 prefetch or fhirServer: fhir_mappings/fhir/versions.py), is
+PreconditionFailed (2.0: "the service SHALL respond with an HTTP 412"), never "no cards".
 
 Time budgets, one per stage, so a hook call never hangs the EHR: fetching (SPINEWATCH_HOOK_TIMEOUT_
 SECONDS), the terminology server (SPINEWATCH_TERMINOLOGY_BUDGET_SECONDS: then the local sets alone),
@@ -49,7 +50,7 @@ from service.infra.evidence_links import EvidenceLinks, MemoryEvidenceStore
 from service.infra.fhir.binaries import referenced_binaries
 from service.core.errors import FHIRAccessError
 from service.infra.fhir.async_client import AsyncFHIRClient
-from service.infra.fhir.fetch import gather
+from service.infra.fhir.fetch import ServerReleases, gather, refuse_pre_r4
 from service.infra.fhir.terminology import TerminologyServer, consult
 from service.infra.assessments import StoredAssessments, fresh_assessment
 
@@ -68,6 +69,7 @@ class HookServices:
     terminology: TerminologyServer | None = None  # SPINEWATCH_TERMINOLOGY_URL unset: none
     evidence: EvidenceLinks | None = None  # the cards' "Full evidence" links; None: no links
     fhir_transport: httpx.AsyncBaseTransport | None = None  # tests and the bench may inject one
+    releases: ServerReleases = field(default_factory=ServerReleases)  # each fhirServer's FHIR release, remembered
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,8 @@ async def assess_patient(services: HookServices, call: HookCall, now: datetime) 
         except FHIRAccessError as exc:  # matters only if the prefetch is incomplete
             unusable = str(exc)
     try:
-        gathered = await gather(call.prefetch, call.patient_id, client, timeout=settings.hook_timeout_seconds,
+        gathered = await gather(call.prefetch, call.patient_id, client, releases=services.releases,
+                                timeout=settings.hook_timeout_seconds,
                                 binary_reads=settings.note_max_binary_reads,
                                 binary_max_bytes=settings.note_max_bytes)
     except PreconditionFailed as exc:
@@ -242,8 +245,11 @@ async def evidence_url(services: HookServices, assessment: Assessment, now: date
 
 async def order_cards(services: HookServices, call: HookCall, now: datetime, issued: dict) -> HookAnswer:
     """order-select / order-sign: a warning when a plain spine X-ray is being ordered for an
-    in-scope patient."""
-    drafts = [r for r in draft_resources(call.draft_orders) if patient_key(r) in (None, call.patient)]
+    in-scope patient. Draft orders of a release before R4 (a DSTU2 ProcedureRequest) are a 412: read
+    as R4 they would never be challenged."""
+    drafts = draft_resources(call.draft_orders)
+    refuse_pre_r4(drafts, "context.draftOrders")
+    drafts = [r for r in drafts if patient_key(r) in (None, call.patient)]
     kinds = [classify_order(r) for r in drafts]
     if MRI_SPINE in kinds:  # the right test is already being ordered
         return HookAnswer([])

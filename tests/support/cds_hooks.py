@@ -24,12 +24,21 @@ LOINC = "http://loinc.org"
 CPT = "http://www.ama-assn.org/go/cpt"
 BASE = "http://testserver"
 PATIENT_VIEW = "spinewatch-patient-view"
+ORDER_SELECT = "spinewatch-order-select"
+ORDER_SIGN = "spinewatch-order-sign"
+ORDER_SERVICES = {"order-select": ORDER_SELECT, "order-sign": ORDER_SIGN}
+ORDER_IMAGING = "spinewatch-order-imaging"  # the old id of both order hooks: answered, not listed
 # A hook call's fhirServer and fhirAuthorization (CDS Hooks 2.0 "FHIR Resource Access").
 FHIR_SERVER = "https://fhir.example.org/r4"
 FHIR_ACCESS_TOKEN = "opaque-fhir-access-token-42"
 FHIR_AUTHORIZATION = {"access_token": FHIR_ACCESS_TOKEN, "token_type": "Bearer", "expires_in": 300,
                       "scope": "user/*.read", "subject": "spinewatch"}
-ORDER_IMAGING = "spinewatch-order-imaging"
+# What a FHIR server's GET [base]/metadata answers (R4 `capabilities` interaction): R4, and DSTU2,
+# whose capability resource was still called Conformance (the SMART sandbox's r2 server says 1.0.2).
+R4_METADATA = {"resourceType": "CapabilityStatement", "status": "active", "date": "2026-01-01", "kind": "instance",
+               "fhirVersion": "4.0.1", "format": ["json"], "rest": [{"mode": "server"}]}
+DSTU2_METADATA = {"resourceType": "Conformance", "status": "active", "date": "2026-01-01", "kind": "instance",
+                  "fhirVersion": "1.0.2", "format": ["json"], "rest": [{"mode": "server"}]}
 PREFETCH_TYPES = {"patient": "Patient", "conditions": "Condition", "observations": "Observation",
                   "diagnosticReports": "DiagnosticReport", "imagingStudies": "ImagingStudy",
                   "serviceRequests": "ServiceRequest", "procedures": "Procedure",
@@ -126,6 +135,20 @@ def record(tier: str, pid: str = "p1", vitals: int = 0) -> list[dict]:
     else:  # routine, and none (no cancer)
         out.append(_condition(pid, "back-pain", ICD10CM, "M54.50", "Low back pain, unspecified", 10))
     out += [_vital(pid, f"vital-{i}", i % 60) for i in range(vitals)]
+    return out
+
+
+def as_dstu2(resources: list[dict], pid: str = "p1") -> list[dict]:
+    """The same record as a FHIR DSTU2 server holds it (the CDS Hooks Sandbox's default server, the
+    SMART launcher's r2): Condition.patient instead of subject, its statuses plain codes."""
+    out = []
+    for resource in resources:
+        if resource["resourceType"] == "Condition":
+            resource = {k: v for k, v in resource.items() if k not in ("subject", "clinicalStatus",
+                                                                        "verificationStatus")}
+            resource |= {"patient": {"reference": f"Patient/{pid}"}, "clinicalStatus": "active",
+                         "verificationStatus": "confirmed"}
+        out.append(resource)
     return out
 
 

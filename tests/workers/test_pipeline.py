@@ -175,6 +175,7 @@ def test_an_older_evaluation_never_replaces_a_newer_one(deps, alerts):
 @respx.mock
 def test_resolve_focus_reads_the_resource_to_find_its_patient(deps, r):
     serve_record(ch.record("routine", "p1"))
+    respx.get(f"{BASE}/Condition/missing/_history").respond(404)  # gone, and no history: unresolved
     assert pipeline.resolve_focus(deps, ["Condition/back-pain", "Condition/missing", "Patient/p2"], {}) == \
         ["Patient/p1", "Patient/p2"]
     assert queued(r)[0][1]["patient"] == "Patient/p1"

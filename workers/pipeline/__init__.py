@@ -4,11 +4,13 @@ takes the worker process's Collaborators (collaborators.py) first.
 
     evaluate_patient   fetch the patient's record (record.py), (optionally) ask the terminology
                        server about unknown SNOMED CT codes, assess, store, alert (evaluate.py)
-    resolve_focus      id-only notification: read the focus resource to learn whose it is
+    resolve_focus      id-only notification: read the focus resource to learn whose it is (a
+                       deleted one: its history, else the stored assessment that cited it)
     catch_up           missed or empty events: $events, else _lastUpdated since the last event seen
     reconcile          safety net: everything changed since the last sweep (_lastUpdated)
     watchdog           Subscriptions gone quiet: $status (backport) or a read (classic); re-request
-                       one the server put in error; evaluations queued but never started: again
+                       one the server put in error, ask for active one left requested, sweep the
+                       type of one without heartbeats; evaluations queued but never started: again
                        (the last four: sweeps.py)
 
 Errors propagate: service.infra.fhir errors say whether they are transient (service.core.errors

@@ -1,5 +1,6 @@
 """The patient's record as the rules need it: the FHIR searches, the focus resources read again at
-their current version, and the Binaries the notes name."""
+their current version, and the Binaries the notes name. Also what retractions need: the current
+state of records a decision once rested on, and whose a deleted resource was."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ log = structlog.get_logger("spinewatch.pipeline")
 
 PAGE_SIZE = "200"
 MAX_FOCUS_READS = 20
+HISTORY_PAGE_SIZE = "10"  # the newest versions come first (R4 §3.1.0.10): the first page is enough
 # Searched, but not every server offers them (sekmet-fhir 0.1.1 has no ClinicalImpression search
 # parameters; several EHRs have no ClinicalImpression at all): a refusal leaves them out of the
 # record rather than failing every evaluation. Everything else a refusal fails, as before.
@@ -139,3 +141,35 @@ def read_note_binaries(fhir: FHIRClient, patient: str, resources: list[dict], ma
         log.info("fetch.binaries", patient=patient, read=len(found), over_cap=plan.over_cap,
                  not_on_server=plan.elsewhere, **{f"skipped_{k.replace('-', '_')}": n for k, n in skipped.items()})
     return found
+
+
+def current_resources(fhir: FHIRClient, refs: set[str], record: list[dict]) -> dict[str, dict | None]:
+    """Each reference's resource as the server has it now: from the record just fetched, else read
+    (None: gone, 404/410). At most MAX_FOCUS_READS reads; the rest wait for the next evaluation."""
+    by_ref = {f"{r.get('resourceType')}/{r.get('id')}": r for r in record}
+    found: dict[str, dict | None] = {}
+    to_read = sorted(ref for ref in refs if ref not in by_ref)
+    for ref in to_read[:MAX_FOCUS_READS]:
+        rtype, _, rid = ref.partition("/")
+        try:
+            found[ref] = fhir.read(rtype, rid)
+        except FHIRNotFound:
+            found[ref] = None
+    if len(to_read) > MAX_FOCUS_READS:
+        log.info("fetch.retraction_checks_deferred", count=len(to_read) - MAX_FOCUS_READS)
+    return found | {ref: by_ref[ref] for ref in refs if ref in by_ref}
+
+
+def patient_from_history(fhir: FHIRClient, ref: str) -> str | None:
+    """Whose a deleted resource was, from its versions (FHIR R4 §3.1.0.10 history: the delete is an
+    entry without a resource, and the versions before it still name the subject). None when the
+    server keeps no history of it (404/410, 405/501, 400) or no version names a patient."""
+    try:
+        bundle = fhir.get(f"{ref}/_history", params={"_count": HISTORY_PAGE_SIZE}, what="history")
+    except (FHIRBadRequest, FHIRNotFound, FHIRNotSupported):
+        return None
+    versions = [e["resource"] for e in bundle.get("entry") or []
+                if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+                and f"{e['resource'].get('resourceType')}/{e['resource'].get('id')}" == ref]
+    versions.sort(key=lambda v: (v.get("meta") or {}).get("lastUpdated") or "", reverse=True)
+    return next((owner for owner in map(patient_key, versions) if owner), None)

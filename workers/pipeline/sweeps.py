@@ -4,7 +4,7 @@ IG, "Handling Errors": $events, $status, and a query by _lastUpdated)."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 import structlog
 
@@ -12,10 +12,12 @@ from fhir_mappings.fhir.bundle import patient_key
 from fhir_mappings.fhir.notifications import (NotificationError, event_key, missing_event_numbers, parse_notification,
                                               parse_status_bundle)
 from service.core.errors import FHIRBadRequest, FHIRNotFound, FHIRNotSupported
-from service.infra.fhir.subscriptions import re_request
+from service.infra.fhir.subscriptions import (activate, delivery_problem, parse_instant, re_request, requested_since,
+                                              sends_heartbeats, stuck_requested, watched_type)
 from service.infra.queue import TASK_CATCH_UP, SubscriptionState
 from workers.pipeline.collaborators import Collaborators
-from workers.pipeline.record import PAGE_SIZE, fhir_instant
+from workers.pipeline.evaluate import trigger_summary
+from workers.pipeline.record import PAGE_SIZE, fhir_instant, patient_from_history
 
 log = structlog.get_logger("spinewatch.pipeline")
 
@@ -26,7 +28,9 @@ MAX_CATCH_UP_NUMBERS = 500
 
 
 def resolve_focus(c: Collaborators, focus: list[str], trigger: dict) -> list[str]:
-    """id-only payload without the patient: read each focus resource to learn whose it is."""
+    """id-only payload without the patient: read each focus resource to learn whose it is. One that
+    is gone (a delete: the read answers 404, or 410 as Medplum and sekmet do) is evaluated as a
+    retraction, with its patient found by whose_deleted."""
     patients = []
     for ref in focus:
         rtype, _, rid = ref.partition("/")
@@ -36,7 +40,10 @@ def resolve_focus(c: Collaborators, focus: list[str], trigger: dict) -> list[str
         try:
             resource = c.fhir.read(rtype, rid)
         except FHIRNotFound:
-            log.info("resolve.gone", focus=ref)
+            patient = whose_deleted(c, ref, trigger)
+            if patient:
+                c.queue.schedule_evaluation(patient, [ref], deleted_trigger(trigger, ref))
+                patients.append(patient)
             continue
         patient = patient_key(resource)
         if patient is None:
@@ -45,6 +52,29 @@ def resolve_focus(c: Collaborators, focus: list[str], trigger: dict) -> list[str
         c.queue.schedule_evaluation(patient, [ref], trigger)
         patients.append(patient)
     return patients
+
+
+def whose_deleted(c: Collaborators, ref: str, trigger: dict) -> str | None:
+    """The patient a deleted resource was about: from its history (the version before the delete
+    names the subject), else from the stored assessment that cited it. Neither: logged and audited
+    `retraction-unresolved` (ids only): it is no task failure, and it is not dropped silently."""
+    patient = patient_from_history(c.fhir, ref)
+    via = "history"
+    if patient is None:
+        patient, via = c.store.patient_citing(ref), "stored-assessment"
+    if patient is None:
+        log.warning("resolve.retraction_unresolved", focus=ref)
+        c.audit.event("retraction-unresolved", "failure", actor="worker",
+                      detail={"focus": ref, "trigger": trigger_summary(trigger)})
+        return None
+    log.info("resolve.deleted", focus=ref, via=via)
+    return patient
+
+
+def deleted_trigger(trigger: dict, ref: str) -> dict:
+    """The evaluation's trigger, naming `ref` among the deleted references."""
+    return trigger | {"interaction": trigger.get("interaction") or "delete",
+                      "deleted": sorted(set(trigger.get("deleted") or []) | {ref})}
 
 
 def catch_up(c: Collaborators, subscription: str, numbers: list[int], since: str | None, only_missing: bool,
@@ -63,7 +93,7 @@ def catch_up(c: Collaborators, subscription: str, numbers: list[int], since: str
     if not wanted or set(wanted) - handled:
         # The server lacks $events (sekmet answers 404) or left events out: ask instead for what
         # changed since the last event seen (IG "Handling Errors": query by _lastUpdated).
-        start = _parse_instant(since) or now - timedelta(seconds=max(c.settings.heartbeat_watchdog_seconds, 3600))
+        start = parse_instant(since) or now - timedelta(seconds=max(c.settings.heartbeat_watchdog_seconds, 3600))
         sweep(c, start - SWEEP_MARGIN, trigger)
         swept = True
     c.queue.mark_seen([event_key(subscription, n) for n in wanted])
@@ -95,11 +125,11 @@ def _events_operation(c: Collaborators, subscription: str, wanted: list[int], tr
     return handled
 
 
-def sweep(c: Collaborators, since: datetime, trigger: dict) -> list[str]:
-    """Every patient with a resource of a subscribed type (SPINEWATCH_SUBSCRIPTION_TYPES) written
-    since `since`: queue an evaluation."""
+def sweep(c: Collaborators, since: datetime, trigger: dict, types: tuple[str, ...] | None = None) -> list[str]:
+    """Every patient with a resource of `types` (default: the subscribed types,
+    SPINEWATCH_SUBSCRIPTION_TYPES) written since `since`: queue an evaluation."""
     patients: set[str] = set()
-    for rtype in c.settings.subscribed_types:
+    for rtype in types or c.settings.subscribed_types:
         params = [("_lastUpdated", "ge" + fhir_instant(since)), ("_count", PAGE_SIZE), ("_elements", "subject")]
         for resource in c.fhir.search(rtype, params):
             found = patient_key(resource)
@@ -114,7 +144,7 @@ def sweep(c: Collaborators, since: datetime, trigger: dict) -> list[str]:
 def reconcile(c: Collaborators, now: datetime, reason: str) -> list[str]:
     """The safety net: whatever changed since the last sweep, however its notification fared."""
     c.queue.reconcile_started()
-    previous = _parse_instant(c.queue.reconcile_since())
+    previous = parse_instant(c.queue.reconcile_since())
     interval = c.settings.reconciliation_interval_seconds or 3600
     start = previous or now - timedelta(seconds=interval)
     patients = sweep(c, start - SWEEP_MARGIN, {"kind": "reconcile", "source": reason})
@@ -123,10 +153,7 @@ def reconcile(c: Collaborators, now: datetime, reason: str) -> list[str]:
 
 
 def watchdog(c: Collaborators, now: datetime) -> list[dict]:
-    """Subscriptions we have not heard from for heartbeat_watchdog_seconds: ask the server.
-    A backport Subscription has heartbeats, so silence means trouble: $status tells its state and
-    its event count (a count above ours means missed events: catch up). A classic Subscription has
-    no heartbeats; its status is read. Either one in `error` is re-requested."""
+    """Subscriptions we have not heard from for heartbeat_watchdog_seconds: ask the server (look_after)."""
     report = []
     # Evaluations queued long ago and never started: their message was lost (queue.recover_pending).
     for patient in c.queue.recover_pending():
@@ -134,27 +161,73 @@ def watchdog(c: Collaborators, now: datetime) -> list[dict]:
     limit = timedelta(seconds=c.settings.heartbeat_watchdog_seconds)
     for subscription in c.queue.tracked_subscriptions():
         state = c.queue.subscription_state(subscription)
-        last = _parse_instant(state.last_seen_at)
-        if last is not None and now - last < limit:
-            continue
-        rid = subscription.split("/", 1)[1]
-        try:
-            resource = c.fhir.read("Subscription", rid)
-        except FHIRNotFound:
-            c.queue.untrack_subscription(subscription)
-            report.append({"subscription": subscription, "action": "untracked (deleted on the server)"})
-            continue
-        status = resource.get("status")
-        entry = {"subscription": subscription, "status": status, "action": "checked"}
-        if state.kind == "backport":
-            entry |= _status_check(c, subscription, state)
-        if status == "error":
-            re_request(c.fhir, resource)
-            entry["action"] = "re-requested"
-        c.queue.set_subscription_fields(subscription, last_seen_at=now.isoformat(), status=status or "")
-        log.warning("watchdog", subscription=subscription, status=status, action=entry["action"])
-        report.append(entry)
+        last = parse_instant(state.last_seen_at)
+        if last is None or now - last >= limit:
+            report.append(look_after(c, subscription, state, now))
     return report
+
+
+def look_after(c: Collaborators, subscription: str, state: SubscriptionState, now: datetime) -> dict:
+    """One silent Subscription, read from the server. A backport one: $status tells its state and
+    its event count (a count above ours means missed events: catch up). In `error`: re-requested.
+    Left `requested` past the grace period: asked for `active`, once per look. Sending no
+    heartbeats (classic R4; backport without a heartbeat period): its silence proves nothing, so
+    sweep its type for what it may not have delivered. Deleted on the server: forgotten."""
+    try:
+        resource = c.fhir.read("Subscription", subscription.split("/", 1)[1])
+    except FHIRNotFound:
+        c.queue.untrack_subscription(subscription)
+        return {"subscription": subscription, "action": "untracked (deleted on the server)"}
+    status = resource.get("status")
+    entry = {"subscription": subscription, "status": status, "action": "checked"}
+    if state.kind == "backport":
+        entry |= _status_check(c, subscription, state)
+    # How long it has been `requested`: our last write as the server dates it, else since we first saw it so.
+    since = requested_since(resource) or parse_instant(state.requested_since) or now
+    grace = timedelta(seconds=c.settings.subscription_activation_grace_seconds)
+    if status == "error":
+        resource = re_request(c.fhir, resource, c.settings)
+        since = requested_since(resource) or now  # asked afresh: the grace period starts again
+        entry["action"] = "re-requested"
+    elif stuck_requested(status, since, now, grace):
+        resource, entry["action"] = _activate(c, subscription, resource)
+    if not sends_heartbeats(resource):
+        entry |= _fallback_sweep(c, subscription, resource, state, now)
+    status = resource.get("status") or status
+    c.queue.record_subscription_status(subscription, status or "", last_seen_at=now.isoformat(),
+                                       requested_since=since.isoformat() if status == "requested" else None)
+    entry["status"] = status
+    problem = delivery_problem(status, since, now, grace)
+    if problem:
+        entry["problem"] = problem
+    log.warning("watchdog", subscription=subscription, status=status, action=entry["action"], problem=problem)
+    return entry
+
+
+def _activate(c: Collaborators, subscription: str, resource: dict) -> tuple[dict, str]:
+    try:
+        return activate(c.fhir, resource, c.settings), "activated"
+    except FHIRBadRequest as exc:
+        log.warning("watchdog.activation_refused", subscription=subscription, error=exc.message)
+        return resource, "activation refused"
+
+
+def _fallback_sweep(c: Collaborators, subscription: str, resource: dict, state: SubscriptionState,
+                    now: datetime) -> dict:
+    """Look for what a heartbeat-less Subscription may not have delivered: its type, changed since
+    it was last heard from or last swept (last_seen_at, which the watchdog moves on after each look),
+    minus SWEEP_MARGIN. Silence is normal for it (nothing changed), so this window is one watchdog
+    period and the search usually finds little."""
+    rtype = watched_type(resource, c.settings.subscribed_types)
+    if rtype is None:
+        log.info("watchdog.sweep_skipped", subscription=subscription, reason="watches no subscribed type")
+        return {"swept": None}
+    last = parse_instant(state.last_seen_at) or now - timedelta(seconds=c.settings.heartbeat_watchdog_seconds)
+    since = last - SWEEP_MARGIN
+    patients = sweep(c, since, {"kind": "watchdog", "subscription": subscription}, types=(rtype,))
+    detail = {"subscription": subscription, "type": rtype, "since": fhir_instant(since), "patients": len(patients)}
+    c.audit.event("subscription-sweep", "success", actor="watchdog", detail=detail)
+    return {"swept": rtype, "since": detail["since"], "patients": len(patients)}
 
 
 def _status_check(c: Collaborators, subscription: str, state: SubscriptionState) -> dict:
@@ -173,13 +246,3 @@ def _status_check(c: Collaborators, subscription: str, state: SubscriptionState)
         c.queue.advance_subscription(subscription, kind="query-status", status=statuses[0].status,
                                      top=server_count, event=False)
     return {"events_since_start": server_count, "missing": len(missing)}
-
-
-def _parse_instant(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)

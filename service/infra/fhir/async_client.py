@@ -90,6 +90,11 @@ class AsyncFHIRClient(FHIRBase):
         """GET {type}/{id}; None when the server says it is not there (404) or gone (410)."""
         return await self._get(f"{resource_type}/{resource_id}", allow_missing=True)
 
+    async def capabilities(self) -> dict:
+        """GET metadata: the server's CapabilityStatement (a DSTU2 server's Conformance), which
+        states its FHIR release (R4 `capabilities` interaction, https://hl7.org/fhir/R4/http.html#capabilities)."""
+        return await self._get("metadata")
+
     async def search(self, resource_type: str, params: dict, limit: int | None = None) -> list[dict]:
         """Every resource of a search (the first `limit` with a limit), `next` links followed."""
         return await self.unpack_search(await self._get(resource_type, params=params), limit)

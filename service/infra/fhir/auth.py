@@ -4,6 +4,11 @@ a signed JWT client assertion, RFC 7523).
 
 An `Auth` gives the request headers and forgets its token when the server refuses it (the client
 then asks once more, with a new one). Tokens are credentials: never logged, never in a message.
+
+The SMART scope asked for is SPINEWATCH_SMART_SCOPE when set, else `requested_scope`: exactly the
+interactions SpineWatch makes with these settings (fhir_mappings/fhir/scopes.py), in v2 or v1 syntax
+(SPINEWATCH_SMART_SCOPE_VERSION). A server that turns the requested scopes into an access policy (as
+Medplum does) refuses anything else.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import httpx
 import jwt
 import structlog
 
+from fhir_mappings.fhir.scopes import Use, needs, scope_string, uses
 from service.core.errors import FHIRAuthError, FHIRServerError, FHIRTransportError, fhir_error_for
+from service.infra.fhir.base import origin
 
 log = structlog.get_logger("spinewatch.fhir_client")
 
@@ -136,7 +143,7 @@ class SmartBackendAuth:
                 body = None
             code = body.get("error", "") if isinstance(body, dict) else ""
             code = code if isinstance(code, str) else ""
-            raise FHIRAuthError(f"POST token endpoint: HTTP {r.status_code} {code}".rstrip())
+            raise FHIRAuthError(f"POST token endpoint: HTTP {r.status_code} {code}".rstrip() + _HINTS.get(code, ""))
         try:
             body = r.json()
             token, lifetime = body["access_token"], int(body.get("expires_in", 300))
@@ -144,6 +151,29 @@ class SmartBackendAuth:
             raise FHIRAuthError("token endpoint answer has no access_token") from None
         self._token, self._expires_at = token, self._clock() + lifetime
         log.info("fhir.token", client_id=self.client_id, expires_in=lifetime)
+
+
+# What an operator can do about a token endpoint's refusal (RFC 6749 §5.2 error codes).
+_HINTS = {"invalid_scope": ": the server refused the scopes asked for (`spinewatch check-config` shows them); one "
+                           "that knows only SMART 1.0 scopes needs SPINEWATCH_SMART_SCOPE_VERSION=v1"}
+
+
+def scope_uses(settings) -> list[Use]:
+    """Every FHIR interaction SpineWatch makes with its own credentials, for these settings."""
+    terminology_here = bool(settings.terminology_url) and \
+        origin(settings.terminology_url) == origin(settings.fhir_base_url)
+    return uses(settings.subscribed_types, reads_binaries=settings.note_max_binary_reads > 0,
+                terminology_on_fhir_server=terminology_here)
+
+
+def scope_needs(settings) -> dict[str, str]:
+    """Resource type -> the SMART letters (cruds) SpineWatch needs on it."""
+    return needs(scope_uses(settings))
+
+
+def requested_scope(settings) -> str:
+    """The scope the token is asked for: SPINEWATCH_SMART_SCOPE, else exactly what SpineWatch needs."""
+    return settings.smart_scope or scope_string(scope_needs(settings), settings.smart_scope_version)
 
 
 def auth_from_settings(settings) -> Auth:
@@ -155,5 +185,5 @@ def auth_from_settings(settings) -> Auth:
         key = Path(settings.smart_private_key_path).read_text()
         return SmartBackendAuth(settings.smart_client_id or "", key, alg=settings.smart_alg,
                                 key_id=settings.smart_key_id, token_url=settings.smart_token_url,
-                                scope=settings.smart_scope, fhir_base_url=settings.fhir_base_url)
+                                scope=requested_scope(settings), fhir_base_url=settings.fhir_base_url)
     return NoAuth()

@@ -25,18 +25,32 @@ same. A note whose text is a Binary on fhirServer is then read from fhirServer (
 fhir/binaries.py: same origin only, text only, capped in number and size), within the same time
 budget; one that cannot be read is left out and the core names the note in `problems`.
 
+FHIR R4 only (fhir_mappings/fhir/versions.py says which releases and why): data of an earlier
+release would be misread in silence, so it is a 412 that says so. Every prefetched and fetched
+resource gets a cheap scan for pre-R4 types and shapes; and when fhirServer is read, its /metadata
+`fhirVersion` is asked alongside the first reads of that base (ServerReleases: remembered in the
+process, so later calls pay nothing), within the same time budget. A /metadata that fails or says
+nothing usable does not stop a call whose reads work: the scan of what they bring still applies.
+
     FHIRAccessError    one fetch failed (host not allowed, HTTP error, not FHIR, too many pages)
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import structlog
+
 from fhir_mappings.fhir.bundle import patient_key
+from fhir_mappings.fhir.versions import ACCEPTED_TEXT, ServerRelease, first_pre_r4_shape, server_release
 from service.core.errors import FHIRAccessError, InvalidRequest, PreconditionFailed
 from service.infra.fhir.async_client import AsyncFHIRClient, unpack_bundle
 from service.infra.fhir.binaries import plan_binaries
+
+log = structlog.get_logger("spinewatch.cds_hooks")
 
 NOTES_PREFETCH_COUNT = 20  # the most recent notes a hook reads (prefetch or fallback)
 
@@ -84,6 +98,63 @@ async def fetch_key(client: AsyncFHIRClient, key: PrefetchKey, patient_id: str) 
     return await client.search(key.resource_type, {"patient": patient_id, **dict(key.params)}, key.limit)
 
 
+class ServerReleases:
+    """Each fhirServer base's FHIR release, from its /metadata, remembered in the process (one per
+    app): a server's release does not change between calls, so a base costs one /metadata read for
+    an hour, not one per call (concurrent first calls to a new base may each ask). A /metadata that
+    fails, is too slow or states nothing usable is remembered as unknown for a minute: asked again
+    then, and meanwhile it holds no call up."""
+
+    KNOWN_SECONDS = 3600.0  # a stated release
+    UNKNOWN_SECONDS = 60.0  # no usable answer
+    MAX_BASES = 256  # bases are caller text on allowed hosts: the memory stays bounded
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._seen: dict[str, tuple[ServerRelease | None, float]] = {}  # base -> (release, until)
+
+    def cached(self, base: str) -> tuple[bool, ServerRelease | None]:
+        """(known, release): known is False when /metadata must be asked (never, or too long ago)."""
+        seen = self._seen.get(base)
+        if seen is None or self._clock() >= seen[1]:
+            return False, None
+        return True, seen[0]
+
+    async def ask(self, client: AsyncFHIRClient, deadline: float) -> ServerRelease | None:
+        """The release client's server states in /metadata, asked before `deadline` (event-loop
+        time); None when it cannot be had. Never raises for the server's failures: remembered."""
+        release = None
+        try:
+            async with asyncio.timeout_at(deadline):
+                release = server_release(await client.capabilities())
+            if release is None:
+                log.info("cds.fhir_release_unstated")
+        except (FHIRAccessError, TimeoutError) as exc:
+            log.info("cds.fhir_metadata_unavailable", reason=str(exc) or "timed out")
+        self._remember(client.base_url, release)
+        return release
+
+    def _remember(self, base: str, release: ServerRelease | None) -> None:
+        self._seen.pop(base, None)
+        if len(self._seen) >= self.MAX_BASES:
+            self._seen.pop(next(iter(self._seen)))  # the oldest answer
+        ttl = self.KNOWN_SECONDS if release is not None else self.UNKNOWN_SECONDS
+        self._seen[base] = (release, self._clock() + ttl)
+
+
+def refuse_unless_r4(release: ServerRelease | None) -> None:
+    """PreconditionFailed naming the release when the server is not FHIR R4 / R4B."""
+    if release is not None and not release.accepted:
+        raise PreconditionFailed(release.refusal())
+
+
+def refuse_pre_r4(resources: list[dict], where: str) -> None:
+    """PreconditionFailed when `resources` (from `where`) hold data of a release before R4."""
+    found = first_pre_r4_shape(resources)
+    if found:
+        raise PreconditionFailed(f"{where} is not FHIR R4: it holds {found}; SpineWatch reads {ACCEPTED_TEXT}")
+
+
 @dataclass
 class Gathered:
     resources: list[dict]
@@ -91,12 +162,13 @@ class Gathered:
 
 
 async def gather(prefetch: dict | None, patient_id: str, client: AsyncFHIRClient | None, *,
-                 timeout: float, binary_reads: int = 50, binary_max_bytes: int = 2_000_000) -> Gathered | None:
+                 releases: ServerReleases, timeout: float, binary_reads: int = 50,
+                 binary_max_bytes: int = 2_000_000) -> Gathered | None:
     """The patient's resources for the rules, or None when the call brought no prefetch at all and
     no fhirServer (the caller may then answer from a stored assessment). Raises PreconditionFailed
-    when the data cannot be had, InvalidRequest when a prefetch value is not FHIR. With a client,
-    the Binaries the notes name on fhirServer are read too (at most `binary_reads`, each at most
-    `binary_max_bytes`)."""
+    when the data cannot be had or is not FHIR R4, InvalidRequest when a prefetch value is not FHIR.
+    With a client, the Binaries the notes name on fhirServer are read too (at most `binary_reads`,
+    each at most `binary_max_bytes`), and the server's release is checked (`releases`)."""
     prefetch = prefetch or {}
     resources: list[dict] = []
     missing: list[PrefetchKey] = []
@@ -116,6 +188,7 @@ async def gather(prefetch: dict | None, patient_id: str, client: AsyncFHIRClient
             found, next_url = unpack_bundle(value)
         except FHIRAccessError:
             raise PreconditionFailed(f"the CDS client could not prefetch {key.key} (OperationOutcome)") from None
+        refuse_pre_r4(found, f"prefetch.{key.key}")
         if next_url and (key.limit is None or len(found) < key.limit):  # fetched whole below, first page included
             pages.append((key, value))
         else:
@@ -130,22 +203,62 @@ async def gather(prefetch: dict | None, patient_id: str, client: AsyncFHIRClient
             return None
         wanted = [k.key for k in missing] + [f"{k.key} (next page)" for k, _ in pages]
         raise PreconditionFailed("prefetch lacks " + ", ".join(wanted) + " and there is no usable fhirServer")
-    try:
-        async with asyncio.timeout(timeout):
-            results = await asyncio.gather(*[fetch_key(client, k, patient_id) for k in missing],
-                                           *[client.unpack_search(b, k.limit) for k, b in pages])
-            for found in results:
-                resources += found
-            # Then what the notes name by URL: only now are all the notes known.
-            resources += await client.read_binaries(_of(patient, resources), limit=binary_reads,
-                                                    max_bytes=binary_max_bytes)
-    except TimeoutError:
-        raise PreconditionFailed(f"fhirServer did not answer within {timeout:g} s") from None
-    except FHIRAccessError as exc:
-        raise PreconditionFailed(f"data could not be fetched: {exc}") from None
+
+    deadline = asyncio.get_running_loop().time() + timeout  # one budget for the reads and /metadata
+
+    async def read() -> list[dict]:
+        try:
+            fetched = await read_from_server(client, missing, pages, resources, patient_id, deadline,
+                                             binary_reads=binary_reads, binary_max_bytes=binary_max_bytes)
+        except TimeoutError:
+            raise PreconditionFailed(f"fhirServer did not answer within {timeout:g} s") from None
+        except FHIRAccessError as exc:
+            raise PreconditionFailed(f"data could not be fetched: {exc}") from None
+        refuse_pre_r4(fetched, "the data fhirServer answered")
+        return fetched
+
+    resources += await read_on_a_known_release(client, releases, deadline, read)
     if not missing and not pages:
         return Gathered(resources, "prefetch+fhir")
     return Gathered(resources, "fhir" if len(missing) == len(PREFETCH_KEYS) else "prefetch+fhir")
+
+
+async def read_on_a_known_release(client: AsyncFHIRClient, releases: ServerReleases, deadline: float,
+                                  read: Callable[[], Awaitable[list[dict]]]) -> list[dict]:
+    """`read()`'s resources, from a server whose release is R4 or not known to be otherwise. A
+    remembered release decides at once (a DSTU2 server is never read again); a new base's
+    /metadata is asked alongside the reads, and its verdict comes before theirs (a DSTU2 server
+    that refuses R4 searches is named as DSTU2, not as an HTTP error)."""
+    known, release = releases.cached(client.base_url)
+    if known:
+        refuse_unless_r4(release)
+        return await read()
+    asking = asyncio.ensure_future(releases.ask(client, deadline))
+    try:
+        fetched = await read()
+    except PreconditionFailed:
+        refuse_unless_r4(await asking)
+        raise
+    except BaseException:  # cancelled, or a bug: the question is not left running
+        asking.cancel()
+        raise
+    refuse_unless_r4(await asking)
+    return fetched
+
+
+async def read_from_server(client: AsyncFHIRClient, missing: list[PrefetchKey], pages: list[tuple[PrefetchKey, dict]],
+                           prefetched: list[dict], patient_id: str, deadline: float, *, binary_reads: int,
+                           binary_max_bytes: int) -> list[dict]:
+    """What the prefetch lacked, read from fhirServer before `deadline` (event-loop time, else
+    TimeoutError): the missing keys, the rest of the paginated ones, then the Binaries the notes
+    name. FHIRAccessError when a read fails."""
+    async with asyncio.timeout_at(deadline):
+        results = await asyncio.gather(*[fetch_key(client, k, patient_id) for k in missing],
+                                       *[client.unpack_search(b, k.limit) for k, b in pages])
+        fetched = [resource for found in results for resource in found]
+        # Then what the notes name by URL: only now are all the notes known.
+        notes = _of(f"Patient/{patient_id}", prefetched + fetched)
+        return fetched + await client.read_binaries(notes, limit=binary_reads, max_bytes=binary_max_bytes)
 
 
 def _of(patient: str, resources: list[dict]) -> list[dict]:

@@ -9,22 +9,32 @@ For each watched type:
    that type; otherwise a classic R4 criteria search (`Condition?`);
 2. find our existing Subscription (tagged, same endpoint); create it when missing, update it when
    it differs from what we want (topic now offered, endpoint or secret changed), re-request it
-   (status `requested`) when the server put it in `error` (R4 Subscription status: the client sets
-   `requested` to ask for it to be re-activated), and leave one that is `off` alone (someone turned
-   it off on purpose: reported);
-3. report each one's status.
+   (status `requested`) when the server put it in `error`, ask for `active` when the server has
+   left it `requested` past the grace period, and leave one that is `off` alone (someone turned it
+   off on purpose: reported);
+3. report each one's status as the server now sees it, and why it will send nothing when it will not.
+
+Status (FHIR R4 Subscription.status, http://hl7.org/fhir/R4/subscription-definitions.html#Subscription.status:
+"A client can only submit subscription resources in the requested or off state. Only the server can
+move a subscription from requested to active"): servers differ from the letter. Medplum notifies only
+`active` Subscriptions, never moves a `requested` one on, and documents creating them `active`
+(https://www.medplum.com/docs/subscriptions/subscription-extensions); a `requested` one would stay
+silent for ever. So SpineWatch asks for `active` first and, where the server refuses that as the
+specification allows (400/422), once more with `requested`, which such a server activates itself.
 
 The secret goes in channel.header as `Authorization: Bearer <SPINEWATCH_NOTIFICATION_TOKEN>`, which
-the server sends back with every notification.
+the server sends back with every notification; with SPINEWATCH_NOTIFICATION_SIGNATURE_SECRET, also in
+Medplum's subscription-secret extension, with which Medplum signs each notification (`X-Signature`).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta, timezone
 
 import structlog
 
-from service.core.errors import FHIRError
+from service.core.errors import FHIRBadRequest, FHIRError
 from service.infra.fhir.base import FHIR_JSON
 from service.infra.fhir.sync import FHIRClient
 
@@ -34,6 +44,9 @@ WATCHED_TYPES = ("Condition", "Observation")  # the default of SPINEWATCH_SUBSCR
 BP = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition"
 BACKPORT_PROFILE = f"{BP}/backport-subscription"
 TOPIC_CANONICAL = f"{BP}/capabilitystatement-subscriptiontopic-canonical"
+HEARTBEAT_PERIOD = f"{BP}/backport-heartbeat-period"
+# Medplum signs each notification with this secret (X-Signature: hex HMAC-SHA256 of the body).
+SECRET_EXTENSION = "https://www.medplum.com/fhir/StructureDefinition/subscription-secret"
 TAG_SYSTEM = "https://spinewatch.example.org/fhir/CodeSystem/subscription"
 # id-only: notifications carry references, not clinical content; the worker reads what it needs.
 PAYLOAD_CONTENT = "id-only"
@@ -54,8 +67,13 @@ class Report:
     criteria: str
     id: str | None
     status: str | None
-    action: str  # created | updated | re-requested | exists | off (left alone) | failed
+    # created | updated | re-requested | activated | activation refused | exists | missing |
+    # off (left alone) | failed
+    action: str
     error: str | None = None
+    asked: str | None = None  # the status SpineWatch wrote: active, or requested where the server refused active
+    last_updated: str | None = None  # meta.lastUpdated of the server's view
+    problem: str | None = None  # why no notifications will arrive, and what to do; None when they will
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -127,19 +145,29 @@ def tag(resource_type: str) -> dict:
     return {"system": TAG_SYSTEM, "code": resource_type.lower()}
 
 
+def _auth_header(settings) -> list[str]:
+    return [f"Authorization: Bearer {settings.notification_token.get_secret_value()}"]
+
+
+def _secret_extensions(settings) -> list[dict]:
+    secret = settings.notification_signature_secret
+    return [{"url": SECRET_EXTENSION, "valueString": secret.get_secret_value()}] if secret else []
+
+
 def desired(p: Plan, settings) -> dict:
     channel = {"type": "rest-hook", "endpoint": settings.subscription_endpoint, "payload": FHIR_JSON,
-               "header": [f"Authorization: Bearer {settings.notification_token.get_secret_value()}"]}
-    sub = {"resourceType": "Subscription", "meta": {"tag": [tag(p.resource_type)]}, "status": "requested",
+               "header": _auth_header(settings)}
+    sub = {"resourceType": "Subscription", "meta": {"tag": [tag(p.resource_type)]}, "status": "active",
            "reason": f"SpineWatch: evaluate patients with cancer when a {p.resource_type} is written",
            "criteria": p.criteria, "channel": channel}
+    if extensions := _secret_extensions(settings):
+        sub["extension"] = extensions
     if p.mode == "backport":
         sub["meta"]["profile"] = [BACKPORT_PROFILE]
         channel["_payload"] = {"extension": [{"url": f"{BP}/backport-payload-content", "valueCode": PAYLOAD_CONTENT}]}
         # Heartbeats twice per watchdog period: one lost heartbeat does not wake the watchdog.
         channel["extension"] = [
-            {"url": f"{BP}/backport-heartbeat-period",
-             "valueUnsignedInt": max(1, settings.heartbeat_watchdog_seconds // 2)},
+            {"url": HEARTBEAT_PERIOD, "valueUnsignedInt": max(1, settings.heartbeat_watchdog_seconds // 2)},
             {"url": f"{BP}/backport-timeout", "valueUnsignedInt": DELIVERY_TIMEOUT_SECONDS},
         ]
     return sub
@@ -151,6 +179,10 @@ def _ours(sub: dict, resource_type: str, endpoint: str) -> bool:
         (sub.get("channel") or {}).get("endpoint") == endpoint
 
 
+def _signature_secret(sub: dict) -> str | None:
+    return next((e.get("valueString") for e in sub.get("extension") or [] if e.get("url") == SECRET_EXTENSION), None)
+
+
 def _differs(current: dict, wanted: dict) -> bool:
     cur_channel, want_channel = current.get("channel") or {}, wanted["channel"]
     if current.get("criteria") != wanted["criteria"]:
@@ -158,8 +190,12 @@ def _differs(current: dict, wanted: dict) -> bool:
     for key in ("type", "endpoint", "payload", "_payload"):
         if key in want_channel and cur_channel.get(key) != want_channel[key]:
             return True
-    # Some servers do not return channel.header (it holds a secret); compare only when they do.
-    return "header" in cur_channel and cur_channel["header"] != want_channel["header"]
+    # Some servers do not return channel.header or the signature secret (secrets both); compare only
+    # what they return. One that returns channel.header returns what it was given, so there a
+    # missing secret extension was never written.
+    if "header" not in cur_channel:
+        return False
+    return cur_channel["header"] != want_channel["header"] or _signature_secret(current) != _signature_secret(wanted)
 
 
 def existing(fhir: FHIRClient, resource_type: str, endpoint: str) -> list[dict]:
@@ -168,54 +204,152 @@ def existing(fhir: FHIRClient, resource_type: str, endpoint: str) -> list[dict]:
             if s.get("resourceType") == "Subscription" and _ours(s, resource_type, endpoint)]
 
 
-def re_request(fhir: FHIRClient, current: dict) -> dict:
-    """Ask the server to re-activate a Subscription it put in `error`."""
-    again = {k: v for k, v in current.items() if k != "error"} | {"status": "requested"}
+def _restated(current: dict, settings, status: str) -> dict:
+    """`current` with a new status, without the server's `error`, and with our secrets put back: a PUT
+    replaces the whole resource, and the server may have left them out of what it returned."""
+    sub = {k: v for k, v in current.items() if k not in ("error", "extension")} | {"status": status}
+    sub["channel"] = (current.get("channel") or {}) | {"header": _auth_header(settings)}
+    extensions = [e for e in current.get("extension") or [] if e.get("url") != SECRET_EXTENSION]
+    if extensions := extensions + _secret_extensions(settings):
+        sub["extension"] = extensions
+    return sub
+
+
+def re_request(fhir: FHIRClient, current: dict, settings) -> dict:
+    """Ask the server to re-activate a Subscription it put in `error` (R4 Subscription.status: the
+    client sets `requested`; a server that leaves it there is then asked for `active`, see activate)."""
+    again = _restated(current, settings, "requested")
     updated = fhir.update(again)
     log.warning("subscription.re_requested", subscription=f"Subscription/{current.get('id')}")
     return updated or again
 
 
+def activate(fhir: FHIRClient, current: dict, settings) -> dict:
+    """Ask for `active` a Subscription the server has left `requested` past the grace period
+    (Medplum never activates one itself). Raises FHIRBadRequest when the server refuses (400/422)."""
+    wanted = _restated(current, settings, "active")
+    updated = fhir.update(wanted)
+    log.warning("subscription.activated", subscription=f"Subscription/{current.get('id')}")
+    return updated or wanted
+
+
+def _write(write, sub: dict) -> tuple[dict, str]:
+    """Create or update as `active`; a server that refuses that (400/422: R4 lets the client submit
+    only `requested` or `off`) is asked once more with `requested`. (answer, the status asked for)"""
+    try:
+        return write(sub | {"status": "active"}) or sub, "active"
+    except FHIRBadRequest as exc:
+        log.info("subscription.active_refused", criteria=sub["criteria"], status=exc.status)
+    again = sub | {"status": "requested"}
+    return write(again) or again, "requested"
+
+
+# ---------------- is it delivering? ----------------
+
+def parse_instant(value: object) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def requested_since(sub: dict) -> datetime | None:
+    """When a `requested` Subscription was last written (meta.lastUpdated): a server that activates
+    one writes it again, so this is how long it has waited. None: not requested, or the server keeps
+    no meta.lastUpdated."""
+    return parse_instant((sub.get("meta") or {}).get("lastUpdated")) if sub.get("status") == "requested" else None
+
+
+def stuck_requested(status: str | None, since: datetime | None, now: datetime, grace: timedelta) -> bool:
+    return status == "requested" and since is not None and now - since >= grace
+
+
+def sends_heartbeats(sub: dict) -> bool:
+    """Only a backport Subscription with a heartbeat period does (IG backport-heartbeat-period); a
+    classic R4 one never does, so its silence means only that nothing changed."""
+    return any(e.get("url") == HEARTBEAT_PERIOD and (e.get("valueUnsignedInt") or 0) > 0
+               for e in (sub.get("channel") or {}).get("extension") or [])
+
+
+def watched_type(sub: dict, types: tuple[str, ...] | list[str]) -> str | None:
+    """The resource type (one of `types`) one of our Subscriptions watches, from our tag."""
+    codes = {t.get("code") for t in (sub.get("meta") or {}).get("tag") or [] if t.get("system") == TAG_SYSTEM}
+    return next((t for t in types if t.lower() in codes), None)
+
+
+def delivery_problem(status: str | None, since: datetime | None, now: datetime, grace: timedelta) -> str | None:
+    """Why a Subscription in this state sends no notifications, and what to do. None when it is
+    `active`, or `requested` within the grace period (the server may still activate it)."""
+    if status == "active" or (status == "requested" and not stuck_requested(status, since, now, grace)):
+        return None
+    if status == "requested":
+        minutes = int((now - since).total_seconds() // 60)
+        return (f"the server has left it `requested` for {minutes} min: no notifications will arrive (servers "
+                "such as Medplum notify only `active` ones); `spinewatch subscribe` asks for `active`")
+    if status == "error":
+        return ("the server put it in `error`: no notifications will arrive until it is active again; "
+                "`spinewatch subscribe` (or the watchdog) re-requests it")
+    if status == "off":
+        return ("turned off on the server: no notifications will arrive; switch it on there, or delete it "
+                "and run `spinewatch subscribe`")
+    if status is None:
+        return "not on the server: no notifications will arrive; run `spinewatch subscribe`"
+    return f"status `{status}` is not `active`: no notifications will arrive; run `spinewatch subscribe`"
+
+
 # ---------------- ensure ----------------
 
-def ensure(fhir: FHIRClient, settings, *, check_only: bool = False) -> list[Report]:
+def ensure(fhir: FHIRClient, settings, *, check_only: bool = False, now: datetime | None = None) -> list[Report]:
+    now = now or datetime.now(timezone.utc)
     reports = []
     for p in plan(fhir, settings.subscribed_types):
         wanted = desired(p, settings)
         try:
-            reports.append(_ensure_one(fhir, p, wanted, settings.subscription_endpoint, check_only))
+            reports.append(_ensure_one(fhir, p, wanted, settings, check_only, now))
         except FHIRError as exc:
             reports.append(Report(p.resource_type, p.mode, p.criteria, None, None, "failed", exc.message))
     return reports
 
 
-def _ensure_one(fhir: FHIRClient, p: Plan, wanted: dict, endpoint: str, check_only: bool) -> Report:
-    found = existing(fhir, p.resource_type, endpoint)
+def _ensure_one(fhir: FHIRClient, p: Plan, wanted: dict, settings, check_only: bool, now: datetime) -> Report:
+    grace = timedelta(seconds=settings.subscription_activation_grace_seconds)
+    found = existing(fhir, p.resource_type, settings.subscription_endpoint)
     if not found:
         if check_only:
-            return Report(p.resource_type, p.mode, p.criteria, None, None, "missing")
-        created = fhir.create(wanted)
-        return _report(fhir, p, created, "created")
+            return Report(p.resource_type, p.mode, p.criteria, None, None, "missing",
+                          problem=delivery_problem(None, None, now, grace))
+        created, asked = _write(fhir.create, wanted)
+        return _report(fhir, p, created, "created", now, grace, asked=asked)
     current, extra = found[0], found[1:]
     if extra:  # harmless (notifications are de-duplicated) but worth saying
         log.warning("subscription.duplicates", type=p.resource_type, count=len(extra))
-    status = current.get("status")
+    status, asked, error = current.get("status"), None, None
     if check_only:
         action = "exists"
     elif status == "off":
         action = "off (left alone)"
     elif _differs(current, wanted):
-        current = fhir.update(wanted | {"id": current["id"]}) or current
+        current, asked = _write(fhir.update, wanted | {"id": current["id"]})
         action = "updated"
     elif status == "error":
-        current = re_request(fhir, current)
-        action = "re-requested"
+        current, asked, action = re_request(fhir, current, settings), "requested", "re-requested"
+    elif stuck_requested(status, requested_since(current), now, grace):
+        try:
+            current, asked, action = activate(fhir, current, settings), "active", "activated"
+        except FHIRBadRequest as exc:
+            action, error = "activation refused", exc.message
+            log.warning("subscription.activation_refused", subscription=f"Subscription/{current.get('id')}",
+                        status=exc.status)
     else:
         action = "exists"
-    return _report(fhir, p, current, action)
+    return _report(fhir, p, current, action, now, grace, asked=asked, error=error)
 
 
-def _report(fhir: FHIRClient, p: Plan, sub: dict, action: str) -> Report:
+def _report(fhir: FHIRClient, p: Plan, sub: dict, action: str, now: datetime, grace: timedelta, *,
+            asked: str | None = None, error: str | None = None) -> Report:
     # The answer to a create/update may echo the request (status `requested`, as sekmet does); the
     # server's own view is what to report.
     sid = sub.get("id")
@@ -223,5 +357,10 @@ def _report(fhir: FHIRClient, p: Plan, sub: dict, action: str) -> Report:
         sub = fhir.read("Subscription", sid) if sid else sub
     except FHIRError:
         pass
-    return Report(p.resource_type, p.mode, p.criteria, sid, sub.get("status"), action,
-                  sub.get("error") if isinstance(sub.get("error"), str) else None)
+    status = sub.get("status")
+    problem = delivery_problem(status, requested_since(sub), now, grace)
+    if problem and action == "activation refused":
+        problem += f"; the server refused `active` ({error}): have it activated on the server"
+    server_error = sub.get("error") if isinstance(sub.get("error"), str) else None
+    return Report(p.resource_type, p.mode, p.criteria, sid, status, action, error or server_error, asked,
+                  (sub.get("meta") or {}).get("lastUpdated"), problem)

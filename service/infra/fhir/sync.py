@@ -8,6 +8,8 @@ the workers retry only the transient ones):
     FHIRError                        .transient: would a retry help?
     ├── FHIRTransportError           no HTTP answer: connection refused, timeout        transient
     ├── FHIRAuthError                token endpoint refused us; FHIR said 401/403       permanent
+    │   └── FHIRScopeRefused         403 / 401 insufficient_scope: .interaction, .needed_scope (the
+    │                                SMART scope it needed, fhir_mappings/fhir/scopes.py)
     ├── FHIRPagingError              next link to another origin, or too many pages     permanent
     ├── FHIRTooLarge                 an answer over the size we accept (note Binaries)  permanent
     └── FHIRResponseError            an HTTP error; .status, .outcome (OperationOutcome kept)
@@ -27,14 +29,16 @@ One injectable transport (`transport=`) is the test seam; respx mocks it.
 from __future__ import annotations
 
 import itertools
+import re
 import time
 from collections.abc import Iterator
 
 import httpx
 import structlog
 
-from service.core.errors import FHIRResponseError
-from service.infra.fhir.auth import Auth, NoAuth, auth_from_settings
+from fhir_mappings.fhir.scopes import ScopeVersion, refusal
+from service.core.errors import FHIRResponseError, FHIRScopeRefused
+from service.infra.fhir.auth import Auth, NoAuth, SmartBackendAuth, auth_from_settings
 from service.infra.fhir.base import FHIR_JSON, USER_AGENT, CappedBody, FHIRBase, bundle_entries, next_link
 from service.infra.fhir.binaries import NotABinary, binary_resource, key_of
 
@@ -43,16 +47,17 @@ log = structlog.get_logger("spinewatch.fhir_client")
 
 class FHIRClient(FHIRBase):
     def __init__(self, base_url: str, *, auth: Auth | None = None, timeout: float = 10.0, max_pages: int = 50,
-                 transport: httpx.BaseTransport | None = None):
+                 transport: httpx.BaseTransport | None = None, scope_version: ScopeVersion = "v2"):
         super().__init__(base_url, max_pages=max_pages)
         self.auth = auth or NoAuth()
+        self.scope_version = scope_version  # the syntax a refused request's needed scope is named in
         self._http = httpx.Client(timeout=httpx.Timeout(timeout), transport=transport,
                                   headers={"Accept": FHIR_JSON, "User-Agent": USER_AGENT})
 
     @classmethod
     def from_settings(cls, settings, transport: httpx.BaseTransport | None = None) -> "FHIRClient":
         return cls(settings.fhir_base_url, auth=auth_from_settings(settings), timeout=settings.fhir_timeout_seconds,
-                   max_pages=settings.fhir_max_pages, transport=transport)
+                   max_pages=settings.fhir_max_pages, transport=transport, scope_version=settings.smart_scope_version)
 
     def close(self) -> None:
         self._http.close()
@@ -134,12 +139,14 @@ class FHIRClient(FHIRBase):
     def _exchange(self, method: str, path: str, *, what: str, max_bytes: int | None = None,
                   headers: dict | None = None, **request) -> tuple[int, httpx.Headers, bytes]:
         """(status, headers, body) of one request, asked again once with a new token after a
-        401 (an expired or revoked token)."""
+        401 (an expired or revoked token; not for insufficient_scope: a new token has the same
+        scopes). Refused (403, 401 insufficient_scope): FHIRScopeRefused."""
         started = time.perf_counter()
         for attempt in (1, 2):
             sent = self.auth.headers(self._http) | (headers or {})
             with self.transport_errors(what), self._http.stream(method, self.url(path), headers=sent, **request) as r:
-                if r.status_code == 401 and attempt == 1 and not isinstance(self.auth, NoAuth):
+                if r.status_code == 401 and attempt == 1 and not isinstance(self.auth, NoAuth) \
+                        and not insufficient_scope(r.headers):
                     self.auth.invalidate()
                     continue
                 body = CappedBody(r.headers, max_bytes, what)
@@ -148,4 +155,23 @@ class FHIRClient(FHIRBase):
                 break
         log.debug("fhir.request", interaction=what, status=r.status_code, bytes=len(body.data),
                   ms=round((time.perf_counter() - started) * 1000, 1))
+        if r.status_code == 403 or (r.status_code == 401 and insufficient_scope(r.headers)):
+            raise self._refused(method, path, r.status_code, what)
         return r.status_code, r.headers, bytes(body.data)
+
+    def _refused(self, method: str, path: str, status: int, what: str) -> FHIRScopeRefused:
+        relative = path.removeprefix(self.base_url + "/")  # a `next` link or a Binary's absolute URL
+        requested = self.auth.scope if isinstance(self.auth, SmartBackendAuth) else None
+        found = refusal(method, relative, status, what, self.scope_version, requested)
+        log.warning("fhir.refused", interaction=found.interaction or what, status=status,
+                    needed_scope=found.needed_scope)
+        return FHIRScopeRefused(found.message, status, found.interaction, found.needed_scope)
+
+
+_INSUFFICIENT_SCOPE = re.compile(r'\berror\s*=\s*"?insufficient_scope\b', re.IGNORECASE)
+
+
+def insufficient_scope(headers: httpx.Headers) -> bool:
+    """RFC 6750 §3.1: `WWW-Authenticate: Bearer error="insufficient_scope"` (RFC 7235 §2.1: the value
+    quoted or not)."""
+    return bool(_INSUFFICIENT_SCOPE.search(headers.get("www-authenticate", "")))

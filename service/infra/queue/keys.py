@@ -11,7 +11,7 @@ Redis keys (prefix `spinewatch:`):
     pending-due                         zset: patients with a claimed or queued evaluation, by due
                                         time (ms)
     subscription:Subscription/<id>      hash: highest event number, last event / heartbeat times,
-                                        status, kind
+                                        status (and requested_since), kind
     subscriptions                       set of the Subscriptions the watchdog looks after
     reconcile:since                     the _lastUpdated lower bound of the next sweep
     reconcile:pending                   a reconciliation sweep is queued

@@ -2,7 +2,8 @@
 
 Per Subscription (keys.py `subscription:<ref>`): the highest event number seen (FHIR R4 Subscriptions
 Backport IG, "eventsSinceSubscriptionStart": a gap means missed notifications), when it was last
-heard from (an event, a heartbeat or a $status query), the status the server reported, and its kind.
+heard from (an event, a heartbeat or a $status query), the status the server reported (and since when
+it has been `requested`), and its kind.
 The heartbeat watchdog walks the set of tracked Subscriptions. The reconciliation sweep keeps the
 _lastUpdated lower bound of its next run, and a marker that one sweep is queued.
 
@@ -30,10 +31,23 @@ class SubscriptionState:
     status: str | None
     kind: str | None
     last_seen_at: str | None
+    requested_since: str | None = None  # status `requested` since then (see record_subscription_status)
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat()
+
+
+def _status_fields(pipe: redis.client.Pipeline, key: str, status: str, requested_since: str | None) -> None:
+    """Status, and since when it has been `requested`: the server's meta.lastUpdated when it gives
+    one, else the first time we saw it so (the notification script, scripts.py ADVANCE, does the same)."""
+    pipe.hset(key, "status", status)
+    if status != "requested":
+        pipe.hdel(key, "requested_since")
+    elif requested_since:
+        pipe.hset(key, "requested_since", requested_since)
+    else:
+        pipe.hsetnx(key, "requested_since", _now())
 
 
 class SubscriptionLedger:
@@ -43,7 +57,8 @@ class SubscriptionLedger:
         data = self._redis(self.redis.hgetall, subscription_key(subscription)) or {}
         highest = data.get("highest")
         return SubscriptionState(int(highest) if highest is not None else None, data.get("last_event_at"),
-                                 data.get("status"), data.get("kind"), data.get("last_seen_at"))
+                                 data.get("status"), data.get("kind"), data.get("last_seen_at"),
+                                 data.get("requested_since"))
 
     def advance_subscription(self, subscription: str, *, kind: str, status: str | None, top: int | None,
                              event: bool, after: redis.client.Pipeline | None = None) -> None:
@@ -58,14 +73,17 @@ class SubscriptionLedger:
             self._redis(self._advance, keys=keys, args=args)
 
     def track_subscription(self, subscription: str, *, kind: str, status: str | None = None,
-                           reset: bool = False) -> None:
+                           reset: bool = False, requested_since: str | None = None) -> None:
         """`spinewatch subscribe` registers what it created, so the watchdog looks after it. A new
         backport Subscription starts at event 0 (reset), so event 1 is not mistaken for a first
-        contact."""
+        contact. `last_seen_at` is set only the first time: the watchdog's fallback sweep starts
+        there, so running `subscribe` again must not move it on."""
         key = subscription_key(subscription)
-        fields = {"kind": kind, "last_seen_at": _now()} | ({"status": status} if status else {})
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(key, mapping=fields)
+        pipe.hset(key, "kind", kind)
+        pipe.hsetnx(key, "last_seen_at", _now())
+        if status:
+            _status_fields(pipe, key, status, requested_since)
         if reset:
             pipe.hsetnx(key, "highest", 0)
         pipe.sadd(SUBSCRIPTIONS, subscription)
@@ -76,6 +94,16 @@ class SubscriptionLedger:
 
     def tracked_subscriptions(self) -> list[str]:
         return sorted(self._redis(self.redis.smembers, SUBSCRIPTIONS) or [])
+
+    def record_subscription_status(self, subscription: str, status: str, *, requested_since: str | None = None,
+                                   **fields) -> None:
+        """The status the server reports, with other fields (e.g. last_seen_at)."""
+        key = subscription_key(subscription)
+        pipe = self.redis.pipeline(transaction=False)
+        if fields:
+            pipe.hset(key, mapping=fields)
+        _status_fields(pipe, key, status, requested_since)
+        self._redis(pipe.execute)
 
     def set_subscription_fields(self, subscription: str, **fields) -> None:
         self._redis(self.redis.hset, subscription_key(subscription),

@@ -112,6 +112,8 @@ local top = tonumber(ARGV[1])
 if top >= 0 and (not prev or top > tonumber(prev)) then redis.call('HSET', KEYS[1], 'highest', top) end
 redis.call('HSET', KEYS[1], 'last_seen_at', ARGV[2], ARGV[3], ARGV[2], 'kind', 'backport')
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'status', ARGV[4]) end
+if ARGV[4] == 'requested' then redis.call('HSETNX', KEYS[1], 'requested_since', ARGV[2])
+elseif ARGV[4] ~= '' then redis.call('HDEL', KEYS[1], 'requested_since') end
 redis.call('SADD', KEYS[2], ARGV[5])
 return prev
 """

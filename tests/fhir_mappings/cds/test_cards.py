@@ -66,9 +66,9 @@ def test_no_resource_id_in_the_prose(one):
 
 def test_ids_stay_in_the_machine_readable_places():
     _, _, card = next(c for c in CARDS if c[0] == "order-sign-xray-urgent")
-    delete, create = card["suggestions"][0]["actions"]
-    assert delete["resourceId"] == "ServiceRequest/xr-1"
-    refs = [r["reference"] for r in create["resource"]["reasonReference"]]
+    [update] = card["suggestions"][0]["actions"]
+    assert update["type"] == "update" and update["resource"]["id"] == "xr-1"
+    refs = [r["reference"] for r in update["resource"]["reasonReference"]]
     assert refs[0] == "Condition/ca-1" and "DocumentReference/gp-1" in refs
 
 

@@ -21,8 +21,8 @@ from fastapi.testclient import TestClient
 
 from service.api.app import create_app
 from service.core.settings import Settings
-from tests.support.cds_hooks import (PATIENT_VIEW, Issuer, hook_request, make_env, prefetch_for, record, reset_audit,
-                                     url, validate_cds_response)
+from tests.support.cds_hooks import (PATIENT_VIEW, R4_METADATA, Issuer, hook_request, make_env, prefetch_for, record,
+                                     reset_audit, url, validate_cds_response)
 
 SERVICE_PATH = f"/cds-services/{PATIENT_VIEW}"
 TOKEN = "attack-notification-secret-0123456789"
@@ -206,6 +206,7 @@ def test_a_next_link_or_a_redirect_to_outside_the_allowlist_is_never_followed(en
     allowed = "https://fhir.example.org/fhir"
     with respx.mock(assert_all_called=False) as mock:
         evil = mock.route(host="evil.example.com").respond(200, json=record("emergency")[0])
+        mock.get(f"{allowed}/metadata").respond(200, json=R4_METADATA)
         mock.get(f"{allowed}/Patient/p1").respond(302, headers={"Location": "https://evil.example.com/fhir/Patient/p1"})
         response = env.call(PATIENT_VIEW, hook_request("patient-view", fhirServer=allowed))
         assert response.status_code == 412 and not evil.called
@@ -226,6 +227,7 @@ def test_an_allowlisted_fhir_server_is_used(env):
     allowed = "https://fhir.example.org/fhir"
     with respx.mock(assert_all_mocked=True) as mock:
         resources = record("emergency")
+        mock.get(f"{allowed}/metadata").respond(200, json=R4_METADATA)
         mock.get(f"{allowed}/Patient/p1").respond(200, json=resources[0])
         for rtype in ("Condition", "Observation", "DiagnosticReport", "ImagingStudy", "ServiceRequest", "Procedure",
                       "DocumentReference"):

@@ -9,9 +9,9 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from fhir_mappings.clinical.evaluate import assess
-from tests.support.cds_hooks import (ORDER_IMAGING, PATIENT_VIEW, PREFETCH_TYPES, FakeStoredAssessments, hook_request,
-                                     make_env, prefetch_for, record, reset_audit, validate_cds_response,
-                                     validate_discovery)
+from tests.support.cds_hooks import (ORDER_IMAGING, ORDER_SELECT, ORDER_SIGN, PATIENT_VIEW, PREFETCH_TYPES,
+                                     FakeStoredAssessments, hook_request, make_env, prefetch_for, record, reset_audit,
+                                     validate_cds_response, validate_discovery)
 
 
 @pytest.fixture
@@ -38,13 +38,16 @@ def assert_outcome(response, status: int, text: str | None = None):
 # ---------------------------------------------------------------- discovery
 
 
-def test_discovery_lists_patient_view_and_the_order_service(env):
+def test_discovery_lists_one_service_id_per_hook(env):
+    """CDS clients file services by id (the sandbox by `{discovery URL}/{id}`): ids are unique, and
+    the old id of both order hooks is answered but no longer listed."""
     response = env.discover()
     assert response.status_code == 200
     body = response.json()
     validate_discovery(body)
-    hooks = {(s["id"], s["hook"]) for s in body["services"]}
-    assert hooks == {(PATIENT_VIEW, "patient-view"), (ORDER_IMAGING, "order-select"), (ORDER_IMAGING, "order-sign")}
+    hooks = [(s["id"], s["hook"]) for s in body["services"]]
+    assert hooks == [(PATIENT_VIEW, "patient-view"), (ORDER_SELECT, "order-select"), (ORDER_SIGN, "order-sign")]
+    assert ORDER_IMAGING not in {s["id"] for s in body["services"]}
     for service in body["services"]:
         assert service["title"] and service["description"]
         templates = service["prefetch"]
@@ -193,10 +196,10 @@ def test_body_must_be_an_object(env):
 
 def test_order_context_needs_draft_orders(env):
     body = hook_request("order-sign", prefetch=prefetch_for(record("urgent")))
-    assert_outcome(env.call(ORDER_IMAGING, body), 400, "context.draftOrders")
+    assert_outcome(env.call(ORDER_SIGN, body), 400, "context.draftOrders")
     body = hook_request("order-select", prefetch=prefetch_for(record("urgent")),
                         context={"draftOrders": {"resourceType": "Bundle", "entry": []}})
-    assert_outcome(env.call(ORDER_IMAGING, body), 400, "context.selections")
+    assert_outcome(env.call(ORDER_SELECT, body), 400, "context.selections")
 
 
 def test_unknown_service_is_404(env):

@@ -32,6 +32,7 @@ def env(tmp_path):
 @pytest.fixture
 def fhir():
     with respx.mock(base_url=FHIR, assert_all_called=False) as mock:
+        mock.get("/metadata").respond(200, json=ch.R4_METADATA)  # an R4 server, as SpineWatch checks
         yield mock
 
 
@@ -115,6 +116,7 @@ def test_a_binary_over_the_size_cap_or_gone_is_left_out(tmp_path):
     env = make_env(tmp_path, note_max_bytes=2048)
     try:
         with respx.mock(base_url=FHIR, assert_all_called=False) as fhir:
+            fhir.get("/metadata").respond(200, json=ch.R4_METADATA)
             big = binary() | {"data": b64("x" * 4096)}
             route = fhir.get("/Binary/b1").respond(200, json=big)
             response = call(env, prefetch_for(note_record()))

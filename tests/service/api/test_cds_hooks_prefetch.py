@@ -26,6 +26,7 @@ def env(tmp_path):
 @pytest.fixture
 def fhir():
     with respx.mock(base_url=FHIR, assert_all_called=False) as mock:
+        mock.get("/metadata", name="metadata").respond(200, json=ch.R4_METADATA)  # an R4 server, as checked
         yield mock
 
 
@@ -100,7 +101,8 @@ def test_missing_key_is_fetched_with_the_bearer_token(env, fhir):
     card = one_card(call(env, prefetch))
     assert card["indicator"] == "critical"
     assert routes["Observation"].call_count == 1
-    assert [c.request.url.path for c in fhir.calls] == ["/r4/Observation"]  # only what was missing
+    # only what was missing, and the server's release, asked once
+    assert sorted(c.request.url.path for c in fhir.calls) == ["/r4/Observation", "/r4/metadata"]
     request = routes["Observation"].calls.last.request
     assert request.headers["authorization"] == f"Bearer {ACCESS}"
     assert request.headers["accept"] == "application/fhir+json"
@@ -188,7 +190,7 @@ def test_paginated_fallback_search_follows_next(env, fhir):
     del prefetch["observations"]
     assert one_card(call(env, prefetch))["indicator"] == "critical"
     assert page2.call_count == 1
-    assert {c.request.url.path for c in fhir.calls} == {"/r4/Observation"}  # the rest came prefetched
+    assert {c.request.url.path for c in fhir.calls} == {"/r4/Observation", "/r4/metadata"}  # the rest came prefetched
 
 
 def test_next_link_to_another_origin_is_412_and_never_called(env, fhir):
@@ -287,3 +289,126 @@ def test_https_is_required_in_production():
     AsyncFHIRClient("https://fhir.example.org:8443/r4", None, frozenset({"fhir.example.org:8443"}), require_https=True)
     with pytest.raises(FHIRAccessError):
         AsyncFHIRClient("https://fhir.example.org:9999/r4", None, frozenset({"fhir.example.org:8443"}), require_https=True)
+
+
+# ---------------------------------------------------------------- FHIR R4 only
+
+
+@pytest.mark.parametrize("key, value, named", [
+    ("conditions", searchset(ch.as_dstu2(record("emergency"))[1:2]),
+     "a Condition with `patient` instead of R4's `subject`"),
+    ("serviceRequests", searchset([{"resourceType": "ProcedureRequest", "id": "pr1",
+                                    "subject": {"reference": "Patient/p1"}}]), "a ProcedureRequest"),
+    ("imagingStudies", searchset([{"resourceType": "ImagingStudy", "id": "i1",
+                                   "patient": {"reference": "Patient/p1"}}]), "ImagingStudy with `patient`"),
+])
+def test_a_prefetch_of_an_earlier_fhir_release_is_412_naming_the_key(env, fhir, key, value, named):
+    prefetch = prefetch_for(record("emergency")) | {key: value}
+    assert_412(call(env, prefetch), f"prefetch.{key} is not FHIR R4: it holds")
+    assert_412(call(env, prefetch), named)
+    assert not fhir.calls  # refused on what was sent: nothing fetched
+
+
+def test_a_dstu2_fhir_server_is_412_and_not_read_again(env, fhir):
+    fhir.get("/metadata").respond(200, json=ch.DSTU2_METADATA)  # respx: replaces the fixture's R4 route
+    routes = serve_record(fhir, record("emergency"))  # R4-shaped data: only /metadata tells
+    assert_412(call(env, None), "fhirServer is FHIR DSTU2 (its /metadata says fhirVersion 1.0.2)")
+    asked = len(fhir.calls)
+    assert_412(call(env, None), "FHIR DSTU2")
+    assert len(fhir.calls) == asked  # remembered: neither /metadata nor the data is read again
+    assert routes["Condition"].call_count <= 1
+
+
+@pytest.mark.parametrize("version, release", [("3.0.2", "STU3"), ("5.0.0", "R5")])
+def test_other_releases_are_412_naming_them(env, fhir, version, release):
+    fhir.get("/metadata").respond(200, json=ch.R4_METADATA | {"fhirVersion": version})
+    serve_record(fhir, record("emergency"))
+    assert_412(call(env, None), f"fhirServer is FHIR {release} (its /metadata says fhirVersion {version})")
+
+
+def test_r4b_is_read(env, fhir):
+    fhir.get("/metadata").respond(200, json=ch.R4_METADATA | {"fhirVersion": "4.3.0"})
+    serve_record(fhir, record("emergency"))
+    assert one_card(call(env, None))["indicator"] == "critical"
+
+
+def test_metadata_is_asked_once_per_server_base(env, fhir):
+    serve_record(fhir, record("urgent"))
+    for _ in range(3):
+        one_card(call(env, None))
+    assert fhir.routes["metadata"].call_count == 1
+    other = "https://fhir.example.org/r2"  # same host, another base (the SMART launcher's versions)
+    with respx.mock(base_url=other, assert_all_called=False) as r2:
+        metadata = r2.get("/metadata").respond(200, json=ch.DSTU2_METADATA)
+        r2.route().respond(200, json=searchset([]))
+        assert_412(call(env, None, server=other), "DSTU2")
+        assert metadata.call_count == 1
+
+
+@pytest.mark.parametrize("failure", [
+    httpx.Response(500), httpx.Response(401, json={"resourceType": "OperationOutcome", "issue": []}),
+    httpx.Response(200, text="<html>maintenance</html>"), httpx.ConnectError("refused"),
+    httpx.Response(200, json={"resourceType": "CapabilityStatement"}),  # no fhirVersion
+])
+def test_a_failing_metadata_does_not_stop_a_call_whose_reads_work(env, fhir, failure):
+    """/metadata is a second opinion: the data reads decide, and the scan of their data still applies."""
+    failing = isinstance(failure, Exception)
+    route = fhir.get("/metadata").mock(side_effect=failure if failing else None,
+                                       return_value=None if failing else failure)
+    serve_record(fhir, record("urgent"))
+    assert one_card(call(env, None))["indicator"] == "warning"
+    assert route.call_count == 1
+
+
+def test_a_failing_metadata_is_asked_again_after_a_minute_and_the_data_scan_still_applies(env, fhir):
+    from service.infra.fhir.fetch import ServerReleases
+
+    now = [1000.0]
+    env.app.state.services.hooks.releases = ServerReleases(clock=lambda: now[0])
+    metadata = fhir.get("/metadata").respond(503)
+    routes = serve_record(fhir, ch.as_dstu2(record("emergency")))
+    assert_412(call(env, None), "the data fhirServer answered is not FHIR R4: it holds a Condition with `patient`")
+    assert_412(call(env, None), "the data fhirServer answered is not FHIR R4")
+    assert metadata.call_count == 1 and routes["Condition"].call_count == 2
+    now[0] += ServerReleases.UNKNOWN_SECONDS
+    metadata.respond(200, json=ch.DSTU2_METADATA)
+    assert_412(call(env, None), "fhirServer is FHIR DSTU2")
+    assert metadata.call_count == 2
+    now[0] += ServerReleases.KNOWN_SECONDS - 1
+    assert_412(call(env, None), "fhirServer is FHIR DSTU2")
+    assert metadata.call_count == 2 and routes["Condition"].call_count == 3  # the last one read nothing
+
+
+def test_a_slow_metadata_costs_at_most_the_fetch_budget(tmp_path):
+    env = make_env(tmp_path, hook_timeout_seconds=0.5)
+
+    async def slow(request):
+        await asyncio.sleep(3)
+        return httpx.Response(200, json=ch.R4_METADATA)
+
+    try:
+        with respx.mock(base_url=FHIR, assert_all_called=False) as fhir:
+            fhir.get("/metadata").mock(side_effect=slow)
+            serve_record(fhir, record("urgent"))
+            import time
+
+            started = time.monotonic()
+            assert one_card(call(env, None))["indicator"] == "warning"
+            assert 0.4 < time.monotonic() - started < 2  # waited for /metadata up to the budget, no longer
+            started = time.monotonic()
+            assert one_card(call(env, None))["indicator"] == "warning"
+            assert time.monotonic() - started < 0.4  # remembered as unknown: no wait
+    finally:
+        reset_audit()
+
+
+def test_a_dstu2_server_refusing_r4_searches_is_named_as_dstu2(env, fhir):
+    fhir.get("/metadata").respond(200, json=ch.DSTU2_METADATA)
+    fhir.route().respond(400, json={"resourceType": "OperationOutcome", "issue": []})
+    assert_412(call(env, None), "fhirServer is FHIR DSTU2")
+
+
+def test_a_complete_prefetch_asks_no_metadata(env, fhir):
+    """The prefetch path pays for the scan only: fhirServer is not contacted at all."""
+    assert one_card(call(env, prefetch_for(record("urgent"))))["indicator"] == "warning"
+    assert not fhir.calls

@@ -83,7 +83,7 @@ def test_register_check_adds_and_removes(app, client):
 
 def test_default_checks_follow_the_settings(tmp_path):
     settings = Settings(environment="test", audit_db_url=f"sqlite:///{tmp_path}/a.sqlite")
-    assert set(default_checks(settings)) == {"redis", "audit_store", "fhir"}
+    assert set(default_checks(settings)) == {"redis", "subscriptions", "configuration", "audit_store", "fhir"}
     assert "audit_store" not in default_checks(Settings(environment="test", audit_enabled=False))
 
 

@@ -38,7 +38,8 @@ NOTIFY_TOKEN = "schemathesis-notification-secret"
 REVIEWER_TOKEN = "schemathesis-reviewer-token-0123456789"
 ISSUER = Issuer("https://ehr.schemathesis.example.org")
 MAX_EXAMPLES = 25
-SERVICE_IDS = ("spinewatch-patient-view", "spinewatch-order-imaging")
+SERVICE_IDS = ("spinewatch-patient-view", "spinewatch-order-select", "spinewatch-order-sign",
+               "spinewatch-order-imaging")  # the last: the old id of both order hooks, answered but not listed
 
 _FHIR_RESOURCE = {"type": "object", "required": ["resourceType"],
                   "properties": {"resourceType": {"type": "string"}, "id": {"type": "string"},

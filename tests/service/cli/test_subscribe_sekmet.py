@@ -6,6 +6,12 @@ sekmet's own rest-hook notifications reach the API, the worker evaluates the pat
 data and stores the assessment, and a patient-view call with neither prefetch nor fhirServer gets
 the emergency card. Once with classic R4 criteria (sekmet 0.1.1 has no Condition/Observation topic),
 once with R5 Backport topics added to sekmet (handshake, id-only event notifications).
+
+What sekmet does with the status SpineWatch asks for (sekmet 0.1.1, subscriptions/engine.py): a
+create as `active` is kept as given (no second write) and notified; a backport one still gets its
+handshake first. `requested` it activates itself; `error` and `off` written by a client it keeps, so
+`subscribe --check` reports them and `subscribe` re-requests the one in error. It keeps and returns
+the signature-secret extension, so adding, rotating and removing it are updates.
 """
 
 from __future__ import annotations
@@ -62,10 +68,14 @@ def spinewatch(sekmet_server: SekmetServer, redis_server, tmp_path_factory):
         api.stop()
 
 
-def subscribe(stack) -> list[dict]:
-    done = subprocess.run([*SPINEWATCH, "subscribe", "--json"], env=stack["env"], cwd=ROOT, capture_output=True,
+def run_subscribe(stack, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*SPINEWATCH, "subscribe", *args], env=stack["env"] | env, cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
-    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def subscribe(stack, **env: str) -> list[dict]:
+    done = run_subscribe(stack, "--json", **env)
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
@@ -98,10 +108,13 @@ def patient_view(stack, pid: str) -> httpx.Response:
 
 def test_classic_rest_hook_subscription_leads_to_assessment_and_card(spinewatch):
     reports = subscribe(spinewatch)
-    assert [(r["resource_type"], r["mode"], r["criteria"], r["status"], r["action"]) for r in reports] == [
-        ("Condition", "classic", "Condition?", "active", "created"),
-        ("Observation", "classic", "Observation?", "active", "created")]
+    assert [(r["resource_type"], r["mode"], r["criteria"], r["status"], r["asked"], r["action"]) for r in reports] == [
+        ("Condition", "classic", "Condition?", "active", "active", "created"),
+        ("Observation", "classic", "Observation?", "active", "active", "created")]
+    with spinewatch["fhir"].client() as fhir:  # created `active`, kept as given: sekmet wrote it once
+        assert {fhir.get(f"/Subscription/{r['id']}").json()["meta"]["versionId"] for r in reports} == {"1"}
     assert [r["action"] for r in subscribe(spinewatch)] == ["exists", "exists"]  # idempotent
+    assert run_subscribe(spinewatch, "--check").returncode == 0
 
     with spinewatch["fhir"].client() as fhir:
         pid = write_chart(fhir)
@@ -123,7 +136,7 @@ def test_backport_topic_subscription_leads_to_assessment_and_card(spinewatch):
     fhir_server.add_topic(f"http://spinewatch.test/SubscriptionTopic/condition-{run}", "Condition")
     fhir_server.add_topic(f"http://spinewatch.test/SubscriptionTopic/observation-{run}", "Observation")
     reports = subscribe(spinewatch)
-    assert [(r["mode"], r["action"]) for r in reports] == [("backport", "created"), ("backport", "created")]
+    assert [(r["mode"], r["asked"], r["action"]) for r in reports] == [("backport", "active", "created")] * 2
     assert all(r["criteria"].endswith(run) for r in reports)
     for r in reports:  # the handshake activated each one and was recorded
         key = f"spinewatch:subscription:Subscription/{r['id']}"
@@ -141,3 +154,60 @@ def test_backport_topic_subscription_leads_to_assessment_and_card(spinewatch):
         assert int(highest) == (2 if r["resource_type"] == "Condition" else 1)
     response = patient_view(spinewatch, pid)
     assert response.status_code == 200 and [c["indicator"] for c in response.json()["cards"]] == ["critical"]
+
+
+def test_a_subscription_sekmet_holds_in_error_is_reported_then_re_requested(spinewatch):
+    fhir_server = spinewatch["fhir"]
+    fhir_server.delete_subscriptions()
+    condition, observation = subscribe(spinewatch)
+    with fhir_server.client() as fhir:
+        broken = fhir.get(f"/Subscription/{condition['id']}").json() | {"status": "error", "error": "test"}
+        assert fhir.put(f"/Subscription/{condition['id']}", json=broken).status_code == 200
+        assert fhir.get(f"/Subscription/{condition['id']}").json()["status"] == "error"  # sekmet keeps it
+
+        check = run_subscribe(spinewatch, "--check")
+        assert check.returncode == 3, check.stdout + check.stderr
+        assert "  ! Condition: the server put it in `error`: no notifications will arrive" in check.stdout
+
+        again = subscribe(spinewatch)  # exit 0: the server may activate it within the grace period
+        assert [(r["action"], r["asked"], r["problem"]) for r in again] == [
+            ("re-requested", "requested", None), ("exists", None, None)]
+        # sekmet activates a `requested` one a moment after the write (the read-back may not show it yet)
+        deadline = time.monotonic() + 10
+        while fhir.get(f"/Subscription/{condition['id']}").json()["status"] != "active":
+            assert time.monotonic() < deadline, "sekmet did not activate the re-requested Subscription"
+            time.sleep(0.1)
+        assert "error" not in fhir.get(f"/Subscription/{condition['id']}").json()
+    assert run_subscribe(spinewatch, "--check").returncode == 0
+    assert spinewatch["redis"].hget(f"spinewatch:subscription:Subscription/{condition['id']}", "status") == "active"
+
+
+def test_one_turned_off_is_left_alone_and_reported(spinewatch):
+    fhir_server = spinewatch["fhir"]
+    fhir_server.delete_subscriptions()
+    condition, _ = subscribe(spinewatch)
+    with fhir_server.client() as fhir:
+        off = fhir.get(f"/Subscription/{condition['id']}").json() | {"status": "off"}
+        assert fhir.put(f"/Subscription/{condition['id']}", json=off).status_code == 200
+    done = run_subscribe(spinewatch)
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "off (left alone)" in done.stdout and "  ! Condition: turned off on the server" in done.stdout
+
+
+def test_the_signature_secret_is_written_rotated_and_removed(spinewatch):
+    fhir_server = spinewatch["fhir"]
+    fhir_server.delete_subscriptions()
+    secret = "https://www.medplum.com/fhir/StructureDefinition/subscription-secret"
+    subscribe(spinewatch)
+    # only `subscribe` gets the secret: the running API would refuse sekmet's unsigned notifications
+    assert [r["action"] for r in subscribe(spinewatch, SPINEWATCH_NOTIFICATION_SIGNATURE_SECRET="one")] == \
+        ["updated", "updated"]
+    assert [r["action"] for r in subscribe(spinewatch, SPINEWATCH_NOTIFICATION_SIGNATURE_SECRET="one")] == \
+        ["exists", "exists"]
+    reports = subscribe(spinewatch, SPINEWATCH_NOTIFICATION_SIGNATURE_SECRET="two")
+    assert [r["action"] for r in reports] == ["updated", "updated"]
+    with fhir_server.client() as fhir:
+        assert fhir.get(f"/Subscription/{reports[0]['id']}").json()["extension"] == [
+            {"url": secret, "valueString": "two"}]
+        assert [r["action"] for r in subscribe(spinewatch)] == ["updated", "updated"]
+        assert "extension" not in fhir.get(f"/Subscription/{reports[0]['id']}").json()

@@ -201,3 +201,16 @@ def test_production_takes_an_https_or_loopback_public_url(url):
     settings = Settings(environment="production", reviewer_token=STRONG_A, notification_token=STRONG_B,
                         audit_hmac_key=STRONG_D, public_base_url=url, _env_file=None)
     assert settings.public_base_url == url
+
+
+# -- a notification token Medplum would cut short ---------------------------------
+
+@pytest.mark.parametrize("environment", ["development", "test", "production"])
+def test_a_notification_token_with_a_colon_is_refused_in_every_environment(monkeypatch, fresh_settings, environment):
+    token = "Zx81-Qw72_Lp45.Mn36:Kj27=Hg18!Fd09"  # strong, but Medplum would send only "Zx81-Qw72_Lp45.Mn36"
+    lines = refusal(monkeypatch, SPINEWATCH_ENVIRONMENT=environment, SPINEWATCH_REVIEWER_TOKEN=STRONG_A,
+                    SPINEWATCH_NOTIFICATION_TOKEN=token, SPINEWATCH_AUDIT_HMAC_KEY=STRONG_D)
+    assert "invalid setting SPINEWATCH_NOTIFICATION_TOKEN: must not contain ':' (Medplum splits channel.header " \
+           "values at ':' and keeps only the part up to the second ':', so the secret would arrive cut short and " \
+           "every notification would be refused)" in lines
+    assert not any(token in line or "Kj27" in line for line in lines)

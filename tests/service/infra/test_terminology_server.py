@@ -90,8 +90,16 @@ class _Queue:
 
 
 class _Store:
-    def save(self, data, seen=None):
+    def get(self, patient):
+        return None  # nothing stored before: nothing retracted
+
+    def save(self, data, seen=None, index_ttl_seconds=0):
         return 0  # revision 0: nothing new to alert about
+
+
+class _NoAlertsSent:
+    def hgetall(self, key):
+        return {}
 
 
 class _Audit:
@@ -122,7 +130,7 @@ def worker(monkeypatch, tmp_path, mock):
         mock.get(host="ehr.test", path__regex=r"^/fhir/[A-Za-z]+$").mock(side_effect=lambda request: httpx.Response(
             200, json={"resourceType": "Bundle", "type": "searchset",
                        "entry": [{"resource": r} for r in by_type.get(request.url.path.rsplit("/", 1)[1], [])]}))
-        d = pipeline.Collaborators(settings, fhir, _Queue(), _Store(), _Audit(), None, terminology)
+        d = pipeline.Collaborators(settings, fhir, _Queue(), _Store(), _Audit(), _NoAlertsSent(), terminology)
         return pipeline.evaluate_patient(d, "Patient/p1", [], {"kind": "test"}, NOW)
 
     yield evaluate
