@@ -2,8 +2,13 @@
 
 Part 1, acknowledgement: the app runs in this process under uvicorn on 127.0.0.1 with a real
 redis-server (started here). Every request is a distinct R4 Backport id-only event notification
-(its own event number and patient, so each one is de-duplicated, coalesced and queued for real:
-Lua claims, a Celery message on the Redis list, the audit record). A baseline endpoint mounted on
+(its own patient, so each one is de-duplicated, coalesced and queued for real: Lua claims, a Celery
+message on the Redis list, the audit record). Event numbers are consecutive per subscription and
+sent in order, as a FHIR server sends them (IG "Event Numbers"): each closed-loop client sends the
+events of its own subscription one after another; the open loop spreads its requests over enough
+subscriptions that one subscription's events are a second apart. So no gap should be seen, and the
+run reports the `notification.gap` warnings the server logged (0 expected). `--gaps` skips every
+10th number instead, to measure gap recovery (one warning and one catch-up task per skip). A baseline endpoint mounted on
 the same app reads the same body and answers 200, nothing else. The load generator is a separate
 process. Throughput: closed loop (--concurrency clients as fast as they can), best of --rounds.
 Latency: open loop at a steady --rate (each request due at its time, latency counted from then), as a
@@ -17,7 +22,7 @@ Aim: p95 <= 2 s.
 
     python bench/notifications.py [--requests 3000] [--concurrency 16] [--rate 100] [--rounds 2] [--patients 40]
                                   [--interval 0.1] [--coalesce 0.5] [--appendfsync everysec|always] [--no-audit]
-                                  [--skip-e2e]
+                                  [--skip-e2e] [--gaps]
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import multiprocessing
 import os
 import signal
@@ -45,19 +51,21 @@ sys.path.insert(0, str(ROOT))  # tests.support (redis-server, sekmet, patient re
 TOKEN = "bench-notification-secret"
 NOTIFY_PATH = "/fhir/notifications"
 BASELINE_PATH = "/bench/bare-post"
+GAP_EVERY = 10  # --gaps: every 10th event number of a subscription is never sent
 
 
 # ---------------------------------------------------------------- load generator (child process)
 
-def _drive(url: str, bodies: list[bytes], concurrency: int, out) -> None:
+def _drive(url: str, streams: list[list[bytes]], concurrency: int, out) -> None:
+    """Closed loop: each client takes a stream (one subscription's events) and sends it in order."""
     import httpx
 
     async def run() -> tuple[list[float], float, int]:
         latencies: list[float] = []
         errors = 0
         queue: asyncio.Queue = asyncio.Queue()
-        for body in bodies:
-            queue.put_nowait(body)
+        for stream in streams:
+            queue.put_nowait(stream)
         headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/fhir+json"}
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         async with httpx.AsyncClient(limits=limits, timeout=30) as client:
@@ -65,14 +73,15 @@ def _drive(url: str, bodies: list[bytes], concurrency: int, out) -> None:
                 nonlocal errors
                 while True:
                     try:
-                        body = queue.get_nowait()
+                        stream = queue.get_nowait()
                     except asyncio.QueueEmpty:
                         return
-                    started = time.perf_counter()
-                    response = await client.post(url, content=body, headers=headers)
-                    latencies.append(time.perf_counter() - started)
-                    if response.status_code != 200:
-                        errors += 1
+                    for body in stream:
+                        started = time.perf_counter()
+                        response = await client.post(url, content=body, headers=headers)
+                        latencies.append(time.perf_counter() - started)
+                        if response.status_code != 200:
+                            errors += 1
 
             started = time.perf_counter()
             await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -124,8 +133,8 @@ def measure_rate(url: str, bodies: list[bytes], rate: float) -> dict:
     return _in_child(_drive_rate, url, bodies, rate)
 
 
-def measure(url: str, bodies: list[bytes], concurrency: int) -> dict:
-    return _in_child(_drive, url, bodies, concurrency)
+def measure(url: str, streams: list[list[bytes]], concurrency: int) -> dict:
+    return _in_child(_drive, url, streams, concurrency)
 
 
 def summarise(seconds: list[float]) -> dict:
@@ -135,12 +144,40 @@ def summarise(seconds: list[float]) -> dict:
 
 # ---------------------------------------------------------------- notifications
 
-_counter = iter(range(1, 10**9))
+class EventNumbers:
+    """The next event number of each subscription: consecutive, or with every `skip_every`-th
+    number left out (a gap the server must recover)."""
+
+    def __init__(self, skip_every: int | None = None):
+        self.skip_every = skip_every
+        self.last: dict[str, int] = {}
+        self.skipped = 0
+
+    def next(self, subscription: str) -> int:
+        n = self.last.get(subscription, 0) + 1
+        if self.skip_every and n % self.skip_every == 0:
+            n += 1
+            self.skipped += 1
+        self.last[subscription] = n
+        return n
 
 
-def event_notification(fhir_base: str = "http://ehr.bench/fhir", subscription: str = "Subscription/bench") -> bytes:
-    """An id-only event (sekmet's shape) for a new patient and the next event number."""
-    n = next(_counter)
+def streams(numbers: EventNumbers, count: int, subscriptions: int) -> list[list[bytes]]:
+    """`count` notifications as `subscriptions` in-order streams, one subscription each; the
+    subscriptions are new ones, so each run's streams start where nothing is known."""
+    names = [f"Subscription/bench-{uuid.uuid4().hex[:8]}" for _ in range(subscriptions)]
+    return [[event_notification(name, numbers.next(name)) for _ in range(count // subscriptions)] for name in names]
+
+
+def interleaved(numbers: EventNumbers, count: int, subscriptions: int) -> list[bytes]:
+    """`count` notifications, round robin over `subscriptions`: for the open loop, where a
+    subscription's next event is sent `subscriptions` requests later."""
+    names = [f"Subscription/bench-{uuid.uuid4().hex[:8]}" for _ in range(subscriptions)]
+    return [event_notification(names[i % subscriptions], numbers.next(names[i % subscriptions])) for i in range(count)]
+
+
+def event_notification(subscription: str, n: int, fhir_base: str = "http://ehr.bench/fhir") -> bytes:
+    """An id-only event (sekmet's shape) for a new patient, event number `n` of `subscription`."""
     pid = f"bench-{uuid.uuid4().hex[:12]}"
     parts = [{"name": "event-number", "valueString": str(n)},
              {"name": "timestamp", "valueInstant": datetime.now().astimezone().isoformat()},
@@ -159,6 +196,18 @@ def event_notification(fhir_base: str = "http://ehr.bench/fhir", subscription: s
 
 
 # ---------------------------------------------------------------- the server (this process)
+
+class GapWarnings(logging.Handler):
+    """Counts the server's `notification.gap` warnings (service/usecases/intake.py)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if isinstance(record.msg, dict) and record.msg.get("event") == "notification.gap":
+            self.count += 1
+
 
 def build_app(redis_url: str, workdir: Path, audit: bool, coalesce: float):
     from service.api.app import create_app
@@ -182,25 +231,31 @@ def ack_benchmark(args, redis_url: str, workdir: Path) -> dict:
     from tests.support.redis_server import free_port
 
     app = build_app(redis_url, workdir, audit=not args.no_audit, coalesce=args.coalesce)
+    gaps = GapWarnings()
+    logging.getLogger().addHandler(gaps)
+    # the baseline never reads the numbers: only the notification endpoint's are ever skipped
+    numbers = {NOTIFY_PATH: EventNumbers(skip_every=GAP_EVERY if args.gaps else None), BASELINE_PATH: EventNumbers()}
     port = free_port()
     server, thread = start_server(app, port)
     base = f"http://127.0.0.1:{port}"
     best: dict[str, dict] = {}
+    c = args.concurrency
     try:
         for path in (NOTIFY_PATH, BASELINE_PATH):  # warm-up: connections, Lua scripts, Celery producer
-            measure(base + path, [event_notification() for _ in range(args.warmup)], args.concurrency)
-        steady = {name: measure_rate(base + path, [event_notification() for _ in range(int(args.rate * 10))],
+            measure(base + path, streams(numbers[path], args.warmup, c), c)
+        steady = {name: measure_rate(base + path, interleaved(numbers[path], int(args.rate * 10), max(1, int(args.rate))),
                                      args.rate)
                   for name, path in (("notification", NOTIFY_PATH), ("baseline", BASELINE_PATH))}
         for _ in range(args.rounds):
             for name, path in (("notification", NOTIFY_PATH), ("baseline", BASELINE_PATH)):
-                result = measure(base + path, [event_notification() for _ in range(args.requests)], args.concurrency)
+                result = measure(base + path, streams(numbers[path], args.requests, c), c)
                 if name not in best or result["rps"] > best[name]["rps"]:
                     best[name] = result
     finally:
         server.should_exit = True
         thread.join(10)
-    return {"steady": steady, **best}
+        logging.getLogger().removeHandler(gaps)
+    return {"steady": steady, **best, "gap_warnings": gaps.count, "skipped": numbers[NOTIFY_PATH].skipped}
 
 
 # ---------------------------------------------------------------- end to end
@@ -288,6 +343,8 @@ def main() -> None:
                         help="Redis AOF fsync policy: everysec as in docker-compose.yml (default), or always "
                              "(as tests/support/redis_server.py: every write on disk before the answer)")
     parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--gaps", action="store_true",
+                        help=f"skip every {GAP_EVERY}th event number per subscription: measure gap recovery")
     args = parser.parse_args()
 
     from tests.support.redis_server import RedisServer
@@ -312,6 +369,9 @@ def main() -> None:
             print(f"  {name:<20} p50 {x['p50']:6.2f} ms  p95 {x['p95']:6.2f} ms  p99 {x['p99']:6.2f} ms  "
                   f"errors {x['errors']}")
         print(f"  notification p99 {ack['steady']['notification']['p99']:.1f} ms (aim <= 20 ms)")
+        print(f"\ngap warnings (notification.gap) the server logged: {ack['gap_warnings']}"
+              + (f"; event numbers skipped on purpose (--gaps): {ack['skipped']}" if args.gaps
+                 else " (events in order: 0 expected)"))
         if not args.skip_e2e:
             e2e = e2e_benchmark(args, redis_server.url, workdir)
             print(f"\nnotification -> stored assessment, {args.patients} patients, one every {args.interval} s, "

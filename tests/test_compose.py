@@ -58,3 +58,11 @@ def test_compose_sets_only_real_settings(config):
         unknown = {k for k in env if k.startswith("SPINEWATCH_")} - known
         assert not unknown, f"{name}: no such setting {sorted(unknown)} (a typo is silently ignored)"
         assert env["SPINEWATCH_ENVIRONMENT"] == "production"
+
+
+def test_compose_api_runs_several_workers_with_the_shared_replay_cache(config):
+    api = config["services"]["api"]
+    command = api["command"]
+    assert command[:2] == ["spinewatch", "serve"] and int(command[command.index("--workers") + 1]) >= 2
+    # `serve --workers N` refuses N > 1 without it: a JWT could replay on another worker
+    assert api["environment"]["SPINEWATCH_CDS_JTI_REDIS_URL"].startswith("redis://redis:6379/")

@@ -23,6 +23,7 @@ reconnects either way.
 from __future__ import annotations
 
 import time
+from urllib.parse import urlsplit
 
 import redis
 from kombu.log import get_logger
@@ -31,7 +32,7 @@ from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
-from service.infra.redis import redis_client
+from service.infra.redis import SENTINEL_PORT, SentinelGroup, redis_client
 
 logger = get_logger("spinewatch.broker")
 RESTORE_FOR_SECONDS = 10.0
@@ -130,3 +131,19 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """The same restore, for a broker behind Redis Sentinel: its own connection is made from the
+    Sentinel URL, so it reaches whichever server is the primary by then (service/infra/redis.py)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        conn = self.connection.client  # its alternates: one sentinel:// URL per sentinel
+        sentinels = tuple((url.hostname, url.port or SENTINEL_PORT) for url in map(urlsplit, conn.alt))
+        db = int(str(conn.virtual_host or "0").strip("/") or 0)
+        self._spinewatch_broker_url = SentinelGroup(sentinels, self.master_name, db, conn.password).url()
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel

@@ -29,11 +29,14 @@ from fhir_mappings.clinical.terminology import load_terminology
 from service.core.logging import configure_logging
 from service.core.settings import Settings, get_settings
 from service.infra.queue import TASK_RECONCILE, TASK_WATCHDOG, celery_config
+from service.infra.queue.keys import TASK_MRI_CLOCK
+from service.infra.redis import is_sentinel_url
 from workers.pipeline import Collaborators
 
 log = structlog.get_logger("spinewatch.worker")
 TASK_MODULES = ["workers.tasks"]
 BROKER_TRANSPORT = "workers.broker:Transport"
+SENTINEL_BROKER_TRANSPORT = "workers.broker:SentinelTransport"
 
 
 class SpineWatchCelery(Celery):
@@ -62,7 +65,7 @@ def create_celery_app(settings: Settings | None = None) -> SpineWatchCelery:
         celery_config(settings, worker=True),
         # kombu's Redis transport with a restore that survives a Redis restart (workers/broker.py):
         # unpatched, the worker exits when Redis restarts while it holds unacknowledged tasks.
-        broker_transport=BROKER_TRANSPORT,
+        broker_transport=SENTINEL_BROKER_TRANSPORT if is_sentinel_url(settings.redis_url) else BROKER_TRANSPORT,
         beat_schedule=beat_schedule(settings),
     )
     connect_celery_signals(settings)
@@ -130,6 +133,9 @@ def beat_schedule(settings: Settings) -> dict:
         every = float(settings.reconciliation_interval_seconds)
         schedule["reconciliation-sweep"] = {"task": TASK_RECONCILE, "schedule": every,
                                             "kwargs": {"reason": "scheduled"}, "options": {"expires": every}}
+    if settings.mri_clock_check_interval_seconds > 0:  # docs/alerts.md, "The MRI clock"
+        every = float(settings.mri_clock_check_interval_seconds)
+        schedule["mri-clock-check"] = {"task": TASK_MRI_CLOCK, "schedule": every, "options": {"expires": every}}
     return schedule
 
 

@@ -29,10 +29,11 @@ from service.core.metrics import DEAD_LETTERS
 from service.infra import config_problems
 from service.infra.dead_letters import DeadLetters
 from service.infra.queue import TASK_CATCH_UP, TASK_EVALUATE, TASK_RECONCILE, TASK_RESOLVE, TASK_WATCHDOG
+from service.infra.queue.keys import TASK_MRI_CLOCK
 from workers import pipeline
 
-__all__ = ["BACKOFF_CAP_SECONDS", "SpineWatchTask", "backoff", "catch_up", "evaluate_patient", "heartbeat_watchdog",
-           "is_transient", "reconcile", "resolve_focus", "retry_countdown"]
+__all__ = ["BACKOFF_CAP_SECONDS", "SpineWatchTask", "backoff", "catch_up", "check_mri_clocks", "evaluate_patient",
+           "heartbeat_watchdog", "is_transient", "reconcile", "resolve_focus", "retry_countdown"]
 log = structlog.get_logger("spinewatch.tasks")
 BACKOFF_CAP_SECONDS = 600.0  # well below the visibility timeout: a waiting retry is held unacknowledged
 
@@ -122,3 +123,8 @@ def reconcile(self, reason: str = "scheduled") -> list[str]:
 @shared_task(bind=True, base=SpineWatchTask, name=TASK_WATCHDOG)
 def heartbeat_watchdog(self) -> list[dict]:
     return self.run_step(pipeline.watchdog, _now())
+
+
+@shared_task(bind=True, base=SpineWatchTask, name=TASK_MRI_CLOCK)
+def check_mri_clocks(self) -> list[str]:
+    return self.run_step(pipeline.check_open_clocks, _now())

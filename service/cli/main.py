@@ -11,6 +11,7 @@ from service.cli import audit, dead_letters
 from service.cli.check_config import check_config
 from service.cli.demo.command import demo
 from service.cli.evaluate import evaluate
+from service.cli.report import report
 from service.cli.serve import serve
 from service.cli.subscribe import subscribe
 from service.cli.worker import worker
@@ -34,6 +35,7 @@ app.command("check-config")(check_config)
 app.command()(serve)
 app.command()(worker)
 app.command()(subscribe)
+app.command()(report)
 app.add_typer(dead_letters.app, name="dead-letters")
 app.add_typer(audit.app, name="audit")
 

@@ -99,6 +99,24 @@ class Settings(BaseSettings):
     alert_dedup_days: int = Field(90, ge=1, le=3650,
                                   description="how long an alert for the same patient, tier and evidence is remembered")
     alert_timeout_seconds: float = Field(10.0, gt=0, le=120, description="HTTP timeout (seconds) for the alert webhook")
+    # The MRI clock (workers/pipeline/mri_clock.py, fhir_mappings/cds/mri_clock.py; docs/alerts.md "The MRI clock")
+    mscc_coordinator: str | None = Field(
+        None, description="FHIR reference of the MSCC coordinator, told when no spine MRI is ordered in time or the "
+                          "deadline passes, e.g. PractitionerRole/mscc-coordinator (unset: the default recipient, "
+                          "else whoever the alert went to)")
+    mri_escalate_emergency_hours: float = Field(
+        4.0, gt=0, le=24, description="suspected MSCC (24 h deadline): hours after the alert without a spine MRI "
+                                      "ordered before the MSCC coordinator is told")
+    mri_escalate_urgent_hours: float = Field(
+        48.0, gt=0, le=168, description="suspected spinal metastasis (1 week deadline): hours after the alert "
+                                        "without a spine MRI ordered before the MSCC coordinator is told")
+    mri_clock_check_interval_seconds: int = Field(
+        300, ge=0, description="how often open MRI clocks re-read their patient's orders and imaging and "
+                               "escalate or breach when due (0 = no scheduled check: clocks move only when the "
+                               "patient is evaluated)")
+    mri_clock_watch_days: int = Field(
+        30, ge=1, le=365, description="days a breached MRI clock is still watched for the MRI (to record when it "
+                                      "was done) before it is closed as expired")
     # CDS Hooks (service/api/routes/hooks.py, service/usecases/hook.py, service/infra/jwt.py, service/infra/fhir/fetch.py;
     # docs/cds-hooks.md)
     cds_trusted_issuers: str | None = Field(
@@ -189,7 +207,9 @@ class Settings(BaseSettings):
     # service/infra/fhir/sync.py, service/infra/fhir/subscriptions.py, workers/; docs/subscriptions.md)
     redis_url: str = Field("redis://127.0.0.1:6379/0",
                            description="Redis: Celery broker, notification de-duplication, stored assessments, "
-                                       "dead letters (run it with appendonly yes: a queued event must survive a restart)")
+                                       "dead letters (run it with appendonly yes: a queued event must survive a restart); "
+                                       "or a Sentinel group: redis+sentinel://host1:26379,host2:26379/<master>/<db> "
+                                       "(docs/deploy.md)")
     notification_token: SecretStr = Field(SecretStr(PLACEHOLDER_SECRET),
                                     description="secret the FHIR server sends with every notification "
                                                 "(channel.header `Authorization: Bearer <it>`); compared in constant time; "
@@ -226,6 +246,11 @@ class Settings(BaseSettings):
                           "(`system/Communication.read`, `.write`) for a server that knows only SMART 1.0 scopes")
     fhir_timeout_seconds: float = Field(10.0, gt=0, le=120, description="HTTP timeout (seconds) for each FHIR request")
     fhir_max_pages: int = Field(50, ge=1, le=10_000, description="most search pages followed for one search")
+    record_max_resources_per_search: int = Field(
+        10_000, ge=200, le=1_000_000,
+        description="most resources one search of a patient's record reads (workers), newest first; past it, "
+                    "or past fhir_max_pages, the evaluation goes on with what was read and names the rest in "
+                    "`problems` (docs/resilience.md)")
     fhir_retry_after_max_seconds: float = Field(
         600.0, ge=0, le=3600, description="longest Retry-After (429/503) a task's next retry honours, even past "
         "its backoff; kept below the broker visibility timeout minus the task time limit (a waiting retry is "
@@ -284,8 +309,10 @@ class Settings(BaseSettings):
     @field_validator("redis_url", "cds_jti_redis_url", "evidence_link_redis_url")
     @classmethod
     def _redis_url(cls, value: str | None) -> str | None:
-        if value and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must be a Redis URL: redis://, rediss:// or unix://")
+        # redis+sentinel://: a Sentinel group, parsed by service/infra/redis.py (docs/deploy.md "Redis Sentinel")
+        if value and not value.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://")):
+            raise ValueError("must be a Redis URL: redis://, rediss://, unix:// or "
+                             "redis+sentinel://host1:26379,host2:26379/<master name>/<db>")
         return value
 
     @field_validator("mri_code_emergency", "mri_code_urgent", "mri_code_routine")

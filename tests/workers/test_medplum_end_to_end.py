@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 import uuid
 
 import jwt
@@ -22,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from service.infra.assessments import AssessmentStore
 from service.infra.audit.store import AuditStore
 from tests.support import cds_hooks as ch
+from tests.support.fault_stack import wait_for
 from tests.support.medplum import MedplumStandIn
 from tests.support.processes import ROOT, SPINEWATCH, Proc, http_up
 from tests.support.sekmet_server import free_port
@@ -29,16 +29,6 @@ from tests.support.sekmet_server import free_port
 pytestmark = pytest.mark.integration
 DB = 11  # a database of the session's redis-server of its own
 PATIENT = "Patient/p1"
-
-
-def wait_for(predicate, what: str, timeout: float = 40.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
@@ -96,12 +86,12 @@ def test_medplum_subscribe_alert_delete_and_follow_up_with_enforced_scopes(stack
                     {"resourceType": "CareTeam", "status": "active", "subject": {"reference": PATIENT},
                      "participant": [{"member": {"reference": "Practitioner/oncologist"}}]})
     medplum.write(neuro)  # the clinician writes the red flag: Medplum notifies
-    (alert,) = wait_for(lambda: communications(medplum), "the emergency alert written back")
+    (alert,) = wait_for(lambda: communications(medplum), 40, "the emergency alert written back")
     assert alert["priority"] == "stat" and alert["recipient"] == [{"reference": "Practitioner/oncologist"}]
     assert AssessmentStore(stack["redis"]).get(PATIENT)["urgency"] == "emergency"
 
     medplum.delete("Observation", "neuro")  # entered on the wrong chart, deleted
-    found = wait_for(lambda: (lambda cs: cs if len(cs) == 2 else None)(communications(medplum)),
+    found = wait_for(lambda: (lambda cs: cs if len(cs) == 2 else None)(communications(medplum)), 40,
                      "the follow-up Communication")
     (follow_up,) = [c for c in found if c["id"] != alert["id"]]
     assert follow_up["inResponseTo"] == [{"reference": f"Communication/{alert['id']}"}]

@@ -12,6 +12,8 @@ takes the worker process's Collaborators (collaborators.py) first.
                        one the server put in error, ask for active one left requested, sweep the
                        type of one without heartbeats; evaluations queued but never started: again
                        (the last four: sweeps.py)
+    check_open_clocks  open MRI clocks due: re-read the patient's spine MRI orders and imaging;
+                       escalate or breach when their time has come (mri_clock.py)
 
 Errors propagate: service.infra.fhir errors say whether they are transient (service.core.errors
 is_transient: workers/tasks.py retries those) or permanent (dead letter).
@@ -19,8 +21,9 @@ is_transient: workers/tasks.py retries those) or permanent (dead letter).
 
 from workers.pipeline.collaborators import Collaborators
 from workers.pipeline.evaluate import evaluate_patient
+from workers.pipeline.mri_clock import check_open_clocks
 from workers.pipeline.record import fetch_record, read_note_binaries, record_queries
 from workers.pipeline.sweeps import catch_up, reconcile, resolve_focus, sweep, watchdog
 
-__all__ = ["Collaborators", "catch_up", "evaluate_patient", "fetch_record", "read_note_binaries", "reconcile",
-           "record_queries", "resolve_focus", "sweep", "watchdog"]
+__all__ = ["Collaborators", "catch_up", "check_open_clocks", "evaluate_patient", "fetch_record", "read_note_binaries",
+           "reconcile", "record_queries", "resolve_focus", "sweep", "watchdog"]

@@ -18,6 +18,7 @@ from service.core.settings import evaluation_settings
 from service.infra.assessments import cited_references
 from service.infra.fhir.terminology import consult_sync
 from workers.alerts import ClientAdapter, alert_if_needed, send_retraction, sent_alerts
+from workers.pipeline.mri_clock import after_evaluation
 from workers.pipeline.collaborators import Collaborators
 from workers.pipeline.record import current_resources, fetch_record
 
@@ -43,12 +44,15 @@ def evaluate_patient(c: Collaborators, patient: str, focus: list[str], trigger: 
     focus = sorted(set(focus) | set(c.queue.take_pending(patient)))
     started = time.perf_counter()
     previous = c.store.get(patient)
+    unread: list[str] = []  # what a very large record left unread: named in `problems`
     resources = fetch_record(c.fhir, patient, now, c.settings.lookback_days, focus,
                              note_max_bytes=c.settings.note_max_bytes,
-                             max_binary_reads=c.settings.note_max_binary_reads)
+                             max_binary_reads=c.settings.note_max_binary_reads,
+                             max_per_search=c.settings.record_max_resources_per_search, unread=unread)
     consulted = consult_sync(c.terminology, resources)  # bounded; on failure the local sets alone
     assessment = assess(resources, now, evaluation_settings(c.settings), terminology=consulted.terminology)
     consulted.note(assessment)
+    assessment.problems += unread
     if assessment.patient is None:
         assessment.patient = patient
     retractions = find_retractions(c, patient, previous, assessment, resources)
@@ -69,6 +73,8 @@ def evaluate_patient(c: Collaborators, patient: str, focus: list[str], trigger: 
         if retractions.follow_up:
             retract(c, retractions.follow_up, assessment)
         alert(c, assessment)
+    # Every evaluation, changed or not: an MRI order or study may change nothing the assessment keeps.
+    after_evaluation(c, assessment, resources, bool(retractions.stored or retractions.follow_up), now)
     return assessment
 
 

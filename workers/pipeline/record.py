@@ -37,28 +37,41 @@ def record_queries(patient_id: str, window_start: datetime) -> list[tuple[str, l
     """The searches that fetch everything the rules read (fhir_mappings/clinical/facts.py MODELS).
 
     Conditions and ServiceRequests at any date: a cancer counts "current or past" (NG234 Box 2), and
-    an MRI ordered long ago may still be pending. Observations, DiagnosticReports, Procedures and the
-    notes (DocumentReference, ClinicalImpression) are many, and only recent ones can count
-    (NG234 1.1 (recent spinal pain)), so they are limited to the lookback window, twice: by clinical date
-    (`date`) and by `_lastUpdated`, because the rules use the latest of several dates
-    (Observation.issued, a note's context.period) and `date` searches only one of them (and a note
-    without `date` is found only by the second)."""
+    an MRI ordered long ago may still be pending. ImagingStudies at any date too: a spine MRI done
+    before the window still answers evidence from an older, still active Condition. Observations,
+    DiagnosticReports, Procedures and the notes (DocumentReference, ClinicalImpression) are many, and
+    only recent ones can count (NG234 1.1 (recent spinal pain)), so they are limited to the lookback
+    window, twice: by clinical date (`date`) and by `_lastUpdated`, because the rules use the latest
+    of several dates (Observation.issued, a note's context.period) and `date` searches only one of
+    them (and a note without `date` is found only by the second). An undated one of these types never
+    counts as recent (fhir_mappings/clinical/evaluate.py `_is_recent`), so the window loses nothing
+    the rules could use; an undated Condition can count, and Conditions have no window.
+
+    Each search but the Conditions' asks for the newest first (R4 search `_sort`: by the date it
+    searches, else by `_lastUpdated`), so that a record cut short at the cap
+    (SPINEWATCH_RECORD_MAX_RESOURCES_PER_SEARCH) keeps the most recent evidence. Whole resources, no
+    `_elements`: the rules read codes, texts, statuses and dates all over each resource
+    (fhir_mappings/clinical/extract.py), and an R4 `_elements` answer is a SUBSETTED copy that may lack
+    elements the validation requires (Observation.status, Condition.subject)."""
     since = "ge" + fhir_instant(window_start)
     common = [("patient", patient_id), ("_count", PAGE_SIZE)]
+    by_date = [("date", since), ("_sort", "-date")]
+    by_update = [("_lastUpdated", since), ("_sort", "-_lastUpdated")]
+    newest = [("_sort", "-_lastUpdated")]
     return [
         ("Condition", common),
-        ("ServiceRequest", common),
-        ("ImagingStudy", common),
-        ("Observation", common + [("date", since)]),
-        ("Observation", common + [("_lastUpdated", since)]),
-        ("DiagnosticReport", common + [("date", since)]),
-        ("DiagnosticReport", common + [("_lastUpdated", since)]),
-        ("Procedure", common + [("date", since)]),
-        ("Procedure", common + [("_lastUpdated", since)]),
-        ("DocumentReference", common + [("date", since)]),
-        ("DocumentReference", common + [("_lastUpdated", since)]),
-        ("ClinicalImpression", common + [("date", since)]),
-        ("ClinicalImpression", common + [("_lastUpdated", since)]),
+        ("ServiceRequest", common + newest),
+        ("ImagingStudy", common + newest),
+        ("Observation", common + by_date),
+        ("Observation", common + by_update),
+        ("DiagnosticReport", common + by_date),
+        ("DiagnosticReport", common + by_update),
+        ("Procedure", common + by_date),
+        ("Procedure", common + by_update),
+        ("DocumentReference", common + by_date),
+        ("DocumentReference", common + by_update),
+        ("ClinicalImpression", common + by_date),
+        ("ClinicalImpression", common + by_update),
     ]
 
 
@@ -71,32 +84,65 @@ def _newer(a: dict, b: dict) -> dict:
     return a if la >= lb else b
 
 
+def unread_problem(rtype: str, read: int) -> str:
+    """The `problems` entry of a type whose search was cut short: what was left out, no patient data."""
+    return (f"not every {rtype} was read: the newest {read} were, older ones were not (the record is larger "
+            "than one evaluation reads)")
+
+
+def _search_newest_first(fhir: FHIRClient, rtype: str, params: list[tuple[str, str]], limit: int):
+    """The capped search, newest first; a server that refuses the sort (400: `_sort` is optional in
+    R4, and a strict server may reject what it does not support, R4 §3.1.1.5.7) is asked again
+    without it, rather than failing every evaluation: the order matters only past the cap."""
+    try:
+        return fhir.search_capped(rtype, params, limit)
+    except FHIRBadRequest:
+        unsorted = [(name, value) for name, value in params if name != "_sort"]
+        if unsorted == params:
+            raise
+        log.info("fetch.sort_refused", type=rtype)
+        return fhir.search_capped(rtype, unsorted, limit)
+
+
 def fetch_record(fhir: FHIRClient, patient: str, now: datetime, lookback_days: int,
                  focus: list[str] | tuple[str, ...] = (), *, note_max_bytes: int = 2_000_000,
-                 max_binary_reads: int = 50) -> list[dict]:
-    """The patient's resources as the rules need them. The focus resources of the notifications are
-    read again at their current version (a payload may be older than the server's present state, and
-    a search index may lag behind a write); a focus that is gone (404/410) is left out. Last, the
-    Binaries the notes name by URL on this FHIR server are read (read_note_binaries)."""
+                 max_binary_reads: int = 50, max_per_search: int = 10_000,
+                 unread: list[str] | None = None) -> list[dict]:
+    """The patient's resources as the rules need them. Each search reads at most `max_per_search`
+    resources, and at most the client's max_pages pages, newest first: past either it stops, and
+    `unread` (when given) gets one `problems` entry for each type cut short, so that a very large
+    record is evaluated on its most recent part rather than not at all. The focus resources of the
+    notifications are read again at their current version (a payload may be older than the server's
+    present state, and a search index may lag behind a write); a focus that is gone (404/410) is left
+    out. Last, the Binaries the notes name by URL on this FHIR server are read (read_note_binaries)."""
     patient_id = patient.split("/", 1)[1]
     by_ref: dict[str, dict] = {patient: fhir.read("Patient", patient_id)}
     window_start = now - timedelta(days=lookback_days)
     refused: set[str] = set()
+    cut_short: dict[str, int] = {}
     for rtype, params in record_queries(patient_id, window_start):
         if rtype in refused:
             continue
         try:
-            for resource in fhir.search(rtype, params):
-                if rtype in PATIENT_CHECKED_TYPES and resource.get("resourceType") == rtype \
-                        and patient_key(resource) != patient:
-                    continue
-                ref = f"{resource.get('resourceType')}/{resource.get('id')}"
-                by_ref[ref] = _newer(resource, by_ref[ref]) if ref in by_ref else resource
+            found = _search_newest_first(fhir, rtype, params, max_per_search)
         except (FHIRBadRequest, FHIRNotFound, FHIRNotSupported) as exc:
             if rtype not in OPTIONAL_TYPES:
                 raise
             refused.add(rtype)
             log.info("fetch.optional_search_refused", type=rtype, status=exc.status)
+            continue
+        for resource in found.resources:
+            if rtype in PATIENT_CHECKED_TYPES and resource.get("resourceType") == rtype \
+                    and patient_key(resource) != patient:
+                continue
+            ref = f"{resource.get('resourceType')}/{resource.get('id')}"
+            by_ref[ref] = _newer(resource, by_ref[ref]) if ref in by_ref else resource
+        if found.stopped:
+            cut_short[rtype] = max(cut_short.get(rtype, 0), len(found.resources))
+            log.warning("fetch.search_cut_short", patient=patient, type=rtype, read=len(found.resources),
+                        reason=found.stopped)
+    if unread is not None:
+        unread += [unread_problem(rtype, read) for rtype, read in cut_short.items()]
     for ref in sorted(set(focus))[:MAX_FOCUS_READS]:
         rtype, _, rid = ref.partition("/")
         if ref == patient or not rid:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.api.deps import ReadinessChecksDep, SettingsDep
+from service.core.metrics import exposition_registry
 from service.usecases.readiness import Check, refresh_queue_depth, run_checks
 
 router = APIRouter(tags=["operations"])
@@ -43,4 +44,4 @@ async def readyz(checks: ReadinessChecksDep, settings: SettingsDep) -> JSONRespo
 @router.get("/metrics")
 async def metrics(settings: SettingsDep) -> Response:
     await refresh_queue_depth(settings)
-    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(exposition_registry()), media_type=CONTENT_TYPE_LATEST)

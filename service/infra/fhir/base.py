@@ -9,7 +9,8 @@ and the asynchronous one of a CDS Hooks call (service/infra/fhir/async_client.py
   body must be a JSON object, and one read with a cap stops at it (FHIRTooLarge);
 - search paging (R4 §3.1.1.5.6 "Paging": Bundle.link relation `next`): a `next` link is followed
   only on the base's origin, and only up to the face's page cap: a partial record could hide a red
-  flag, so too many pages fail rather than being cut short;
+  flag, so too many pages fail rather than being cut short, unless the caller asked for a capped
+  search and says what was left unread (the workers' record, sync.py `search_capped`);
 - the OperationOutcome an error answer carries (R4 §3.1.0 "HTTP Status Codes"), kept on the error,
   and its Retry-After (RFC 9110 §10.2.3: delta-seconds or an HTTP-date) as `retry_after` seconds.
 

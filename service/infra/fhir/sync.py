@@ -11,6 +11,7 @@ the workers retry only the transient ones):
     │   └── FHIRScopeRefused         403 / 401 insufficient_scope: .interaction, .needed_scope (the
     │                                SMART scope it needed, fhir_mappings/fhir/scopes.py)
     ├── FHIRPagingError              next link to another origin, or too many pages     permanent
+    │                                (search_capped cuts a long search short instead)
     ├── FHIRTooLarge                 an answer over the size we accept (note Binaries)  permanent
     └── FHIRResponseError            an HTTP error; .status, .outcome (OperationOutcome kept)
         ├── FHIRBadRequest           400, 422: the server cannot process what we sent   permanent
@@ -32,6 +33,8 @@ import itertools
 import re
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
 
 import httpx
 import structlog
@@ -43,6 +46,14 @@ from service.infra.fhir.base import FHIR_JSON, USER_AGENT, CappedBody, FHIRBase,
 from service.infra.fhir.binaries import NotABinary, binary_resource, key_of
 
 log = structlog.get_logger("spinewatch.fhir_client")
+
+
+@dataclass(frozen=True)
+class CappedSearch:
+    """What a capped search read, and why it stopped before its last page: None (it did not),
+    "limit" (its cap of matches) or "pages" (max_pages)."""
+    resources: list[dict]
+    stopped: Literal["limit", "pages"] | None
 
 
 class FHIRClient(FHIRBase):
@@ -99,11 +110,36 @@ class FHIRClient(FHIRBase):
     def search(self, resource_type: str, params: dict | list | None = None) -> Iterator[dict]:
         """Every resource of every page (matches and includes; OperationOutcome entries skipped),
         following `next` links (R4 §3.1.1.5.6 Paging) on the server's own origin only: a link
-        elsewhere would take our token with it."""
+        elsewhere would take our token with it. More than max_pages pages: FHIRPagingError."""
+        for page in self._pages(resource_type, params):
+            yield from (resource for resource, mode in bundle_entries(page) if mode != "outcome")
+
+    def search_capped(self, resource_type: str, params: dict | list | None, limit: int) -> CappedSearch:
+        """The resources of a search up to its first `limit` matches (with the includes of the pages
+        read), for a caller that can work on part of an answer it asked for newest first (`_sort`).
+        A search longer than that, or than max_pages pages, is cut short there rather than failed:
+        `stopped` says which, and the pages after it are never asked for."""
+        found: list[dict] = []
+        matches = 0
+        for number, page in enumerate(self._pages(resource_type, params), 1):
+            for resource, mode in bundle_entries(page):
+                if mode == "outcome":
+                    continue
+                if mode != "include":  # a server may leave search.mode out: a match (R4 Bundle.entry.search)
+                    if matches == limit:
+                        return CappedSearch(found, "limit")
+                    matches += 1
+                found.append(resource)
+            if next_link(page) and (matches == limit or number == self.max_pages):
+                return CappedSearch(found, "limit" if matches == limit else "pages")
+        return CappedSearch(found, None)
+
+    def _pages(self, resource_type: str, params: dict | list | None) -> Iterator[dict]:
+        """Each page (searchset Bundle) of a search, the next one asked for only when wanted."""
         what = f"search {resource_type}"
         page = self._request("GET", resource_type, params=params, what=what)
         for number in itertools.count(2):
-            yield from (resource for resource, mode in bundle_entries(page) if mode != "outcome")
+            yield page
             link = next_link(page)
             if not link:
                 return

@@ -16,6 +16,10 @@ is down (503), never hang. The workers add their delivery guarantees, each a Cel
   acknowledged within the visibility timeout, so a task must be over (or killed) well before, or
   it would run twice at once;
 - results are not stored: the outcome of a task is the stored assessment.
+
+A `redis+sentinel://` SPINEWATCH_REDIS_URL (service/infra/redis.py) becomes kombu's Sentinel broker
+URL (`sentinel://h1:26379;sentinel://h2:26379`) with `master_name` in broker_transport_options
+(Celery docs "Using Redis" > Sentinel): both ends then follow the primary across a failover.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from celery import Celery
 
 from service.core.settings import Settings
 from service.infra.queue.keys import QUEUE
+from service.infra.redis import is_sentinel_url, sentinel_group
 
 SEND_TIMEOUT_SECONDS = 2
 
@@ -32,14 +37,15 @@ def celery_config(settings: Settings, *, worker: bool = False) -> dict:
     """Celery settings (Celery docs "Configuration and defaults") for the producer, or with
     `worker` for the workers' app. ValueError when the task time limit is not below the broker's
     visibility timeout (Redis would redeliver a task that is still running)."""
+    broker_url, transport = broker(settings.redis_url)
     shared = {
-        "broker_url": settings.redis_url,
+        "broker_url": broker_url,
         "task_default_queue": QUEUE,
         "task_serializer": "json",
         "accept_content": ["json"],
         "task_ignore_result": True,
     }
-    transport = {"visibility_timeout": settings.broker_visibility_timeout_seconds}
+    transport["visibility_timeout"] = settings.broker_visibility_timeout_seconds
     if not worker:
         return shared | {
             "broker_connection_timeout": SEND_TIMEOUT_SECONDS,
@@ -75,8 +81,16 @@ def celery_config(settings: Settings, *, worker: bool = False) -> dict:
     }
 
 
+def broker(redis_url: str) -> tuple[str, dict]:
+    """kombu's broker URL for SPINEWATCH_REDIS_URL, and the transport options it needs."""
+    if not is_sentinel_url(redis_url):
+        return redis_url, {}
+    group = sentinel_group(redis_url)
+    return group.kombu_url(), {"master_name": group.master}
+
+
 def producer(settings: Settings) -> Celery:
     """A Celery app that only sends (no task modules imported): broker and queue as the worker's."""
-    app = Celery("spinewatch-producer", broker=settings.redis_url, set_as_current=False)
+    app = Celery("spinewatch-producer", broker=broker(settings.redis_url)[0], set_as_current=False)
     app.conf.update(celery_config(settings))
     return app
