@@ -99,25 +99,25 @@ def alert_if_needed(assessment, settings, *, fhir: FhirAlerts, redis_client, aud
     ident = alert_id(alert)
     r = redis_client
     key = KEY_PREFIX + ident
-    state = _hgetall(r, key)
+    state = hgetall(r, key)
     if state.get("done"):
         ALERTS.labels(channel="any", outcome="duplicate").inc()
         log.info("alert.duplicate", alert_id=ident, tier=alert.tier)
         return AlertResult("duplicate", ident, state.get("communication"))
 
-    lock_key, token = _lock(r, key, "alert")
+    lock_key, token = acquire_lock(r, key, "alert")
     now = now or datetime.now(timezone.utc)
     ttl = settings.alert_dedup_days * 86400
     channel = "fhir"
     try:
-        state = _hgetall(r, key)  # re-read under the lock
+        state = hgetall(r, key)  # re-read under the lock
         if not state.get("communication"):
             recipients, source = _recipients(fhir, alert, settings, now)
             resource = communication(alert, recipients, now)
-            created = _fhir_call(fhir.create, resource, if_none_exist=if_none_exist(ident))
-            state |= _what_was_said(alert, _created_ref(created), recipients, source, now)
-            _redis_call(r.hset, key, mapping=state)
-            _redis_call(r.expire, key, ttl)
+            created = fhir_call(fhir.create, resource, if_none_exist=if_none_exist(ident))
+            state |= _what_was_said(alert, created_ref(created), recipients, source, now)
+            redis_call(r.hset, key, mapping=state)
+            redis_call(r.expire, key, ttl)
             ALERTS.labels(channel="fhir", outcome="sent").inc()
             log.info("alert.communication_written", alert_id=ident, tier=alert.tier, recipient_source=source)
         recipients = json.loads(state.get("recipients") or "[]")
@@ -126,7 +126,7 @@ def alert_if_needed(assessment, settings, *, fhir: FhirAlerts, redis_client, aud
             channel = "webhook"
             if not state.get("webhook"):
                 _post_webhook(settings, alert, state["communication"], recipients, now, http)
-                _redis_call(r.hset, key, "webhook", now.isoformat())
+                redis_call(r.hset, key, "webhook", now.isoformat())
                 ALERTS.labels(channel="webhook", outcome="sent").inc()
             channels.append("webhook")
         _mark_done(r, key, alert.patient, ident, state.get("sent") or now.isoformat(), now, ttl)
@@ -141,7 +141,7 @@ def alert_if_needed(assessment, settings, *, fhir: FhirAlerts, redis_client, aud
                     | _refusal_detail(exc))
         raise
     finally:
-        _release(r, lock_key, token)
+        release_lock(r, lock_key, token)
     audit.event("alert", "success", actor=ACTOR, patient=alert.patient,
                 detail={"alert_id": ident, "tier": alert.tier, "communication": state["communication"],
                         "channels": channels, "recipients": recipients,
@@ -152,10 +152,10 @@ def alert_if_needed(assessment, settings, *, fhir: FhirAlerts, redis_client, aud
 
 def _recipients(fhir: FhirAlerts, alert: AlertInput, settings, now: datetime) -> tuple[list[str], str]:
     patient_id = alert.patient.split("/")[-1]
-    teams = _fhir_call(fhir.search, "CareTeam", {"patient": alert.patient, "status": "active"})
+    teams = fhir_call(fhir.search, "CareTeam", {"patient": alert.patient, "status": "active"})
     recipients, source = resolve_recipients(teams, None, None, now, patient_ref=alert.patient)
     if not recipients:
-        patient = _fhir_call(fhir.read, "Patient", patient_id)
+        patient = fhir_call(fhir.read, "Patient", patient_id)
         recipients, source = resolve_recipients([], patient, settings.alert_default_recipient, now)
     if not recipients:
         raise AlertFailed("no recipient: no active CareTeam, no generalPractitioner, no default recipient")
@@ -166,8 +166,8 @@ def sent_alerts(redis_client, patient: str) -> list[SentAlert]:
     """The patient's alerts sent and still remembered (SPINEWATCH_ALERT_DEDUP_DAYS), with what
     they rested on. Alerts recorded before their basis was kept are left out: nothing to compare."""
     out = []
-    for ident in sorted(_hgetall(redis_client, PATIENT_PREFIX + patient)):
-        state = _hgetall(redis_client, KEY_PREFIX + ident)
+    for ident in sorted(hgetall(redis_client, PATIENT_PREFIX + patient)):
+        state = hgetall(redis_client, KEY_PREFIX + ident)
         if not (state.get("done") and state.get("basis") and state.get("communication")):
             continue
         out.append(SentAlert(ident, state.get("tier") or "", state.get("sent") or state["done"], state["communication"],
@@ -189,26 +189,26 @@ def send_retraction(retraction: Retraction, settings, *, fhir: FhirAlerts, redis
               "alerts": [a.alert.alert_id for a in retraction.affected],
               "in_response_to": [a.alert.communication for a in retraction.affected],
               "retracted": [{"reference": ref, "reason": reason} for ref, reason in retraction.reasons]}
-    state = _hgetall(r, key)
+    state = hgetall(r, key)
     if state.get("done"):
         ALERTS.labels(channel="any", outcome="retraction-duplicate").inc()
         log.info("alert.retraction_duplicate", retraction_id=rid)
         return AlertResult("duplicate", rid, state.get("communication"))
-    lock_key, token = _lock(r, key, "alert retraction")
+    lock_key, token = acquire_lock(r, key, "alert retraction")
     now = now or datetime.now(timezone.utc)
     ttl = settings.alert_dedup_days * 86400
     channel, stand_in = "fhir", None
     try:
-        state = _hgetall(r, key)
+        state = hgetall(r, key)
         if not state.get("communication"):
             recipients = follow_up_recipients(retraction)
             if not recipients:
                 raise AlertFailed("no recipient: the alerts concerned name none")
             resource = retraction_communication(retraction, recipients, now)
-            created = _fhir_call(fhir.create, resource, if_none_exist=if_none_exist(rid, RETRACTION_ID_SYSTEM))
-            state |= {"communication": _created_ref(created), "recipients": json.dumps(recipients)}
-            _redis_call(r.hset, key, mapping=state)
-            _redis_call(r.expire, key, ttl)
+            created = fhir_call(fhir.create, resource, if_none_exist=if_none_exist(rid, RETRACTION_ID_SYSTEM))
+            state |= {"communication": created_ref(created), "recipients": json.dumps(recipients)}
+            redis_call(r.hset, key, mapping=state)
+            redis_call(r.expire, key, ttl)
             ALERTS.labels(channel="fhir", outcome="retraction-sent").inc()
         recipients = json.loads(state["recipients"])
         channels = ["fhir"]
@@ -216,15 +216,15 @@ def send_retraction(retraction: Retraction, settings, *, fhir: FhirAlerts, redis
             channel = "webhook"
             if not state.get("webhook"):
                 body = retraction_webhook_body(retraction, state["communication"], recipients, now)
-                _post_signed(settings, body, rid, http)
-                _redis_call(r.hset, key, "webhook", now.isoformat())
+                post_signed(settings, body, rid, http)
+                redis_call(r.hset, key, "webhook", now.isoformat())
                 ALERTS.labels(channel="webhook", outcome="retraction-sent").inc()
             channels.append("webhook")
         if stands_in_for(retraction, current_alert):
             stand_in = _record_stand_in(r, current_alert, state["communication"], recipients, now, ttl)
         _mark_reported(r, retraction)
-        _redis_call(r.hset, key, "done", now.isoformat())
-        _redis_call(r.expire, key, ttl)
+        redis_call(r.hset, key, "done", now.isoformat())
+        redis_call(r.expire, key, ttl)
     except AlertError as exc:
         outcome = "retraction-retry" if isinstance(exc, AlertRetry) else "retraction-failed"
         ALERTS.labels(channel=channel, outcome=outcome).inc()
@@ -235,7 +235,7 @@ def send_retraction(retraction: Retraction, settings, *, fhir: FhirAlerts, redis
                                      "communication": state.get("communication")} | _refusal_detail(exc))
         raise
     finally:
-        _release(r, lock_key, token)
+        release_lock(r, lock_key, token)
     audit.event("alert-retraction", "success", actor=ACTOR, patient=retraction.patient,
                 detail=detail | {"communication": state["communication"], "channels": channels,
                                  "recipients": recipients, "stands_in_for": stand_in})
@@ -248,7 +248,7 @@ def _mark_reported(r, retraction: Retraction) -> None:
     """Each affected alert remembers the references reported, so none is reported twice."""
     for affected in retraction.affected:
         reported = sorted(set(affected.alert.retracted) | set(affected.retracted))
-        _redis_call(r.hset, KEY_PREFIX + affected.alert.alert_id, "retracted", json.dumps(reported))
+        redis_call(r.hset, KEY_PREFIX + affected.alert.alert_id, "retracted", json.dumps(reported))
 
 
 def _record_stand_in(r, alert: AlertInput, comm_ref: str, recipients: list[str], now: datetime, ttl: int) -> str | None:
@@ -256,14 +256,14 @@ def _record_stand_in(r, alert: AlertInput, comm_ref: str, recipients: list[str],
     so it is not sent again as if it were news. Its id; None when it was already sent."""
     ident = alert_id(alert)
     key = KEY_PREFIX + ident
-    if _hgetall(r, key).get("done"):
+    if hgetall(r, key).get("done"):
         return None
-    _redis_call(r.hset, key, mapping=_what_was_said(alert, comm_ref, recipients, "retraction-follow-up", now))
+    redis_call(r.hset, key, mapping=_what_was_said(alert, comm_ref, recipients, "retraction-follow-up", now))
     _mark_done(r, key, alert.patient, ident, now.isoformat(), now, ttl)
     return ident
 
 
-def _created_ref(created: dict) -> str:
+def created_ref(created: dict) -> str:
     if not created.get("id"):
         raise AlertRetry("FHIR server returned no Communication id")
     return f"Communication/{created['id']}"
@@ -279,18 +279,18 @@ def _what_was_said(alert: AlertInput, comm_ref: str, recipients: list[str], sour
 def _mark_done(r, key: str, patient: str, ident: str, sent: str, now: datetime, ttl: int) -> None:
     """Listed under its patient (for retractions), then done: every attempt that gets this far
     writes both, so a retry after a crash in between still lists it."""
-    _redis_call(r.hset, PATIENT_PREFIX + patient, ident, sent)
-    _redis_call(r.expire, PATIENT_PREFIX + patient, ttl)
-    _redis_call(r.hset, key, "done", now.isoformat())
-    _redis_call(r.expire, key, ttl)
+    redis_call(r.hset, PATIENT_PREFIX + patient, ident, sent)
+    redis_call(r.expire, PATIENT_PREFIX + patient, ttl)
+    redis_call(r.hset, key, "done", now.isoformat())
+    redis_call(r.expire, key, ttl)
 
 
 def _post_webhook(settings, alert: AlertInput, comm_ref: str, recipients: list[str], now: datetime,
                   http: httpx.Client | None) -> None:
-    _post_signed(settings, webhook_body(alert, comm_ref, recipients, now), alert_id(alert), http)
+    post_signed(settings, webhook_body(alert, comm_ref, recipients, now), alert_id(alert), http)
 
 
-def _post_signed(settings, body: bytes, delivery: str, http: httpx.Client | None) -> None:
+def post_signed(settings, body: bytes, delivery: str, http: httpx.Client | None) -> None:
     """POST one signed body to the webhook; AlertRetry on 5xx/429/network, AlertFailed on 4xx."""
     secret = settings.alert_webhook_secret.get_secret_value() if settings.alert_webhook_secret else ""
     if not secret:
@@ -315,7 +315,7 @@ def _post_signed(settings, body: bytes, delivery: str, http: httpx.Client | None
 
 # -- seams -------------------------------------------------------------------------------------------
 
-def _fhir_call(fn, *args, **kwargs):
+def fhir_call(fn, *args, **kwargs):
     """Call the FHIR client, mapping its errors onto retry (transient) or fail (permanent)."""
     try:
         return fn(*args, **kwargs)
@@ -341,11 +341,11 @@ def _refusal_detail(exc: AlertError) -> dict:
     return {"needed_scope": problem.needed_scope} if problem and problem.needed_scope else {}
 
 
-def _lock(r, key: str, what: str) -> tuple[str, str]:
+def acquire_lock(r, key: str, what: str) -> tuple[str, str]:
     """Take the record's lock (lock key, token), or AlertRetry: another worker is sending this very
     message (duplicate notifications), so come back later and find it done rather than race it."""
     lock_key, token = key + ":lock", uuid.uuid4().hex
-    if not _redis_call(r.set, lock_key, token, nx=True, ex=LOCK_SECONDS):
+    if not redis_call(r.set, lock_key, token, nx=True, ex=LOCK_SECONDS):
         held = AlertRetry(f"{what} in progress in another worker")
         # Retry when the lock has lapsed at the latest: its holder may have died mid-alert (a killed
         # worker), and retrying sooner used up every retry within seconds and dead-lettered the alert
@@ -364,15 +364,15 @@ def _lock_ttl(r, lock_key: str) -> float:
     return max(0.0, ttl) if ttl != -1 else float(LOCK_SECONDS)
 
 
-def _redis_call(fn, *args, **kwargs):
+def redis_call(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except Exception as exc:  # redis.RedisError: the de-duplication record is unavailable
         raise AlertRetry(f"redis unavailable ({type(exc).__name__})") from exc
 
 
-def _hgetall(r, key: str) -> dict:
-    raw = _redis_call(r.hgetall, key)
+def hgetall(r, key: str) -> dict:
+    raw = redis_call(r.hgetall, key)
     return {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
             for k, v in raw.items()}
 
@@ -380,7 +380,7 @@ def _hgetall(r, key: str) -> dict:
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
 
 
-def _release(r, lock_key: str, token: str) -> None:
+def release_lock(r, lock_key: str, token: str) -> None:
     try:
         r.eval(_RELEASE, 1, lock_key, token)  # only our own lock: it may have expired and moved on
     except Exception:  # noqa: BLE001 - the lock expires by itself

@@ -176,14 +176,14 @@ def communication(alert: AlertInput, recipients: list[str], sent: datetime) -> d
     flags = ", ".join(alert.red_flags) or "none"
     payload = [{"contentString": f"{SUMMARY[alert.tier]}. Red flags: {flags}."}]
     payload += [{"contentReference": {"reference": ref}} for ref in alert.evidence]
-    resource = _message(ALERT_ID_SYSTEM, ident, PRIORITY[alert.tier], alert.patient, recipients, sent, payload)
+    resource = communication_base(ALERT_ID_SYSTEM, ident, PRIORITY[alert.tier], alert.patient, recipients, sent, payload)
     if reasons:
         resource["reasonReference"] = [{"reference": r} for r in reasons]
     return resource
 
 
-def _message(system: str, ident: str, priority: str, patient: str, recipients: list[str], sent: datetime,
-             payload: list[dict]) -> dict:
+def communication_base(system: str, ident: str, priority: str, patient: str, recipients: list[str], sent: datetime,
+                       payload: list[dict]) -> dict:
     """The Communication (category alert) every SpineWatch message to the care team shares."""
     return {
         "resourceType": "Communication",
@@ -400,7 +400,7 @@ def retraction_communication(retraction: Retraction, recipients: list[str], sent
     priority = PRIORITY.get(retraction.current.tier, PRIORITY["routine"])
     payload = [{"contentString": retraction_text(retraction)}]
     payload += [{"contentReference": {"reference": ref}} for ref in retraction.current.evidence]
-    resource = _message(RETRACTION_ID_SYSTEM, retraction_id(retraction), priority, retraction.patient, recipients,
+    resource = communication_base(RETRACTION_ID_SYSTEM, retraction_id(retraction), priority, retraction.patient, recipients,
                         sent, payload)
     resource["inResponseTo"] = [{"reference": a.alert.communication} for a in retraction.affected]
     return resource

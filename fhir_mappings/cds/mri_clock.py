@@ -21,9 +21,9 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 
-from fhir_mappings.cds.alerts import _message
+from fhir_mappings.cds.alerts import communication_base
 from fhir_mappings.cds.wording import DEADLINE
-from fhir_mappings.clinical.evaluate import _completed_mri, _is_spine_mri
+from fhir_mappings.clinical.evaluate import completed_mri, is_spine_mri
 from fhir_mappings.clinical.extract import read_record
 from fhir_mappings.clinical.terminology import Terminology, load_terminology
 
@@ -163,13 +163,13 @@ def mri_facts(resources: list[dict], term: Terminology | None = None) -> list[Mr
     imaging = [r for r in resources if isinstance(r, dict) and r.get("resourceType") in IMAGING_TYPES]
     out = []
     for item in read_record(imaging, term).items:
-        if item.resource_type not in IMAGING_TYPES or not _is_spine_mri(term, item):
+        if item.resource_type not in IMAGING_TYPES or not is_spine_mri(term, item):
             continue
         reference = f"{item.resource_type}/{item.resource_id}"
         if item.resource_type == "ServiceRequest":
             if item.status not in _NOT_AN_ORDER:
                 out.append(MriFact(reference, "ordered", item.date, item.status in _OPEN_ORDER))
-        elif _completed_mri(item):
+        elif completed_mri(item):
             out.append(MriFact(reference, "done", item.date))
     return out
 
@@ -333,7 +333,7 @@ def communication_id(event: Event) -> str:
 def clock_communication(event: Event, recipients: list[str], now: datetime) -> dict:
     """FHIR R4 Communication (category alert), one step more pressing than the alert, inResponseTo it."""
     c = event.clock
-    resource = _message(MRI_CLOCK_ID_SYSTEM, communication_id(event), ESCALATION_PRIORITY[c.tier], c.patient,
+    resource = communication_base(MRI_CLOCK_ID_SYSTEM, communication_id(event), ESCALATION_PRIORITY[c.tier], c.patient,
                         recipients, now, [{"contentString": message_text(event)}])
     if c.alert_communication:
         resource["inResponseTo"] = [{"reference": c.alert_communication}]

@@ -235,7 +235,7 @@ def _named(item: Clinical) -> Clinical:
     return replace(item, texts=[(t, f) for t, f in item.texts if f not in _REPORT_BODY])
 
 
-def _is_spine_mri(term: Terminology, item: Clinical) -> bool:
+def is_spine_mri(term: Terminology, item: Clinical) -> bool:
     item = _named(item)
     if concept_evidence(item, term.mri_spine):
         return True
@@ -244,7 +244,7 @@ def _is_spine_mri(term: Terminology, item: Clinical) -> bool:
     return False
 
 
-def _completed_mri(item: Clinical) -> bool:
+def completed_mri(item: Clinical) -> bool:
     return (
         (item.resource_type == "ImagingStudy" and item.status == "available")
         or (item.resource_type == "DiagnosticReport" and item.status in _REPORT_DONE)
@@ -357,12 +357,12 @@ def assess_record(record: Record, now: datetime, settings: EvaluationSettings, t
     pending: list[PendingOrder] = []
     xrays: list[SpineXray] = []
     for item in imaging:
-        if not _is_spine_mri(term, item):
+        if not is_spine_mri(term, item):
             xray = _spine_xray(term, item, window_start)
             if xray:
                 xrays.append(xray)
             continue
-        if _completed_mri(item) and newest is not None and item.date is not None and item.date > newest:
+        if completed_mri(item) and newest is not None and item.date is not None and item.date > newest:
             suppressed_by.append(f"{item.resource_type}/{item.resource_id}")
         elif item.resource_type == "ServiceRequest" and item.status in _ORDER_PENDING:
             pending.append(PendingOrder(f"ServiceRequest/{item.resource_id}", item.status, item.due))

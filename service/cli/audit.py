@@ -28,7 +28,7 @@ SinceOption = Annotated[Optional[str], typer.Option(help="from this time (ISO-86
 UntilOption = Annotated[Optional[str], typer.Option(help="until this time (ISO-8601, exclusive)")]
 
 
-def _store(db: str | None):
+def open_store(db: str | None):
     from service.core.settings import get_settings
     from service.infra.audit.store import settings_store, sqlite_path
 
@@ -61,7 +61,7 @@ def _time(value: str | None, name: str) -> str | None:
         raise typer.Exit(2)
 
 
-def _fail_unreadable(exc: Exception) -> None:
+def fail_unreadable(exc: Exception) -> None:
     # The URL may hold a password: name the error class only.
     typer.echo(f"spinewatch: cannot read the audit log ({type(exc).__name__})", err=True)
     raise typer.Exit(2)
@@ -73,12 +73,12 @@ def list_(db: DbOption = None, patient: PatientOption = None, kind: KindOption =
           limit: Annotated[int, typer.Option(min=1, max=100000)] = 50,
           as_json: Annotated[bool, typer.Option("--json", help="one JSON object a line")] = False) -> None:
     """List records, newest first."""
-    store = _store(db)
+    store = open_store(db)
     try:
         records, total = store.query(patient=_patient(patient), kinds=kind, outcome=outcome, since=_time(since, "since"),
                                           until=_time(until, "until"), limit=limit)
     except Exception as exc:  # noqa: BLE001
-        _fail_unreadable(exc)
+        fail_unreadable(exc)
     for r in records:
         if as_json:
             typer.echo(json.dumps(r.to_json(), sort_keys=True))
@@ -128,11 +128,11 @@ def verify(db: DbOption = None,
            ) -> None:
     """Verify the hash chain; name the first broken record and exit 1 when it does not hold."""
     expect = _expected_heads(expect_head)
-    store = _store(db)
+    store = open_store(db)
     try:
         result = store.verify(expect=expect)
     except Exception as exc:  # noqa: BLE001
-        _fail_unreadable(exc)
+        fail_unreadable(exc)
     if result.ok:
         typer.echo(result.message())
         return
@@ -148,11 +148,11 @@ def head(db: DbOption = None) -> None:
 
     from service.infra.audit.records import utc_iso
 
-    store = _store(db)
+    store = open_store(db)
     try:
         current = store.current_head()
     except Exception as exc:  # noqa: BLE001
-        _fail_unreadable(exc)
+        fail_unreadable(exc)
     typer.echo(json.dumps({**current.to_json(), "at": utc_iso(datetime.now(timezone.utc))}, sort_keys=True,
                           separators=(",", ":")))
 
@@ -171,7 +171,7 @@ def export(db: DbOption = None,
     if format not in ("fhir", "json"):
         typer.echo(f"spinewatch: --format: fhir or json, not {format!r}", err=True)
         raise typer.Exit(2)
-    store = _store(db)
+    store = open_store(db)
     patient = _patient(patient)
     since_t, until_t = _time(since, "since"), _time(until, "until")
     ctx = ExportContext(site=socket.gethostname())
@@ -204,12 +204,12 @@ def export(db: DbOption = None,
         typer.echo(f"spinewatch: cannot write {out or 'stdout'}: {exc.strerror}", err=True)
         raise typer.Exit(2)
     except Exception as exc:  # noqa: BLE001
-        _fail_unreadable(exc)
+        fail_unreadable(exc)
     filters = {k: v for k, v in {"patient": patient, "kind": kind, "outcome": outcome, "since": since_t,
                                  "until": until_t}.items() if v}
     # The export is recorded in the log it was read from.
     if get_settings().audit_enabled:
-        store.append("audit-access", "success", actor=f"cli:{_user()}", patient=patient,
+        store.append("audit-access", "success", actor=f"cli:{cli_user()}", patient=patient,
                      detail={"action": "export", "format": format, "count": count, "filters": filters})
     typer.echo(f"exported {count} records", err=True)
 
@@ -224,7 +224,7 @@ def _all_matching(store, **filters):
             return
 
 
-def _user() -> str:
+def cli_user() -> str:
     try:
         return getpass.getuser()
     except Exception:  # noqa: BLE001 - no login name in some containers

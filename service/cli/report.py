@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from service.cli.audit import DbOption, _fail_unreadable, _store, _user
+from service.cli.audit import DbOption, fail_unreadable, open_store, cli_user
 
 
 def _month(value: str | None, name: str) -> str | None:
@@ -56,11 +56,11 @@ def report(db: DbOption = None,
         typer.echo(f"spinewatch: --since {first} is after --until {last}", err=True)
         raise typer.Exit(2)
     settings = get_settings()
-    store = _store(db)
+    store = open_store(db)
     try:
         records = list(read_records(store, first))
     except Exception as exc:  # noqa: BLE001
-        _fail_unreadable(exc)
+        fail_unreadable(exc)
     result = build_report(records, now=datetime.now(timezone.utc), since=first, until=last,
                           review_base=settings.public_base_url or "")
     text = _render(result, format)
@@ -74,6 +74,6 @@ def report(db: DbOption = None,
         typer.echo(f"spinewatch: cannot write {output}: {exc.strerror}", err=True)
         raise typer.Exit(2)
     if settings.audit_enabled:  # the report names patients: reading it is recorded in the log it came from
-        store.append("audit-access", "success", actor=f"cli:{_user()}",
+        store.append("audit-access", "success", actor=f"cli:{cli_user()}",
                      detail={"action": "report", "format": format, "since": result["since"], "until": result["until"],
                              "count": len(result["rows"])})

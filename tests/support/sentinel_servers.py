@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
 import redis
 
 from tests.support.redis_server import free_port
@@ -160,3 +161,12 @@ class SentinelGroup:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@pytest.fixture(scope="module")
+def group():
+    """A running Sentinel group for a test module; skipped, saying why, where Sentinel is not installed."""
+    if sentinel_command() is None:
+        pytest.skip(NOT_INSTALLED)
+    with SentinelGroup() as g:
+        yield g

@@ -12,7 +12,7 @@ import respx
 from service.core.errors import AlertRetry
 from service.core.settings import Settings
 from service.infra.fhir.sync import FHIRClient
-from workers.alerts import _fhir_call
+from workers.alerts import fhir_call
 from workers.tasks import SpineWatchTask
 
 BASE = "https://fhir.example.org/r4"
@@ -72,7 +72,7 @@ def test_an_alerts_fhir_failure_keeps_the_servers_retry_after():
 
     def alert_step(_c):
         with FHIRClient(BASE) as fhir:
-            _fhir_call(fhir.read, "Patient", "p1")
+            fhir_call(fhir.read, "Patient", "p1")
 
     asked = run(alert_step)
     assert isinstance(asked["exc"], AlertRetry) and asked["countdown"] >= 90

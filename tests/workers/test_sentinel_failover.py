@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.support.fault_stack import Stack, wait_for
-from tests.support.sentinel_servers import NOT_INSTALLED, SentinelGroup, sentinel_command
+from tests.support.sentinel_servers import SentinelGroup, group  # noqa: F401 - group: the fixture
 from tests.workers.test_faults import accepted
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -30,14 +30,6 @@ TIERS = ("emergency", "urgent", "routine")  # emergency and urgent alert, routin
 BOUND_FAILOVER = 15.0  # down-after 1 s + election + promotion; measured about 1.5 s here
 BOUND_DELIVERY = 30.0  # one notification: accepted (2xx) within this, however many 503s first
 BOUND_ALL_STORED = 90.0  # the last notification -> every patient's assessment stored
-
-
-@pytest.fixture(scope="module")
-def group():
-    if sentinel_command() is None:
-        pytest.skip(NOT_INSTALLED)
-    with SentinelGroup() as g:
-        yield g
 
 
 @pytest.fixture(scope="module")

@@ -35,8 +35,8 @@ from fhir_mappings.cds.mri_clock import (CLOCK_TIERS, IMAGING_TYPES, MRI_CLOCK_I
                                          sent, watch, webhook_body)
 from fhir_mappings.fhir.bundle import patient_key
 from service.core.errors import AlertError
-from workers.alerts import (ACTOR, KEY_PREFIX, ClientAdapter, _created_ref, _fhir_call, _hgetall, _lock,
-                            _post_signed, _redis_call, _release)
+from workers.alerts import (ACTOR, KEY_PREFIX, ClientAdapter, created_ref, fhir_call, hgetall, acquire_lock,
+                            post_signed, redis_call, release_lock)
 from workers.pipeline.collaborators import Collaborators
 from workers.pipeline.record import fhir_instant
 
@@ -72,7 +72,7 @@ def after_evaluation(c: Collaborators, assessment, resources: list[dict], retrac
 def check_open_clocks(c: Collaborators, now: datetime) -> list[str]:
     """The scheduled check: each open clock due by now, its patient's MRI records re-read. A clock
     that cannot be checked now (FHIR or Redis unavailable, its lock held) stays due for the next run."""
-    due = _redis_call(c.alert_redis.zrangebyscore, OPEN_CLOCKS, "-inf", _ms(now), start=0, num=MAX_CHECKS_PER_RUN)
+    due = redis_call(c.alert_redis.zrangebyscore, OPEN_CLOCKS, "-inf", _ms(now), start=0, num=MAX_CHECKS_PER_RUN)
     checked = []
     for raw in due:
         patient = raw.decode() if isinstance(raw, bytes) else raw
@@ -89,7 +89,7 @@ def check_clock(c: Collaborators, patient: str, now: datetime) -> list[Event]:
     with _patient_lock(c, patient):
         clock = load(c, patient)
         if clock is None or not clock.open:
-            _redis_call(c.alert_redis.zrem, OPEN_CLOCKS, patient)
+            redis_call(c.alert_redis.zrem, OPEN_CLOCKS, patient)
             return []
         clock, events = watch(clock, mri_facts(read_imaging(c, clock)), now, clock_settings(c.settings))
         return _commit(c, clock, events, now)
@@ -104,13 +104,13 @@ def read_imaging(c: Collaborators, clock: Clock) -> list[dict]:
     found: list[dict] = []
     for rtype in IMAGING_TYPES:
         params = {"patient": patient_id} | ({} if rtype == "ServiceRequest" else {"_lastUpdated": since})
-        found += _fhir_call(c.fhir.search_all, rtype, params)
+        found += fhir_call(c.fhir.search_all, rtype, params)
     # A server may ignore `patient` (FHIR R4 §3.1.1.4): another patient's MRI never closes this clock.
     return [r for r in found if patient_key(r) == clock.patient]
 
 
 def load(c: Collaborators, patient: str) -> Clock | None:
-    fields = _hgetall(c.alert_redis, CLOCK_PREFIX + patient)
+    fields = hgetall(c.alert_redis, CLOCK_PREFIX + patient)
     return Clock.from_fields(fields) if fields else None
 
 
@@ -139,7 +139,7 @@ def _save(c: Collaborators, clock: Clock, now: datetime) -> None:
         pipe.zadd(OPEN_CLOCKS, {clock.patient: _ms(next_due(clock, now, clock_settings(c.settings)))})
     else:
         pipe.zrem(OPEN_CLOCKS, clock.patient)
-    _redis_call(pipe.execute)
+    redis_call(pipe.execute)
 
 
 def _send(c: Collaborators, event: Event, now: datetime) -> str | None:
@@ -147,22 +147,22 @@ def _send(c: Collaborators, event: Event, now: datetime) -> str | None:
     there is no one to tell (no coordinator, no default recipient, an alert that named no one)."""
     ident = communication_id(event)
     key, r = SEND_PREFIX + ident, c.alert_redis
-    state = _hgetall(r, key)
+    state = hgetall(r, key)
     if not state.get("communication"):
         recipients = escalation_recipients(c.settings.mscc_coordinator, c.settings.alert_default_recipient,
                                            event.clock)
         if not recipients:
             log.warning("mri_clock.no_recipient", episode=event.clock.episode, mri_event=event.event)
             return None
-        created = _fhir_call(ClientAdapter(c.fhir).create, clock_communication(event, recipients, now),
+        created = fhir_call(ClientAdapter(c.fhir).create, clock_communication(event, recipients, now),
                              if_none_exist=if_none_exist(ident, MRI_CLOCK_ID_SYSTEM))
-        state |= {"communication": _created_ref(created), "recipients": json.dumps(recipients)}
-        _redis_call(r.hset, key, mapping=state)
-        _redis_call(r.expire, key, c.settings.alert_dedup_days * 86400)
+        state |= {"communication": created_ref(created), "recipients": json.dumps(recipients)}
+        redis_call(r.hset, key, mapping=state)
+        redis_call(r.expire, key, c.settings.alert_dedup_days * 86400)
     if c.settings.alert_webhook_url and not state.get("webhook"):
         body = webhook_body(event, state["communication"], json.loads(state["recipients"]), now)
-        _post_signed(c.settings, body, ident, None)
-        _redis_call(r.hset, key, "webhook", now.isoformat())
+        post_signed(c.settings, body, ident, None)
+        redis_call(r.hset, key, "webhook", now.isoformat())
     return state["communication"]
 
 
@@ -171,7 +171,7 @@ def _alert_sent(c: Collaborators, assessment) -> tuple[datetime | None, str | No
     alert = alert_input(assessment)
     if alert is None:
         return None, None, ()
-    state = _hgetall(c.alert_redis, KEY_PREFIX + alert_id(alert))
+    state = hgetall(c.alert_redis, KEY_PREFIX + alert_id(alert))
     if not state.get("sent"):
         return None, None, ()
     return (datetime.fromisoformat(state["sent"]), state.get("communication"),
@@ -185,10 +185,10 @@ class _patient_lock:
         self.r, self.key = c.alert_redis, CLOCK_PREFIX + patient
 
     def __enter__(self):
-        self.lock_key, self.token = _lock(self.r, self.key, "MRI clock")
+        self.lock_key, self.token = acquire_lock(self.r, self.key, "MRI clock")
 
     def __exit__(self, *exc):
-        _release(self.r, self.lock_key, self.token)
+        release_lock(self.r, self.lock_key, self.token)
 
 
 def _ms(moment: datetime) -> int:

@@ -15,7 +15,7 @@ from service.core.settings import Settings
 from service.infra.queue.celery import celery_config
 from service.infra.redis import (SentinelGroup as Group, async_redis_client, is_sentinel_url, redis_client,
                                  sentinel_group)
-from tests.support.sentinel_servers import NOT_INSTALLED, SentinelGroup, sentinel_command
+from tests.support.sentinel_servers import SentinelGroup, group  # noqa: F401 - group: the fixture
 
 URL = "redis+sentinel://:s%40cret@10.0.0.1:26379,10.0.0.2,10.0.0.3:26380/mymaster/2"
 
@@ -98,14 +98,6 @@ def test_plain_urls_are_not_sentinel_urls():
 
 
 # ---------------------------------------------------------------- real processes
-
-
-@pytest.fixture(scope="module")
-def group():
-    if sentinel_command() is None:
-        pytest.skip(NOT_INSTALLED)
-    with SentinelGroup() as g:
-        yield g
 
 
 @pytest.mark.integration
