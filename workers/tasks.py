@@ -29,11 +29,11 @@ from service.core.metrics import DEAD_LETTERS
 from service.infra import config_problems
 from service.infra.dead_letters import DeadLetters
 from service.infra.queue import TASK_CATCH_UP, TASK_EVALUATE, TASK_RECONCILE, TASK_RESOLVE, TASK_WATCHDOG
-from service.infra.queue.keys import TASK_MRI_CLOCK
+from service.infra.queue.keys import TASK_MRI_CLOCK, TASK_MRI_DECLINED
 from workers import pipeline
 
 __all__ = ["BACKOFF_CAP_SECONDS", "SpineWatchTask", "backoff", "catch_up", "check_mri_clocks", "evaluate_patient",
-           "heartbeat_watchdog", "is_transient", "reconcile", "resolve_focus", "retry_countdown"]
+           "heartbeat_watchdog", "is_transient", "mri_declined", "reconcile", "resolve_focus", "retry_countdown"]
 log = structlog.get_logger("spinewatch.tasks")
 BACKOFF_CAP_SECONDS = 600.0  # well below the visibility timeout: a waiting retry is held unacknowledged
 
@@ -128,3 +128,9 @@ def heartbeat_watchdog(self) -> list[dict]:
 @shared_task(bind=True, base=SpineWatchTask, name=TASK_MRI_CLOCK)
 def check_mri_clocks(self) -> list[str]:
     return self.run_step(pipeline.check_open_clocks, _now())
+
+
+@shared_task(bind=True, base=SpineWatchTask, name=TASK_MRI_DECLINED)
+def mri_declined(self, card: str, declined_at: str) -> list[str]:
+    events = self.run_step(pipeline.record_declined, card, datetime.fromisoformat(declined_at), _now())
+    return [e.event for e in events]

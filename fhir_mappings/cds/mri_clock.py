@@ -11,7 +11,11 @@ date starts it at the evaluation that found it.
 Events (each once per episode, audited as kind `mri-clock`): started, upgraded (urgent -> emergency:
 a new episode with the shorter deadline; the urgent one is closed "upgraded"), ordered, done,
 escalated (no MRI ordered a set time after the start), breached (the deadline passed without an MRI
-done), closed (done, retracted, upgraded, expired).
+done), closed (done, retracted, upgraded, declined, expired).
+
+A patient who declines the MRI (CDS Hooks feedback: the card overridden with reason
+`patient-declined`, fhir_mappings/cds/wording.py) closes the episode the card was served for. The
+same suspicion on the same evidence then starts nothing; new evidence, or a graver tier, does.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ _OPEN_ORDER = {"active", "on-hold"}
 ESCALATION_PRIORITY = {"emergency": "stat", "urgent": "asap"}
 TIER_RANK = {"none": 0, "routine": 1, "urgent": 2, "emergency": 3}
 _SENT_FIELDS = {"escalated": ("escalated_at", "escalation"), "breached": ("breached_at", "breach")}
+DECLINED = "patient-declined"  # the card's override reason (OVERRIDE_REASONS) and the clock's close reason
 
 
 @dataclass(frozen=True)
@@ -189,16 +194,20 @@ def first_evidence(dates: list[datetime | None], after: datetime | None, now: da
 
 
 def start(patient: str, tier: str, assessed: Assessed, previous: Clock | None, now: datetime) -> Clock:
-    first = first_evidence(assessed.evidence_dates.get(tier, []), _floor(previous), now)
+    first = first_evidence(assessed.evidence_dates.get(tier, []), _floor(previous, tier), now)
     return Clock(patient, episode_id(patient, tier, first, now), tier, first, now, first + DEADLINE[tier],
                  assessed.alerted_at, assessed.alert_communication, assessed.alert_recipients)
 
 
-def _floor(previous: Clock | None) -> datetime | None:
+def _floor(previous: Clock | None, tier: str) -> datetime | None:
     """What a closed episode already covered: evidence up to its MRI (done), or up to its closing
-    (expired: watched long enough); a new episode needs evidence after it. A retraction covers nothing."""
+    (expired: watched long enough; declined, for its own tier or a lesser one: the patient has not
+    declined an MRI for a graver suspicion); a new episode needs evidence after it. A retraction
+    covers nothing."""
     if previous is None:
         return None
+    if previous.close_reason == DECLINED:
+        return previous.closed_at if TIER_RANK[tier] <= TIER_RANK[previous.tier] else None
     return {"done": previous.done_at, "expired": previous.closed_at}.get(previous.close_reason or "")
 
 
@@ -230,10 +239,21 @@ def on_evaluation(clock: Clock | None, patient: str, assessed: Assessed, facts: 
 
 def _answered(previous: Clock | None, assessed: Assessed) -> bool:
     """A closed episode already covers all of this evidence: no new episode on it."""
-    floor = _floor(previous)
+    floor = _floor(previous, assessed.tier)
     if floor is None:
         return False
     return not any(d is not None and d > floor for d in assessed.evidence_dates.get(assessed.tier, []))
+
+
+def decline(clock: Clock | None, card_tier: str | None, card_served_at: datetime, declined_at: datetime,
+            now: datetime) -> tuple[Clock | None, list[Event]]:
+    """The patient declined the MRI a card recommended: the open episode that card was about (same
+    tier, served since the episode's first evidence) closes `patient-declined` at the decline."""
+    if clock is None or not clock.open or card_tier != clock.tier or card_served_at < clock.first_evidence_at:
+        return clock, []
+    at = min(declined_at, now)  # a client's clock ahead of ours does not close it in the future
+    clock = close(clock, DECLINED, at)
+    return clock, [Event("closed", clock, at, DECLINED)]
 
 
 def watch(clock: Clock, facts: list[MriFact], now: datetime, settings: ClockSettings) -> tuple[Clock, list[Event]]:

@@ -263,3 +263,33 @@ def test_the_check_is_a_registered_task():
     assert tasks.check_mri_clocks.name == TASK_MRI_CLOCK
     assert mri_clock.clock_settings(Settings(environment="test")).escalate_after == {
         "emergency": timedelta(hours=4), "urgent": timedelta(hours=48)}
+
+
+def served_card(store: AuditStore, tier: str, card: str, patient: str = PATIENT) -> None:
+    """The `card` audit record the hook writes when it serves a card (service/usecases/hook.py)."""
+    store.append("card", "success", actor="https://ehr.example.org", patient=patient,
+                 detail={"service": "spinewatch-patient-view", "hook": "patient-view", "cards": [card],
+                         "suggestions": [], "tier": tier, "source": "prefetch"})
+
+
+@respx.mock
+def test_a_patient_who_declined_the_mri_closes_the_clock_and_nothing_escalates(worker, audit_store):
+    now = datetime.now(timezone.utc)
+    ehr = Ehr(record("emergency", now - H))
+    pipeline.evaluate_patient(worker(), PATIENT, [], {"kind": "test"}, now)
+    (alert,) = ehr.communications()
+    card = "0b6f5e3c-2f0a-4c1e-9a57-3c2d7f1e8a90"
+    served_card(audit_store, "urgent", "11111111-2222-4333-8444-555555555555")  # another tier's card
+    served_card(audit_store, "emergency", card)
+
+    assert pipeline.record_declined(worker(), "11111111-2222-4333-8444-555555555555", now + H, now + H) == []
+    assert pipeline.record_declined(worker(), "not-a-card-of-ours", now + H, now + H) == []
+    (closed,) = pipeline.record_declined(worker(), card, now + H, now + H)
+    assert closed.event == "closed" and closed.reason == "patient-declined"
+    assert pipeline.record_declined(worker(), card, now + H, now + 2 * H) == []  # the EHR resent it: once
+
+    assert pipeline.check_open_clocks(worker(), now + 5 * H) == []  # no longer open: never escalates
+    pipeline.evaluate_patient(worker(), PATIENT, [], {"kind": "test"}, now + 6 * H)  # same evidence
+    assert ehr.communications() == [alert]
+    assert [(e["event"], e["reason"]) for e in clock_events(audit_store)] == [
+        ("started", None), ("closed", "patient-declined")]

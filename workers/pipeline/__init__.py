@@ -14,6 +14,8 @@ takes the worker process's Collaborators (collaborators.py) first.
                        (the last four: sweeps.py)
     check_open_clocks  open MRI clocks due: re-read the patient's spine MRI orders and imaging;
                        escalate or breach when their time has come (mri_clock.py)
+    record_declined    the patient declined the MRI a card recommended (CDS Hooks feedback): close
+                       the episode the card was served for (mri_clock.py)
 
 Errors propagate: service.infra.fhir errors say whether they are transient (service.core.errors
 is_transient: workers/tasks.py retries those) or permanent (dead letter).
@@ -21,9 +23,9 @@ is_transient: workers/tasks.py retries those) or permanent (dead letter).
 
 from workers.pipeline.collaborators import Collaborators
 from workers.pipeline.evaluate import evaluate_patient
-from workers.pipeline.mri_clock import check_open_clocks
+from workers.pipeline.mri_clock import check_open_clocks, record_declined
 from workers.pipeline.record import fetch_record, read_note_binaries, record_queries
 from workers.pipeline.sweeps import catch_up, reconcile, resolve_focus, sweep, watchdog
 
 __all__ = ["Collaborators", "catch_up", "check_open_clocks", "evaluate_patient", "fetch_record", "read_note_binaries",
-           "reconcile", "record_queries", "resolve_focus", "sweep", "watchdog"]
+           "reconcile", "record_declined", "record_queries", "resolve_focus", "sweep", "watchdog"]

@@ -6,6 +6,8 @@
     check_open_clocks  the scheduled check (SPINEWATCH_MRI_CLOCK_CHECK_INTERVAL_SECONDS): each open
                        clock that is due re-reads its patient's orders and imaging, then escalates
                        or breaches when its time has come
+    record_declined    CDS Hooks feedback that the patient declined the MRI a card recommended:
+                       the card's `card` audit record names the patient and tier; that episode closes
 
 Redis (the queue's Redis: appendonly, checked at worker start by check_redis_durability, so a
 clock survives a Redis restart as well as a worker's):
@@ -30,7 +32,7 @@ import structlog
 
 from fhir_mappings.cds.alerts import alert_id, alert_input, if_none_exist
 from fhir_mappings.cds.mri_clock import (CLOCK_TIERS, IMAGING_TYPES, MRI_CLOCK_ID_SYSTEM, Assessed, Clock,
-                                         ClockSettings, Event, clock_communication, communication_id,
+                                         ClockSettings, Event, clock_communication, communication_id, decline,
                                          escalation_recipients, evidence_dates, mri_facts, next_due, on_evaluation,
                                          sent, watch, webhook_body)
 from fhir_mappings.fhir.bundle import patient_key
@@ -93,6 +95,20 @@ def check_clock(c: Collaborators, patient: str, now: datetime) -> list[Event]:
             return []
         clock, events = watch(clock, mri_facts(read_imaging(c, clock)), now, clock_settings(c.settings))
         return _commit(c, clock, events, now)
+
+
+def record_declined(c: Collaborators, card: str, declined_at: datetime, now: datetime) -> list[Event]:
+    """The patient declined the MRI the card `card` (its uuid) recommended: close the open episode it
+    was served for. The card is found by its `card` audit record (CDS Hooks feedback names only the
+    card); one that is not there (not ours, or the audit log is off) changes nothing."""
+    served = c.audit.store.find_card(card) if c.audit.enabled else None
+    if served is None or not served.patient:
+        log.warning("mri_clock.declined_card_unknown", audit_enabled=c.audit.enabled)
+        return []
+    with _patient_lock(c, served.patient):
+        clock, events = decline(load(c, served.patient), (served.detail or {}).get("tier"),
+                                datetime.fromisoformat(served.recorded), declined_at, now)
+        return _commit(c, clock, events, now) if events else []
 
 
 def read_imaging(c: Collaborators, clock: Clock) -> list[dict]:

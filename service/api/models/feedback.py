@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from fhir_mappings.cds.mri_clock import DECLINED
+from fhir_mappings.cds.wording import OVERRIDE_SYSTEM
 from service.api.models.base import Open
 
 
@@ -41,6 +43,13 @@ class Feedback(Open):
         if self.outcomeTimestamp.tzinfo is None:
             raise ValueError("outcomeTimestamp must be UTC (RFC 3339 with Z or an offset)")
         return self
+
+    def declined_mri(self) -> bool:
+        """Overridden because the patient declined the MRI (the card's own override reason; a client
+        that drops the Coding's system still means it)."""
+        reason = self.overrideReason.reason if self.overrideReason else None
+        return (self.outcome == "overridden" and reason is not None and reason.code == DECLINED
+                and reason.system in (OVERRIDE_SYSTEM, None))
 
     def audit_detail(self, service_id: str) -> dict[str, Any]:
         """The `feedback` audit record's detail: references and codes only (never userComment)."""

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -50,6 +51,8 @@ log = structlog.get_logger("spinewatch.audit")
 
 
 metadata = MetaData()
+# The cards SpineWatch serves carry uuid4 ids (fhir_mappings/cds/cards.py).
+CARD_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 audit_log = Table(
     "audit_log", metadata,
@@ -264,6 +267,19 @@ class AuditStore:
             total = conn.execute(select(func.count()).select_from(audit_log).where(*conditions)).scalar_one()
             rows = conn.execute(select(audit_log).where(*conditions).order_by(order).limit(limit).offset(offset))
             return [AuditRecord.from_row(r) for r in rows], total
+
+    def find_card(self, card_uuid: str) -> AuditRecord | None:
+        """The newest `card` record that served the card with this uuid (CDS Hooks feedback names a
+        card only by its uuid). Only uuid-shaped values are looked up: nothing else is one of ours,
+        and the LIKE pattern then holds no wildcard of the caller's."""
+        if not CARD_UUID.fullmatch(card_uuid):
+            return None
+        self.ensure_schema()
+        with self.engine.connect() as conn:
+            row = conn.execute(select(audit_log).where(audit_log.c.kind == "card",
+                                                       audit_log.c.detail.like(f'%"{card_uuid}"%'))
+                               .order_by(audit_log.c.seq.desc()).limit(1)).first()
+        return AuditRecord.from_row(row) if row else None
 
     def iter_all(self, batch: int = 1000) -> Iterator[AuditRecord]:
         """Every record in chain order, read in batches (the log can be large)."""

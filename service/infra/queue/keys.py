@@ -29,6 +29,7 @@ TASK_CATCH_UP = "spinewatch.catch_up"
 TASK_RECONCILE = "spinewatch.reconcile"
 TASK_WATCHDOG = "spinewatch.heartbeat_watchdog"
 TASK_MRI_CLOCK = "spinewatch.check_mri_clocks"  # workers/pipeline/mri_clock.py: the scheduled check of open MRI clocks
+TASK_MRI_DECLINED = "spinewatch.mri_declined"  # CDS Hooks feedback: the patient declined the MRI a card recommended
 
 # Notifications arrive out of order (sekmet, like most servers, delivers from a thread pool): a
 # number missing now often arrives a moment later, so recovery waits this long before it looks.

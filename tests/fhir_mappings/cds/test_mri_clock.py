@@ -168,6 +168,42 @@ def test_after_a_done_mri_the_same_evidence_starts_nothing_and_new_evidence_a_ne
     assert names(events) == ["started"] and fresh.first_evidence_at == new and fresh.episode != clock.episode
 
 
+def test_a_declined_mri_closes_the_episode_its_card_was_served_for():
+    clock = started()
+    closed, events = mc.decline(clock, "emergency", T0 + H, T0 + 2 * H, T0 + 3 * H)
+    assert names(events) == ["closed"] and events[0].reason == "patient-declined"
+    assert closed.close_reason == "patient-declined" and closed.closed_at == T0 + 2 * H
+    assert mc.decline(closed, "emergency", T0 + H, T0 + 2 * H, T0 + 3 * H) == (closed, [])  # once
+
+
+def test_a_decline_on_another_tiers_card_or_an_older_card_closes_nothing():
+    clock = started()
+    assert mc.decline(clock, "urgent", T0 + H, T0 + 2 * H, T0 + 3 * H) == (clock, [])
+    assert mc.decline(clock, None, T0 + H, T0 + 2 * H, T0 + 3 * H) == (clock, [])
+    # a card served before this episode's first evidence was about an earlier suspicion
+    assert mc.decline(clock, "emergency", EVIDENCE - H, T0 + 2 * H, T0 + 3 * H) == (clock, [])
+    assert mc.decline(None, "emergency", T0, T0, T0) == (None, [])
+
+
+def test_a_decline_dated_in_the_future_closes_at_now():
+    closed, events = mc.decline(started(), "emergency", T0, T0 + 5 * H, T0 + 3 * H)
+    assert closed.closed_at == T0 + 3 * H and events[0].at == T0 + 3 * H
+
+
+def test_after_a_decline_the_same_evidence_starts_nothing_new_evidence_or_a_graver_tier_does():
+    closed, _ = mc.decline(started("urgent"), "urgent", T0, T0 + H, T0 + H)
+    same, events = mc.on_evaluation(closed, PATIENT, assessed("urgent"), [], T0 + 2 * H, SETTINGS)
+    assert events == [] and same == closed
+    later = T0 + 30 * H
+    fresh, events = mc.on_evaluation(closed, PATIENT, assessed("urgent", dates={"urgent": [EVIDENCE, later]}), [],
+                                     later + H, SETTINGS)
+    assert names(events) == ["started"] and fresh.first_evidence_at == later
+    # cord compression signs dated before the decline: the patient declined an MRI within a week,
+    # not one within 24 h for a suspected compression
+    graver, events = mc.on_evaluation(closed, PATIENT, assessed("emergency"), [], T0 + 2 * H, SETTINGS)
+    assert names(events) == ["started"] and graver.tier == "emergency" and graver.first_evidence_at == EVIDENCE
+
+
 def test_the_alert_time_is_filled_in_when_the_alert_went_after_the_start():
     clock = started(alerted_at=None, alert_communication=None, alert_recipients=())
     later, events = mc.on_evaluation(clock, PATIENT, assessed(), [], T0 + H, SETTINGS)

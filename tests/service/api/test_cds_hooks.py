@@ -260,7 +260,8 @@ def test_cors_preflight_for_browser_clients(tmp_path):
 # ---------------------------------------------------------------- feedback
 
 
-def test_feedback_accepted_and_overridden_are_recorded(env):
+def test_feedback_accepted_and_overridden_are_recorded(tmp_path, redis_url):
+    env = make_env(tmp_path, redis_url=redis_url)  # a declined MRI is queued for the workers
     [card] = validate_cds_response(patient_view(env, "emergency").json())
     suggestion = card["suggestions"][0]["uuid"]
     body = {"feedback": [
