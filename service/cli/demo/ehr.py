@@ -137,6 +137,8 @@ def demo_environment(run_dir: Path, redis_url: str, fhir_base: str, api_base: st
         "SPINEWATCH_SUBSCRIPTION_TYPES": "Condition,Observation,DocumentReference",
         "SPINEWATCH_CDS_TRUSTED_ISSUERS": issuer.trusted_issuers(),
         "SPINEWATCH_AUDIT_DB_URL": f"sqlite:///{run_dir / 'audit.sqlite'}",
+        # Open MRI clocks checked every 2 s (production: 300), so the demo sees its MRI and its breach.
+        "SPINEWATCH_MRI_CLOCK_CHECK_INTERVAL_SECONDS": "2",
         "PYTHONUNBUFFERED": "1",
     })
     return env
@@ -146,6 +148,7 @@ def demo_environment(run_dir: Path, redis_url: str, fhir_base: str, api_base: st
 
 _DAYS_AGO = re.compile(r"^\$DAYS_AGO:(\d+)$")
 _INSTANT_DAYS_AGO = re.compile(r"^\$INSTANT_DAYS_AGO:(\d+)$")  # for R4 `instant` fields (DocumentReference.date)
+_SECONDS_AGO = re.compile(r"^\$SECONDS_AGO:(\d+)$")  # an instant: a clock's deadline within the demo's run
 
 
 @dataclass
@@ -171,7 +174,8 @@ class DemoPatient:
 
 def _resolve_dates(value: Any, today: datetime) -> Any:
     """Demo files date their events relative to today ("$DAYS_AGO:10" a date, "$INSTANT_DAYS_AGO:0"
-    an instant), so the demo never goes stale against the 90-day lookback."""
+    an instant, "$SECONDS_AGO:7200" an instant to the second), so the demo never goes stale against
+    the 90-day lookback, and an MRI clock's 24 h deadline can fall within the run."""
     if isinstance(value, dict):
         return {k: _resolve_dates(v, today) for k, v in value.items()}
     if isinstance(value, list):
@@ -179,8 +183,14 @@ def _resolve_dates(value: Any, today: datetime) -> Any:
     if isinstance(value, str) and (m := _DAYS_AGO.match(value)):
         return (today - timedelta(days=int(m.group(1)))).date().isoformat()
     if isinstance(value, str) and (m := _INSTANT_DAYS_AGO.match(value)):
-        return (today - timedelta(days=int(m.group(1)))).astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return _instant(today - timedelta(days=int(m.group(1))))
+    if isinstance(value, str) and (m := _SECONDS_AGO.match(value)):
+        return _instant(today - timedelta(seconds=int(m.group(1))))
     return value
+
+
+def _instant(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def load_demo_patients(now: datetime | None = None) -> list[DemoPatient]:
@@ -225,6 +235,81 @@ def describe_communication(c: dict) -> str:
     text = next((p.get("contentString") for p in c.get("payload", []) if p.get("contentString")), "")
     text = text if len(text) <= 120 else text[:119] + "…"
     return f"Communication/{c.get('id')} to {to}, priority {c.get('priority', 'routine')}: {text}"
+
+
+# ---------------- the MRI clock ----------------
+
+MRI_WHOLE_SPINE = {"coding": [{"system": "http://loinc.org", "code": "36531-2", "display": "MR Spine WO contrast"}],
+                   "text": "MRI whole spine"}  # the emergency card's own order (value set mri-spine)
+
+
+def mri_done(patient: DemoPatient, at: datetime) -> dict:
+    """What radiology writes when the whole-spine MRI is ordered and done: the order (FHIR R4
+    ServiceRequest, active) and the study (ImagingStudy, available), both dated `at`."""
+    pid, ref = patient.patient_id, patient.reference
+    order = {"resourceType": "ServiceRequest", "id": f"{pid}-mri-order", "status": "active", "intent": "order",
+             "priority": "stat", "code": MRI_WHOLE_SPINE, "subject": {"reference": ref}, "authoredOn": _instant(at)}
+    study = {"resourceType": "ImagingStudy", "id": f"{pid}-mri", "status": "available", "subject": {"reference": ref},
+             "started": _instant(at), "basedOn": [{"reference": f"ServiceRequest/{pid}-mri-order"}],
+             "procedureCode": [MRI_WHOLE_SPINE],
+             "modality": [{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "MR"}]}
+    return {"resourceType": "Bundle", "type": "transaction",
+            "entry": [{"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
+                      for r in (order, study)]}
+
+
+def clock_events(db_url: str) -> dict[str, list[dict]]:
+    """The MRI clock's audit records (kind `mri-clock`, docs/alerts.md) by patient, oldest first."""
+    from service.infra.audit.store import store_for
+
+    store = store_for(db_url)
+    try:
+        records, _ = store.query(kinds=["mri-clock"], limit=10_000, newest_first=False)
+    finally:
+        store.dispose()
+    by_patient: dict[str, list[dict]] = {}
+    for record in records:
+        by_patient.setdefault(record.patient, []).append(record.detail)
+    return by_patient
+
+
+def describe_clock(events: list[dict]) -> str:
+    """The patient's latest MRI clock episode in one line: done in time, breached, closed or open."""
+    if not events:
+        return "none"
+    latest = [e for e in events if e["episode"] == events[-1]["episode"]]
+    by_event = {e["event"]: e for e in latest}
+    tier, deadline = latest[-1]["tier"], datetime.fromisoformat(latest[-1]["deadline"])
+    target = "24 h, NICE QS56" if tier == "emergency" else "1 week, NICE NG234"
+    if "done" in by_event:
+        done = datetime.fromisoformat(by_event["done"]["at"])
+        hours = (done - datetime.fromisoformat(latest[0]["first_evidence_at"])).total_seconds() / 3600
+        return f"{tier}: MRI done {hours:.1f} h after the first evidence (target {target}): " + \
+            ("in time" if done <= deadline else "late")
+    if "breached" in by_event:
+        sent = by_event["breached"].get("communication")
+        return (f"{tier}: no MRI by the deadline {_when(deadline)} (target {target}): breached, "
+                + (f"breach alert {sent}" if sent else "recorded (the alert itself came after the deadline)"))
+    if "closed" in by_event:
+        return f"{tier}: closed ({by_event['closed']['reason']})"
+    return f"{tier}: open, MRI due by {_when(deadline)} (target {target})"
+
+
+def _when(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def report_summary(report: dict) -> list[str]:
+    """`spinewatch report`'s rows with patients flagged (a month is that of the first evidence), one
+    line per month and tier, and each breach with its link to the patient's audit timeline."""
+    lines = []
+    for row in (r for r in report["rows"] if r["flagged"]):
+        share = f"{row['met_share']:.0%}" if row["met_share"] is not None else "none judged yet"
+        lines.append(f"{row['month']} {row['tier']}: {row['flagged']} flagged, {row['met']} of {row['denominator']} "
+                     f"MRIs within {row['target_hours']} h ({share}), {row['open']} open, "
+                     f"{len(row['breaches'])} breach(es)")
+        lines += [f"  breach: {b['patient']}  {b['review_url']}" for b in row["breaches"]]
+    return lines
 
 
 def stored_tier(redis_url: str, patient: DemoPatient) -> str | None:

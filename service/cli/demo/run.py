@@ -2,7 +2,8 @@
 
     redis-server ─ sekmet-fhir (the demo EHR) ─ API (uvicorn) ─ Celery worker ─ SQLite audit log
     load demo charts → register subscriptions → write new back-pain reports as an EHR would
-    → the worker evaluates and alerts → show tier, patient-view card, Communications, audit
+    → the worker evaluates and alerts → show tier, patient-view card, Communications
+    → the MRI clock: one patient's MRI done in time, one deadline passing → spinewatch report → audit
 
 Every process the demo starts runs in a session of its own and is stopped (SIGTERM, then SIGKILL)
 when the demo ends, fails, or is interrupted with Ctrl-C or SIGTERM. Its files (logs, Redis data,
@@ -23,14 +24,16 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from service.cli.demo.ehr import (PATIENT_VIEW_SERVICE, DemoEhrIssuer, DemoPatient, audit_summary, communications,
-                                  curl_example, demo_environment, describe_communication, load_demo_patients,
-                                  patient_view, post_transaction, stored_tier)
+from service.cli.demo.ehr import (PATIENT_VIEW_SERVICE, DemoEhrIssuer, DemoPatient, audit_summary, clock_events,
+                                  communications, curl_example, demo_environment, describe_clock,
+                                  describe_communication, load_demo_patients, mri_done, patient_view,
+                                  post_transaction, report_summary, stored_tier)
 from service.core.settings import PLACEHOLDER_SECRET
 from service.cli.demo.processes import (FHIR_JSON, HOST, DemoError, Processes, find_or_install_redis, free_port,
                                         spinewatch_cmd, start_api, start_redis, start_sekmet, start_worker,
@@ -70,7 +73,10 @@ class Progress:
 
 # ---------------- the run ----------------
 
-STEPS = 12
+STEPS = 14
+# The MRI clock's two stories (service/cli/demo/data): radiology does this patient's MRI in time;
+# nobody orders one for the other, whose note is 30 s short of a day old when the demo loads it.
+MRI_IN_TIME, MRI_BREACH = "1-emergency", "5-note-only"
 
 
 @dataclass
@@ -166,6 +172,12 @@ class Demo:
             with out.step("care-team alerts (Communication) on the EHR") as s:
                 self._wait_for_alerts(fhir)
                 s["detail"] = f"{sum(len(p.results['alerts']) for p in self.patients)} Communication(s)"
+            with out.step("the MRI clock: one MRI done in time, one deadline passing (NICE QS56: 24 h)") as s:
+                self._mri_clocks(fhir)
+                s["detail"] = f"{MRI_IN_TIME}: MRI done, {MRI_BREACH}: deadline passed"
+        with out.step("the MRI standards report (spinewatch report)") as s:
+            self.results["report"] = self._standards_report(env)
+            s["detail"] = f"{len(self.results['report'])} line(s)"
         with out.step("audit summary and verification (spinewatch audit verify)") as s:
             self.results["audit"] = audit_summary(self.urls["audit"])
             s["detail"] = self.results["audit"]["verification"]
@@ -194,6 +206,32 @@ class Demo:
         for p in self.patients:
             p.results["alerts"] = [describe_communication(c) for c in communications(fhir, p)]
 
+    def _mri_clocks(self, fhir: httpx.Client) -> None:
+        """Radiology orders and does one emergency patient's whole-spine MRI; the other's deadline
+        passes with none. Wait for the clock to see both (its scheduled check, every 2 s here), then
+        list every patient's clock and Communications (the breach alert among them)."""
+        by_key = {p.key: p for p in self.patients}
+        post_transaction(fhir, mri_done(by_key[MRI_IN_TIME], datetime.now(timezone.utc)))
+        wanted = {by_key[MRI_IN_TIME].reference: "done", by_key[MRI_BREACH].reference: "breached"}
+
+        def both_seen() -> bool:
+            found = clock_events(self.urls["audit"])
+            return all(event in {e["event"] for e in found.get(ref, [])} for ref, event in wanted.items())
+        wait_until("the MRI clocks (one MRI done, one deadline passed)", both_seen, self.procs,
+                   timeout=self.timeout, interval=1.0)
+        found = clock_events(self.urls["audit"])
+        for p in self.patients:
+            p.results["clock"] = describe_clock(found.get(p.reference, []))
+            p.results["alerts"] = [describe_communication(c) for c in communications(fhir, p)]
+
+    def _standards_report(self, env: dict[str, str]) -> list[str]:
+        """`spinewatch report` as a reviewer runs it (audited as `audit-access`): its lines with patients."""
+        done = subprocess.run(spinewatch_cmd("report", "--format", "json"), env=env, capture_output=True, text=True,
+                              timeout=60)
+        if done.returncode != 0:
+            raise DemoError(f"`spinewatch report` failed: {(done.stderr or done.stdout).strip()[-300:]}")
+        return report_summary(json.loads(done.stdout))
+
     def _report(self, out: Progress) -> bool:
         """The results, one block per patient; True when each patient reached its expected tier."""
         out.say("")
@@ -210,6 +248,13 @@ class Demo:
             out.say(f"    care-team alerts on the EHR: {len(alerts)}")
             for line in alerts:
                 out.say(f"      - {line}")
+            out.say(f"    MRI clock: {p.results.get('clock', 'not checked')}")
+        if self.results.get("report"):
+            out.say("MRI standards (spinewatch report; a month is that of the first evidence):")
+            for line in self.results["report"]:
+                out.say(f"  {line}")
+        clocks = {p.key: p.results.get("clock", "") for p in self.patients}
+        ok = ok and clocks[MRI_IN_TIME].endswith("in time") and "breached" in clocks[MRI_BREACH]
         audit = self.results.get("audit")
         if audit:
             out.say(f"Audit log: {audit['count']} records ({audit['kinds']}); hash chain: {audit['verification']}")
@@ -217,7 +262,8 @@ class Demo:
                 out.say(f"  check it yourself: spinewatch audit verify --db {self.urls['audit']}")
             ok = ok and audit["ok"]
         out.say("")
-        out.say("Demo OK: every patient reached its expected tier." if ok else "Demo NOT OK: see above.")
+        out.say("Demo OK: every patient reached its expected tier, one MRI came in time and one clock breached."
+                if ok else "Demo NOT OK: see above.")
         return ok
 
     def _serve(self, out: Progress) -> None:
@@ -228,12 +274,14 @@ class Demo:
         out.say(f"  OpenAPI          {api}/openapi.json")
         token = self.env.get("SPINEWATCH_REVIEWER_TOKEN", PLACEHOLDER_SECRET)
         out.say(f"  review page      {api}/audit  (reviewer token: {token}, the development default)")
+        out.say(f"  MRI standards    {api}/audit/report  (the report page, same sign-in)")
         out.say(f"  demo EHR (FHIR)  {self.urls['fhir']}")
         out.say(f"  Redis            {self.urls['redis']}")
         out.say(f"  audit log        {self.urls['audit']}")
         out.say(f"  logs             {self.procs.log_dir}")
         if self.issuer is not None and self.patients and self.run_path is not None:
-            patient = next((p for p in self.patients if p.expected_tier == "emergency"), self.patients[0])
+            # the emergency still without an MRI (the other one's MRI is done: its card has gone quiet)
+            patient = next(p for p in self.patients if p.key == MRI_BREACH)
             url = f"{api}/cds-services/{PATIENT_VIEW_SERVICE}"
             self.issuer.save_key()
             out.say("")

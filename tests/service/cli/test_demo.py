@@ -60,7 +60,16 @@ def test_demo_shows_the_whole_flow_and_stops_everything(tmp_path):
     assert alerts["Patient/sw-demo-emergency"] >= 1 and alerts["Patient/sw-demo-urgent"] >= 1, out
     assert alerts["Patient/sw-demo-note"] >= 1, out  # the emergency written only in a note
     assert alerts["Patient/sw-demo-routine"] == 0 and alerts["Patient/sw-demo-quiet"] == 0, out
-    assert re.search(r"^Audit log: \d+ records .*; hash chain: verified", out, re.M), out
+    clocks = dict(re.findall(r"(Patient/sw-demo-\w+)\b(?:.*\n)+?\s+MRI clock: (.+)", out))
+    assert re.fullmatch(r"emergency: MRI done 2\.\d h after the first evidence .*: in time",
+                        clocks["Patient/sw-demo-emergency"]), out
+    assert re.search(r"breached, breach alert Communication/\S+$", clocks["Patient/sw-demo-note"]), out
+    assert clocks["Patient/sw-demo-urgent"].startswith("urgent: open"), out
+    assert clocks["Patient/sw-demo-routine"] == clocks["Patient/sw-demo-quiet"] == "none", out
+    assert alerts["Patient/sw-demo-note"] == 2, out  # the alert, then the breach alert
+    assert re.search(r"^\s+breach: Patient/sw-demo-note  http://127\.0\.0\.1:\d+/audit\?patient=Patient%2Fsw-demo-note$",
+                     out, re.M), out
+    assert re.search(r"^Audit log: \d+ records .*mri-clock \d+.*; hash chain: verified", out, re.M), out
     assert "Not shown yet" not in out
     assert out.rstrip().endswith("stopped.")
     assert processes_mentioning(str(run_dir)) == []
