@@ -265,11 +265,11 @@ def test_the_check_is_a_registered_task():
         "emergency": timedelta(hours=4), "urgent": timedelta(hours=48)}
 
 
-def served_card(store: AuditStore, tier: str, card: str, patient: str = PATIENT) -> None:
+def served_card(store: AuditStore, tier: str, card: str, patient: str = PATIENT, at: datetime | None = None) -> None:
     """The `card` audit record the hook writes when it serves a card (service/usecases/hook.py)."""
     store.append("card", "success", actor="https://ehr.example.org", patient=patient,
                  detail={"service": "spinewatch-patient-view", "hook": "patient-view", "cards": [card],
-                         "suggestions": [], "tier": tier, "source": "prefetch"})
+                         "suggestions": [], "tier": tier, "source": "prefetch"}, at=at)
 
 
 @respx.mock
@@ -293,3 +293,4 @@ def test_a_patient_who_declined_the_mri_closes_the_clock_and_nothing_escalates(w
     assert ehr.communications() == [alert]
     assert [(e["event"], e["reason"]) for e in clock_events(audit_store)] == [
         ("started", None), ("closed", "patient-declined")]
+

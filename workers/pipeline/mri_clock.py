@@ -31,12 +31,14 @@ from datetime import datetime, timedelta
 import structlog
 
 from fhir_mappings.cds.alerts import alert_id, alert_input, if_none_exist
+from fhir_mappings.cds.wording import DEADLINE
 from fhir_mappings.cds.mri_clock import (CLOCK_TIERS, IMAGING_TYPES, MRI_CLOCK_ID_SYSTEM, Assessed, Clock,
                                          ClockSettings, Event, clock_communication, communication_id, decline,
                                          escalation_recipients, evidence_dates, mri_facts, next_due, on_evaluation,
                                          sent, watch, webhook_body)
 from fhir_mappings.fhir.bundle import patient_key
 from service.core.errors import AlertError
+from service.infra.audit.records import utc_iso
 from workers.alerts import (ACTOR, KEY_PREFIX, ClientAdapter, created_ref, fhir_call, hgetall, acquire_lock,
                             post_signed, redis_call, release_lock)
 from workers.pipeline.collaborators import Collaborators
@@ -101,7 +103,9 @@ def record_declined(c: Collaborators, card: str, declined_at: datetime, now: dat
     """The patient declined the MRI the card `card` (its uuid) recommended: close the open episode it
     was served for. The card is found by its `card` audit record (CDS Hooks feedback names only the
     card); one that is not there (not ours, or the audit log is off) changes nothing."""
-    served = c.audit.store.find_card(card) if c.audit.enabled else None
+    # An episode lasts at most its deadline and the watch after it: an older card was about no open one.
+    since = utc_iso(now - DEADLINE["urgent"] - timedelta(days=c.settings.mri_clock_watch_days))
+    served = c.audit.store.find_card(card, since) if c.audit.enabled else None
     if served is None or not served.patient:
         log.warning("mri_clock.declined_card_unknown", audit_enabled=c.audit.enabled)
         return []

@@ -268,15 +268,16 @@ class AuditStore:
             rows = conn.execute(select(audit_log).where(*conditions).order_by(order).limit(limit).offset(offset))
             return [AuditRecord.from_row(r) for r in rows], total
 
-    def find_card(self, card_uuid: str) -> AuditRecord | None:
-        """The newest `card` record that served the card with this uuid (CDS Hooks feedback names a
-        card only by its uuid). Only uuid-shaped values are looked up: nothing else is one of ours,
-        and the LIKE pattern then holds no wildcard of the caller's."""
+    def find_card(self, card_uuid: str, since: str) -> AuditRecord | None:
+        """The newest `card` record since `since` (ISO-8601 UTC; `recorded` is indexed, the detail is
+        not) that served the card with this uuid (CDS Hooks feedback names a card only by its uuid).
+        Only uuid-shaped values are looked up: nothing else is one of ours, and the LIKE pattern then
+        holds no wildcard of the caller's."""
         if not CARD_UUID.fullmatch(card_uuid):
             return None
         self.ensure_schema()
         with self.engine.connect() as conn:
-            row = conn.execute(select(audit_log).where(audit_log.c.kind == "card",
+            row = conn.execute(select(audit_log).where(audit_log.c.recorded >= since, audit_log.c.kind == "card",
                                                        audit_log.c.detail.like(f'%"{card_uuid}"%'))
                                .order_by(audit_log.c.seq.desc()).limit(1)).first()
         return AuditRecord.from_row(row) if row else None

@@ -416,3 +416,25 @@ def test_an_audit_log_takes_key_and_head_export_from_its_settings(tmp_path):
     assert AuditStore(url, key=KEY).verify().keyed_from == 1
     last = json.loads(export.read_text().splitlines()[-1])
     assert (last["seq"], last["hash"]) == AuditStore(url).head()
+
+
+def test_find_card_is_the_newest_card_record_since_the_bound_listing_that_uuid(store):
+    from datetime import datetime, timedelta, timezone
+
+    card = "0b6f5e3c-2f0a-4c1e-9a57-3c2d7f1e8a90"
+    now = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
+    store.append("card", "success", actor="ehr", patient="Patient/old", detail={"cards": [card]},
+                 at=now - timedelta(days=40))
+    store.append("feedback", "overridden", actor="ehr", detail={"card": card}, at=now)  # not a card record
+    store.append("card", "success", actor="ehr", patient="Patient/p1", detail={"cards": ["x", card], "tier": "urgent"},
+                 at=now)
+    store.append("card", "success", actor="ehr", patient="Patient/p2", detail={"cards": [card[:-1] + "1"]}, at=now)
+    assert store.find_card(card, "2026-03-01T00:00:00.000000Z").patient == "Patient/p1"
+    assert store.find_card(card, "2026-01-01T00:00:00.000000Z").patient == "Patient/p1"  # the newest
+    assert store.find_card(card, "2026-03-03T00:00:00.000000Z") is None  # none since then
+    only_old = card[:-2] + "ff"
+    store.append("card", "success", actor="ehr", patient="Patient/old", detail={"cards": [only_old]},
+                 at=now - timedelta(days=40))
+    assert store.find_card(only_old, "2026-02-01T00:00:00.000000Z") is None  # before the bound
+    for not_ours in ("%", "0b6f5e3c-2f0a-4c1e-9a57-3c2d7f1e8a9_", "x", card + "0"):
+        assert store.find_card(not_ours, "2000-01-01T00:00:00.000000Z") is None  # no LIKE wildcard of theirs
