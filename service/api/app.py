@@ -16,7 +16,7 @@ from service.api.headers import PathHeaders
 from service.api.middleware import CdsHooksCors, RequestIdMiddleware
 from service.api.pages import REVIEW_HEADERS
 from service.api.routes import (audit_events, audit_verify, discovery, evidence, feedback, hooks, notifications, ops,
-                                review_page)
+                                report_page, review_page)
 from service.api.services import build_services
 from service.core.errors import SpineWatchError
 from service.core.logging import configure_logging
@@ -60,7 +60,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_handler)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(PathHeaders, prefix="/audit", headers=REVIEW_HEADERS)  # no-store, CSP, nosniff
-    for routes in (ops, audit_events, review_page, audit_verify, discovery, hooks, feedback, notifications, evidence):
+    for routes in (ops, audit_events, review_page, report_page, audit_verify, discovery, hooks, feedback, notifications,
+                   evidence):
         app.include_router(routes.router)
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
     if origins:

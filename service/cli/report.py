@@ -4,9 +4,6 @@ patients of breaches, so reading it is audited like an export (kind `audit-acces
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from datetime import datetime, timezone
 from typing import Annotated, Optional
 
@@ -27,16 +24,6 @@ def _month(value: str | None, name: str) -> str | None:
         raise typer.Exit(2)
 
 
-def _render(result: dict, format: str) -> str:
-    from service.usecases.report import csv_rows
-
-    if format == "json":
-        return json.dumps(result, indent=2, sort_keys=True) + "\n"
-    out = io.StringIO()
-    csv.writer(out, lineterminator="\n").writerows(csv_rows(result))
-    return out.getvalue()
-
-
 def report(db: DbOption = None,
            since: Annotated[Optional[str], typer.Option(help="first month, YYYY-MM (default: the first with data)")] = None,
            until: Annotated[Optional[str], typer.Option(help="last month, YYYY-MM, included (default: this month)")] = None,
@@ -46,7 +33,7 @@ def report(db: DbOption = None,
     """The MRI standards per month and tier: time to alert, order and MRI, the share within 24 h / 7 days,
     breaches, escalations, card acceptance."""
     from service.core.settings import get_settings
-    from service.usecases.report import build_report, read_records
+    from service.usecases.report import access_detail, build_report, read_records, render
 
     if format not in ("json", "csv"):
         typer.echo(f"spinewatch: --format: json or csv, not {format!r}", err=True)
@@ -63,7 +50,7 @@ def report(db: DbOption = None,
         fail_unreadable(exc)
     result = build_report(records, now=datetime.now(timezone.utc), since=first, until=last,
                           review_base=settings.public_base_url or "")
-    text = _render(result, format)
+    text = render(result, format)
     try:
         if output:
             with open(output, "w", encoding="utf-8", newline="") as stream:
@@ -75,5 +62,4 @@ def report(db: DbOption = None,
         raise typer.Exit(2)
     if settings.audit_enabled:  # the report names patients: reading it is recorded in the log it came from
         store.append("audit-access", "success", actor=f"cli:{cli_user()}",
-                     detail={"action": "report", "format": format, "since": result["since"], "until": result["until"],
-                             "count": len(result["rows"])})
+                     detail=access_detail(result, format))

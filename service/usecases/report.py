@@ -15,6 +15,9 @@ only part that reads the store. Definitions: `DEFINITIONS` below, and docs/repor
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import math
 import re
 import statistics
@@ -272,6 +275,23 @@ def csv_rows(report: dict) -> Iterator[list]:
                   row["escalated"], row["cards_served"], row["cards_accepted"], row["cards_overridden"],
                   ";".join(f"{code}={n}" for code, n in row["override_reasons"].items())]
         yield ["" if value is None else value for value in values]
+
+
+def render(report: dict, format: str) -> str:
+    """The report as one JSON document or as CSV (`csv_rows`): what `spinewatch report` prints and the
+    review site's downloads serve."""
+    if format == "json":
+        return json.dumps(report, indent=2, sort_keys=True) + "\n"
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(csv_rows(report))
+    return out.getvalue()
+
+
+def access_detail(report: dict, format: str) -> dict:
+    """The detail of the `audit-access` record (action `report`) written for each reading: the report
+    names the patients of breaches, so reading it is audited like an export."""
+    return {"action": "report", "format": format, "since": report["since"], "until": report["until"],
+            "count": len(report["rows"])}
 
 
 def read_records(store: AuditStore, since: str | None, page: int = 1000) -> Iterator[dict]:

@@ -26,13 +26,18 @@ from service.usecases.audit_review import KINDS, review, summarise
 router = APIRouter(tags=["audit"])
 
 
+def sign_in_form(request: Request) -> HTMLResponse:
+    """The token form (401) for a browser without a live session, on every page under /audit."""
+    response = reviewer_page("audit_login.html", 401, failed=request.query_params.get("failed") == "1")
+    if request.cookies.get(SESSION_COOKIE):  # expired, revoked or forged: the browser stops sending it
+        response.delete_cookie(SESSION_COOKIE, path="/audit")
+    return response
+
+
 @router.get("/audit", response_class=HTMLResponse)
 def review_page(request: Request, filters: AuditFilters, settings: SettingsDep, audit: AuditDep):
     if not authorised(request, settings, audit):
-        response = reviewer_page("audit_login.html", 401, failed=request.query_params.get("failed") == "1")
-        if request.cookies.get(SESSION_COOKIE):  # expired, revoked or forged: the browser stops sending it
-            response.delete_cookie(SESSION_COOKIE, path="/audit")
-        return response
+        return sign_in_form(request)
     found = review(audit.store, filters)
     audit.record("audit-access", "success", actor="reviewer", patient=filters.patient,
                  detail={"action": "page", "filters": filters.audit_detail(), "count": len(found.records)})

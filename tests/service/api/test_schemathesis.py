@@ -49,7 +49,8 @@ _FHIR_RESOURCE = {"type": "object", "required": ["resourceType"],
 
 
 _MEDIA_TYPES = [("/metrics", ["text/plain"]), ("/audit/events", ["application/json", "application/fhir+json"]),
-                ("/audit/verify", ["application/json"]), ("/audit", ["text/html"]),
+                ("/audit/verify", ["application/json"]), ("/audit/report.", ["text/csv", "application/json"]),
+                ("/audit", ["text/html"]),
                 ("/fhir/notifications", ["application/fhir+json"]),
                 ("/feedback", [])]  # CDS Hooks 2.0 feedback: 200 with no body
 
