@@ -8,6 +8,7 @@ SPINEWATCH_REVIEWER_SESSION_SECONDS (Max-Age, and checked server-side); signing 
 from __future__ import annotations
 
 import hmac
+import re
 import time
 from typing import Annotated
 from urllib.parse import urlencode
@@ -26,9 +27,16 @@ from service.usecases.audit_review import KINDS, review, summarise
 router = APIRouter(tags=["audit"])
 
 
+# Where a sign-in may return: the review pages themselves, never another site (an open redirect) or
+# path (OWASP Unvalidated Redirects and Forwards cheat sheet).
+_RETURN_TO = re.compile(r"/audit(/report)?")
+
+
 def sign_in_form(request: Request) -> HTMLResponse:
-    """The token form (401) for a browser without a live session, on every page under /audit."""
-    response = reviewer_page("audit_login.html", 401, failed=request.query_params.get("failed") == "1")
+    """The token form (401) for a browser without a live session, on every page under /audit; signing
+    in returns to the page asked for."""
+    response = reviewer_page("audit_login.html", 401, failed=request.query_params.get("failed") == "1",
+                             next_path=request.url.path)
     if request.cookies.get(SESSION_COOKIE):  # expired, revoked or forged: the browser stops sending it
         response.delete_cookie(SESSION_COOKIE, path="/audit")
     return response
@@ -58,12 +66,14 @@ def review_page(request: Request, filters: AuditFilters, settings: SettingsDep, 
 
 
 @router.post("/audit/login")
-def login(request: Request, token: Annotated[str, Form(max_length=500)], settings: SettingsDep, audit: AuditDep):
+def login(request: Request, token: Annotated[str, Form(max_length=500)], settings: SettingsDep, audit: AuditDep,
+          next_path: Annotated[str, Form(alias="next", max_length=100)] = "/audit"):
     throttle.check(request, SURFACE, audit.record)  # 429, the token unchecked, past the failure limit
+    back = next_path if _RETURN_TO.fullmatch(next_path) else "/audit"
     if not hmac.compare_digest(token.encode(), settings.reviewer_token.get_secret_value().encode()):
         refuse(request, audit, "bad-token")
-        return RedirectResponse("/audit?failed=1", status_code=303)
-    response = RedirectResponse("/audit", status_code=303)
+        return RedirectResponse(back + "?failed=1", status_code=303)
+    response = RedirectResponse(back, status_code=303)
     response.set_cookie(SESSION_COOKIE, session_value(settings.reviewer_token.get_secret_value()),
                         max_age=settings.reviewer_session_seconds, httponly=True, samesite="strict",
                         secure=settings.environment == "production", path="/audit")

@@ -216,3 +216,16 @@ def test_downloads_are_the_commands_documents(signed_in):
 
 def test_the_audit_page_links_to_the_report(signed_in):
     assert 'href="/audit/report"' in signed_in.get("/audit").text
+
+
+def test_signing_in_from_the_report_page_returns_to_it_and_never_elsewhere(client):
+    form = client.get("/audit/report")
+    assert form.status_code == 401 and '<input type="hidden" name="next" value="/audit/report">' in form.text
+    bad = client.post("/audit/login", data={"token": "nope", "next": "/audit/report"}, follow_redirects=False)
+    assert bad.status_code == 303 and bad.headers["location"] == "/audit/report?failed=1"
+    for elsewhere in ("https://evil.example/audit", "//evil.example", "/audit/../metrics", "/audit/report?x=1", "/"):
+        sent = client.post("/audit/login", data={"token": TOKEN, "next": elsewhere}, follow_redirects=False)
+        assert sent.status_code == 303 and sent.headers["location"] == "/audit", elsewhere
+    ok = client.post("/audit/login", data={"token": TOKEN, "next": "/audit/report"}, follow_redirects=False)
+    assert ok.status_code == 303 and ok.headers["location"] == "/audit/report"
+    assert client.get("/audit/report").status_code == 200
