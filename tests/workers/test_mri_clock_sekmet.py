@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -332,3 +333,35 @@ def test_a_worker_killed_after_writing_the_escalation_writes_it_once(stack):
     recorded = clock(stack, patient)
     assert_sent(written, recorded, "escalated", alert)
     assert recorded.escalation == f"Communication/{written['id']}" == events(stack, patient)[1]["communication"]
+
+
+def test_a_patient_who_declined_the_mri_closes_the_clock_through_the_real_task(stack):
+    """CDS Hooks feedback 'patient-declined' reaches the worker as the task the feedback route sends
+    (by name, through Redis); the worker finds the card's audit record and closes the episode."""
+    from service.infra.audit.store import store_for
+    from service.infra.queue.keys import TASK_MRI_DECLINED
+
+    patient = chart(stack, "emergency", datetime.now(timezone.utc).replace(microsecond=0) - timedelta(hours=1))
+    evaluate(stack, patient)
+    (alert,) = until(stack, "the emergency alert", lambda: alerts(stack, patient))
+    until(stack, "the clock started", reached(stack, patient, "started"))
+    card = str(uuid.uuid4())
+    store = store_for(stack.env["SPINEWATCH_AUDIT_DB_URL"])
+    try:  # the record the hook writes when it serves the emergency card (service/usecases/hook.py)
+        store.append("card", "success", actor="https://ehr.example.org", patient=patient,
+                     detail={"hook": "patient-view", "cards": [card], "suggestions": [], "tier": "emergency"})
+    finally:
+        store.dispose()
+    queue = WorkQueue(Settings(environment="test", redis_url=stack.redis.url))
+    try:
+        queue.send(TASK_MRI_DECLINED, (card, datetime.now(timezone.utc).isoformat()))
+    finally:
+        queue.redis.close()
+    until(stack, "the clock closed as declined", reached(stack, patient, "started", "closed"))
+    assert events(stack, patient)[1]["reason"] == "patient-declined" and clock(stack, patient).open is False
+    assert due_at(stack, patient) is None
+    # past the escalation's time (the beat checks every second): nothing more is sent or recorded
+    time.sleep(max(0.0, (clock(stack, patient).started_at + ESCALATE_AFTER + timedelta(seconds=3)
+                         - datetime.now(timezone.utc)).total_seconds()))
+    assert clock_comms(stack, patient) == [] and alerts(stack, patient) == [alert]
+    assert event_names(stack, patient) == ["started", "closed"]
