@@ -6,29 +6,37 @@ the limits of service/usecases/auth_failures.py: past them the surface answers 4
 The session cookie is `<id>.<issued>.<mac>`: a random session id, the issue time (Unix seconds) and
 an HMAC-SHA256, keyed by the reviewer token, of both; never the token itself. The server checks the
 MAC, that the session is younger than SPINEWATCH_REVIEWER_SESSION_SECONDS and that it was not signed
-out. Signing out revokes the id in this process's memory (REVOKED) until it would have expired
-anyway: with several API processes or hosts, a signed-out cookie replayed elsewhere still opens the
-page until it expires. Changing the reviewer token ends every session at once."""
+out. Signing out revokes the id until it would have expired anyway: in this process's memory, or,
+when the API processes share a Redis (SPINEWATCH_CDS_JTI_REDIS_URL, as `serve --workers N` requires),
+there (SET EX), so a signed-out cookie replayed to another process or host is refused too (OWASP
+Session Management cheat sheet: invalidate the session on the server at logout). That Redis
+unreachable: 503, never a session let through unchecked. Changing the reviewer token ends every
+session at once."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import re
 import secrets
 import threading
 import time
 from dataclasses import dataclass
 
+import redis
+import structlog
 from fastapi import Request
 
 from service.api import throttle
 from service.api.throttle import client_host
+from service.core.errors import SessionStoreUnavailable
 from service.core.settings import Settings
 from service.infra.audit.writer import AuditLog
 
 __all__ = ["SESSION_COOKIE", "SURFACE", "REVOKED", "Session", "authorised", "client_host", "read_session",
-           "refuse", "session_value"]
+           "refuse", "revocations", "session_value"]
+log = structlog.get_logger("spinewatch.security")
 
 SESSION_COOKIE = "spinewatch_review"
 SURFACE = "audit"
@@ -73,10 +81,50 @@ class Revoked:
             return sid in self._expiry
 
 
-REVOKED = Revoked()  # per process
+class RedisRevoked:
+    """Session ids signed out, shared by every API process: one key each, expiring with the session."""
+
+    prefix = "spinewatch:review-revoked:"
+
+    def __init__(self, url: str):
+        from service.infra.redis import redis_client
+
+        self._redis = redis_client(url, 2.0)
+
+    def revoke(self, session: Session, now: float) -> None:
+        self._call(self._redis.set, self.prefix + session.sid, b"1", ex=max(1, math.ceil(session.expires - now)))
+
+    def __contains__(self, sid: str) -> bool:
+        return bool(self._call(self._redis.exists, self.prefix + sid))
+
+    @staticmethod
+    def _call(fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (redis.RedisError, OSError) as exc:
+            log.error("audit.session_store_unavailable", error=type(exc).__name__)
+            raise SessionStoreUnavailable(f"the reviewer session store is unavailable ({type(exc).__name__}); "
+                                          "retry, or use the reviewer token") from None
 
 
-def read_session(cookie: str, token: str, lifetime: int, now: float) -> Session | str:
+REVOKED = Revoked()  # one API process's own
+_SHARED: dict[str, RedisRevoked] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def revocations(settings: Settings) -> Revoked | RedisRevoked:
+    """Where signed-out sessions are kept: the API processes' shared Redis when there is one."""
+    url = settings.cds_jti_redis_url
+    if not url:
+        return REVOKED
+    with _SHARED_LOCK:
+        if url not in _SHARED:
+            _SHARED[url] = RedisRevoked(url)
+        return _SHARED[url]
+
+
+def read_session(cookie: str, token: str, lifetime: int, now: float,
+                 revoked: Revoked | RedisRevoked = REVOKED) -> Session | str:
     """The session a cookie carries, or why it is refused: bad-session, expired-session, revoked-session."""
     match = _COOKIE.match(cookie)
     if not match:
@@ -87,7 +135,7 @@ def read_session(cookie: str, token: str, lifetime: int, now: float) -> Session 
         return "bad-session"
     if now >= issued + lifetime:
         return "expired-session"
-    if sid in REVOKED:
+    if sid in revoked:
         return "revoked-session"
     return Session(sid, issued + lifetime)
 
@@ -112,7 +160,7 @@ def authorised(request: Request, settings: Settings, audit: AuditLog) -> bool:
         return False
     cookie = request.cookies.get(SESSION_COOKIE)
     if cookie:
-        found = read_session(cookie, token, settings.reviewer_session_seconds, time.time())
+        found = read_session(cookie, token, settings.reviewer_session_seconds, time.time(), revocations(settings))
         if isinstance(found, Session):
             throttle.failures(request).sweep(audit.record)
             return True

@@ -23,6 +23,7 @@
         │       └── FHIRServerError      5xx, 408, 409, 429; .retry_after (Retry-After)     transient
         ├── QueueUnavailable             Redis, the broker and its bookkeeping             transient
         ├── ReplayCacheUnavailable       the JWT jti store (answered 503)                   transient
+        ├── SessionStoreUnavailable      the shared store of signed-out reviewer sessions   transient
         ├── EvidenceStoreUnavailable     the full-evidence page store                      transient
         ├── TerminologyUnavailable       the optional terminology server (never required)  transient
         ├── AuditKeyError                the audit log is keyed with another key (or none): nothing appended
@@ -109,6 +110,12 @@ class QueueUnavailable(DependencyError):
 
 class ReplayCacheUnavailable(DependencyError):
     """The jti replay store cannot be reached: the call cannot be checked, so it is refused (503)."""
+    transient = True
+
+
+class SessionStoreUnavailable(DependencyError):
+    """The shared store of signed-out reviewer sessions cannot be reached: a session cookie cannot be
+    checked, so it is refused (503); the reviewer token still works."""
     transient = True
 
 

@@ -132,8 +132,9 @@ class Settings(BaseSettings):
                                           description="longest CDS client JWT lifetime (exp - iat) accepted, and "
                                                       "oldest iat; longer or older: 401 (CDS Hooks recommends 300)")
     cds_jwks_cache_seconds: int = Field(300, ge=0, le=86400, description="how long a fetched JWKS is reused")
-    cds_jti_redis_url: str | None = Field(None, description="Redis URL for the JWT jti replay cache (shared by all "
-                                                            "processes); unset: in-memory, per process")
+    cds_jti_redis_url: str | None = Field(None, description="Redis URL the API processes share: the JWT jti replay "
+                                                            "cache and the signed-out reviewer sessions (required "
+                                                            "by serve --workers N > 1); unset: in-memory, per process")
     fhir_allowed_hosts: str = Field("", description="comma-separated host[:port] list the service may fetch FHIR data "
                                                     "from (fhirServer, next links); empty: none (SSRF guard)")
     max_body_bytes: int = Field(10_485_760, ge=1024, description="largest CDS Hooks request body accepted (bytes); "

@@ -64,4 +64,4 @@ class RedisReplayCache:
             return bool(await self._client().set(self._prefix + key, b"1", nx=True, ex=max(1, ttl_seconds)))
         except Exception as exc:
             log.error("cds.replay_cache_unavailable", error=type(exc).__name__)
-            raise ReplayCacheUnavailable() from None
+            raise ReplayCacheUnavailable(f"the JWT replay cache is unavailable ({type(exc).__name__})") from None

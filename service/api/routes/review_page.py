@@ -20,7 +20,7 @@ from service.api.deps import AuditDep, SettingsDep
 from service.api.models.audit import AuditFilters
 from service.api import throttle
 from service.api.pages import reviewer_page
-from service.api.reviewer import (REVOKED, SESSION_COOKIE, SURFACE, Session, authorised, read_session, refuse,
+from service.api.reviewer import (SESSION_COOKIE, SURFACE, Session, authorised, read_session, refuse, revocations,
                                   session_value)
 from service.usecases.audit_review import KINDS, review, summarise
 
@@ -85,9 +85,11 @@ def logout(request: Request, settings: SettingsDep):
     cookie = request.cookies.get(SESSION_COOKIE)
     if cookie:
         now = time.time()
-        found = read_session(cookie, settings.reviewer_token.get_secret_value(), settings.reviewer_session_seconds, now)
+        revoked = revocations(settings)
+        found = read_session(cookie, settings.reviewer_token.get_secret_value(), settings.reviewer_session_seconds, now,
+                             revoked)
         if isinstance(found, Session):  # only a genuine, live session is remembered as revoked
-            REVOKED.revoke(found, now)
+            revoked.revoke(found, now)
     response = RedirectResponse("/audit", status_code=303)
     response.delete_cookie(SESSION_COOKIE, path="/audit")
     return response

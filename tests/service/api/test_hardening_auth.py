@@ -285,3 +285,51 @@ def test_sign_out_revokes_the_session(url):
         assert client.get("/audit/events", headers=cookie_header(value)).status_code == 401
     assert [r.detail["reason"] for r in auth_failures(url)][-2:] == ["revoked-session", "revoked-session"]
     assert json.dumps([r.detail for r in auth_failures(url)]).count(value) == 0  # the cookie is never stored
+
+
+def test_a_session_signed_out_in_one_api_process_is_refused_by_another(url, redis_url):
+    """Two apps on one shared Redis (SPINEWATCH_CDS_JTI_REDIS_URL), as `serve --workers 2` runs them."""
+    import redis
+
+    with TestClient(make_app(url, cds_jti_redis_url=redis_url)) as one, \
+            TestClient(make_app(url, cds_jti_redis_url=redis_url)) as other:
+        value = one.post("/audit/login", data={"token": TOKEN}, follow_redirects=False).cookies[SESSION_COOKIE]
+        assert other.get("/audit", headers=cookie_header(value)).status_code == 200
+        assert one.post("/audit/logout", headers=cookie_header(value), follow_redirects=False).status_code == 303
+        assert other.get("/audit", headers=cookie_header(value)).status_code == 401
+        assert other.get("/audit/events", headers=cookie_header(value)).status_code == 401
+    client = redis.Redis.from_url(redis_url)
+    try:
+        (key,) = client.keys("spinewatch:review-revoked:*")
+        assert value.split(".")[0].encode() in key  # the session id, never the cookie's MAC or the token
+        assert 0 < client.ttl(key) <= Settings(environment="test").reviewer_session_seconds  # gone with the session
+    finally:
+        client.close()
+    assert [r.detail["reason"] for r in auth_failures(url)][-2:] == ["revoked-session", "revoked-session"]
+
+
+def test_an_unreachable_session_store_is_503_for_a_cookie_and_the_token_still_works(url):
+    from tests.support.redis_server import free_port
+
+    with TestClient(make_app(url, cds_jti_redis_url=f"redis://127.0.0.1:{free_port()}/0")) as client:
+        value = client.post("/audit/login", data={"token": TOKEN}, follow_redirects=False).cookies[SESSION_COOKIE]
+        refused = client.get("/audit/events", headers=cookie_header(value))
+        assert refused.status_code == 503 and refused.json()["issue"][0]["code"] == "transient"
+        assert value not in refused.text
+        assert client.get("/audit/events", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+
+
+def test_an_unreachable_jti_replay_cache_is_503_not_500(tmp_path):
+    """A JWT that cannot be checked against the shared replay cache is refused as a dependency that is
+    down (503, retry), not as the caller's fault and never as a crash."""
+    from tests.support.cds_hooks import PATIENT_VIEW, make_env, reset_audit
+    from tests.support.redis_server import free_port
+
+    env = make_env(tmp_path, cds_jti_redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    try:
+        response = env.call(PATIENT_VIEW, {"hook": "patient-view", "hookInstance": "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea",
+                                           "context": {"userId": "Practitioner/1", "patientId": "p1"}})
+        assert response.status_code == 503, response.text
+        assert response.json()["issue"][0]["code"] == "transient"
+    finally:
+        reset_audit()
