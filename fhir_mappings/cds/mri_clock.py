@@ -292,6 +292,20 @@ def sent(event: Event, communication: str | None, now: datetime) -> tuple[Clock,
     return clock, replace(event, clock=clock, communication=communication)
 
 
+def unrecorded_escalation(clock: Clock, settings: ClockSettings) -> str | None:
+    """At a breach with no escalation recorded though one fell due before the deadline: the
+    identifier value an escalation written by a worker lost before it could record it would carry
+    (its Communication may be on the EHR); None when none can have been written."""
+    if clock.escalated_at is None and escalation_due(clock, settings) < clock.deadline:
+        return f"{clock.episode}-escalated"
+    return None
+
+
+def escalation_found(clock: Clock, communication: str, sent_at: datetime) -> tuple[Clock, Event]:
+    """The clock and its `escalated` event, for an escalation found written but never recorded."""
+    return sent(Event("escalated", clock, sent_at, "no spine MRI ordered", send=True), communication, sent_at)
+
+
 def close(clock: Clock, reason: str, now: datetime) -> Clock:
     return replace(clock, closed_at=now, close_reason=reason)
 

@@ -238,6 +238,48 @@ def test_an_upgrade_restarts_the_clock_with_the_shorter_deadline(worker, audit_s
 
 
 @respx.mock
+def test_an_escalation_written_but_never_recorded_is_recorded_before_a_breach_that_comes_first(
+        worker, audit_store, monkeypatch, redis_url):
+    """The worker is lost after writing the escalation and before any record of it (the clock, its
+    send progress); its retry comes only after the deadline: the breach branch finds the escalation
+    on the EHR by its identifier and records it first, sending nothing twice."""
+    now = datetime.now(timezone.utc)
+    ehr = Ehr(record("emergency", now - H))
+    pipeline.evaluate_patient(worker(), PATIENT, [], {"kind": "test"}, now)
+    save = mri_clock._save
+
+    def lost(c, clock, when):
+        monkeypatch.setattr(mri_clock, "_save", save)
+        raise AlertRetry("redis unavailable (ConnectionError)")
+
+    monkeypatch.setattr(mri_clock, "_save", lost)
+    assert pipeline.check_open_clocks(worker(), now + 4 * H) == []
+    r = redis.Redis.from_url(redis_url)
+    r.delete(*r.keys(mri_clock.SEND_PREFIX + "*"))  # lost before its send progress was kept, too
+    r.close()
+    (escalation,) = clock_comms(ehr)
+
+    assert pipeline.check_open_clocks(worker(), now + 24 * H) == [PATIENT]  # the deadline: 23 h from now
+    events = clock_events(audit_store)
+    assert [e["event"] for e in events] == ["started", "escalated", "breached"]
+    assert events[1]["communication"] == f"Communication/{escalation['id']}"
+    assert events[1]["at"] == escalation["sent"].replace("Z", "+00:00")
+    assert len(clock_comms(ehr)) == 2  # the escalation once, and the breach
+    assert mri_clock.load(worker(), PATIENT).escalation == f"Communication/{escalation['id']}"
+
+
+@respx.mock
+def test_a_breach_with_no_escalation_ever_written_records_none(worker, audit_store):
+    now = datetime.now(timezone.utc)
+    ehr = Ehr(record("emergency", now - H))
+    pipeline.evaluate_patient(worker(), PATIENT, [], {"kind": "test"}, now)
+    assert pipeline.check_open_clocks(worker(), now + 24 * H) == [PATIENT]  # no check ran for 24 h
+    assert [e["event"] for e in clock_events(audit_store)] == ["started", "breached"]
+    (breach,) = clock_comms(ehr)
+    assert breach["identifier"][0]["value"].endswith("-breached")
+
+
+@respx.mock
 def test_a_retraction_that_drops_the_tier_closes_the_clock(worker, audit_store):
     now = datetime.now(timezone.utc)
     ehr = Ehr(record("emergency", now - H))

@@ -26,6 +26,7 @@ records (kind `mri-clock`) follow the clock's write.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import datetime, timedelta
 
 import structlog
@@ -34,8 +35,8 @@ from fhir_mappings.cds.alerts import alert_id, alert_input, if_none_exist
 from fhir_mappings.cds.wording import DEADLINE
 from fhir_mappings.cds.mri_clock import (CLOCK_TIERS, IMAGING_TYPES, MRI_CLOCK_ID_SYSTEM, Assessed, Clock,
                                          ClockSettings, Event, clock_communication, communication_id, decline,
-                                         escalation_recipients, evidence_dates, mri_facts, next_due, on_evaluation,
-                                         sent, watch, webhook_body)
+                                         escalation_found, escalation_recipients, evidence_dates, mri_facts, next_due,
+                                         on_evaluation, sent, unrecorded_escalation, watch, webhook_body)
 from fhir_mappings.fhir.bundle import patient_key
 from service.core.errors import AlertError
 from service.infra.audit.records import utc_iso
@@ -138,6 +139,9 @@ def _commit(c: Collaborators, clock: Clock | None, events: list[Event], now: dat
     """Send what the events need, store the clock (and its due time), then audit the events."""
     made = []
     for event in events:
+        if event.event == "breached":
+            escalated, event = _recover_escalation(c, event)
+            made += escalated
         if event.event in ("escalated", "breached"):
             clock, event = sent(event, _send(c, event, now) if event.send else None, now)
         made.append(event)
@@ -147,6 +151,22 @@ def _commit(c: Collaborators, clock: Clock | None, events: list[Event], now: dat
         c.audit.event("mri-clock", "success", actor=ACTOR, patient=event.clock.patient, detail=event.audit_detail())
         log.info("mri_clock.event", mri_event=event.event, episode=event.clock.episode, tier=event.clock.tier)
     return made
+
+
+def _recover_escalation(c: Collaborators, breach: Event) -> tuple[list[Event], Event]:
+    """A worker lost after writing an escalation and before recording it, whose retry comes only
+    after the deadline: the escalation is on the EHR (its identifier says so) and recorded now,
+    before the breach, so the audit and the report count it. One search, and only at such a breach."""
+    ident = unrecorded_escalation(breach.clock, clock_settings(c.settings))
+    if ident is None:
+        return [], breach
+    found = fhir_call(c.fhir.search_all, "Communication", {"identifier": f"{MRI_CLOCK_ID_SYSTEM}|{ident}"})
+    written = next((r for r in found if r.get("id") and patient_key(r) == breach.clock.patient), None)
+    if written is None:
+        return [], breach
+    sent_at = datetime.fromisoformat(written["sent"].replace("Z", "+00:00")) if written.get("sent") else breach.at
+    clock, escalated = escalation_found(breach.clock, f"Communication/{written['id']}", sent_at)
+    return [escalated], replace(breach, clock=clock)
 
 
 def _save(c: Collaborators, clock: Clock, now: datetime) -> None:

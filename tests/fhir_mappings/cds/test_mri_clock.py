@@ -285,3 +285,12 @@ def test_evidence_dates_by_the_tier_each_flag_raises():
     assert set(dates) == {"emergency"} and len(dates["emergency"]) >= 1
     assert all(abs((now - d) - timedelta(days=1)) < timedelta(minutes=5) for d in dates["emergency"])
     assert set(mc.evidence_dates(assess(ch.record("urgent"), now))) == {"urgent"}
+
+
+def test_an_unrecorded_escalation_is_looked_for_only_where_one_can_have_been_written():
+    clock = started()  # escalation due T0 + 4 h, deadline EVIDENCE + 24 h
+    assert mc.unrecorded_escalation(clock, SETTINGS) == f"{clock.episode}-escalated"
+    late = started(dates={"emergency": [T0 - 22 * H]})  # found late: the escalation falls after the deadline
+    assert mc.unrecorded_escalation(late, SETTINGS) is None
+    escalated, _ = mc.sent(mc.Event("escalated", clock, T0 + 4 * H, send=True), "Communication/e", T0 + 4 * H)
+    assert mc.unrecorded_escalation(escalated, SETTINGS) is None
