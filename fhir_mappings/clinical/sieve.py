@@ -12,28 +12,24 @@ from fhir_mappings.clinical.facts import MODELS
 # The sieve: could any rule use this raw resource?
 
 
-def _raw_codings(obj, out: list) -> None:
+_TEXT_KEYS = frozenset({"text", "display", "valueString", "description"})
+
+
+def _raw_codings_and_texts(obj, codings: list, texts: list) -> None:
+    """Every (system, code) pair and every text element in `obj`, at any depth: one walk for both
+    (the sieve runs on every resource of every record, most of which it drops)."""
     if isinstance(obj, dict):
         if "system" in obj and "code" in obj:
-            out.append((obj.get("system"), obj.get("code")))
-        for v in obj.values():
-            if isinstance(v, (dict, list)):
-                _raw_codings(v, out)
-    elif isinstance(obj, list):
-        for v in obj:
-            _raw_codings(v, out)
-
-
-def _raw_texts(obj, out: list) -> None:
-    if isinstance(obj, dict):
+            codings.append((obj.get("system"), obj.get("code")))
         for k, v in obj.items():
-            if isinstance(v, str) and k in ("text", "display", "valueString", "description"):
-                out.append(v)
+            if isinstance(v, str):
+                if k in _TEXT_KEYS:
+                    texts.append(v)
             elif isinstance(v, (dict, list)):
-                _raw_texts(v, out)
+                _raw_codings_and_texts(v, codings, texts)
     elif isinstance(obj, list):
         for v in obj:
-            _raw_texts(v, out)
+            _raw_codings_and_texts(v, codings, texts)
 
 
 _SIEVE_FIELDS = ("code", "valueCodeableConcept", "valueString", "note", "bodySite", "procedureCode", "component",
@@ -52,7 +48,8 @@ def is_relevant(resource: dict, term: Terminology) -> bool:
         return True
     parts = [resource.get(k) for k in _SIEVE_FIELDS if k in resource]
     codings: list = []
-    _raw_codings(parts, codings)
+    texts: list = [p for p in parts if isinstance(p, str)]  # valueString, description, conclusion
+    _raw_codings_and_texts(parts, codings, texts)
     for system, code in codings:
         if not isinstance(code, str):
             continue
@@ -61,8 +58,6 @@ def is_relevant(resource: dict, term: Terminology) -> bool:
         if system in ("http://hl7.org/fhir/sid/icd-10-cm", "http://hl7.org/fhir/sid/icd-10") and \
                 normalise_icd(code).startswith(term.relevant_icd_prefixes):
             return True
-    texts: list = [p for p in parts if isinstance(p, str)]  # valueString, description, conclusion
-    _raw_texts(parts, texts)
     return any(_text_is_relevant(term, t) for t in texts)
 
 

@@ -86,7 +86,7 @@ class Concept:
             return True
         if self.matcher is None:
             return False
-        said = [m.status for m in self.matcher.mentions(text) if m.concept == self.id]
+        said = [m.status for m in self.matcher.remembered_mentions(text) if m.concept == self.id]
         return bool(said) and all(s in _NOT_SAID for s in said)
 
     def match_coding(self, system: str | None, code: str | None) -> bool | None:

@@ -109,11 +109,13 @@ class Matcher:
     def __post_init__(self):
         self._findings = lru_cache(maxsize=16384)(self.read)
         self._hits = lru_cache(maxsize=65536)(self._concepts_hit)
+        self._mentions = lru_cache(maxsize=16384)(lambda text: tuple(self.mentions(text)))
 
     def clear_caches(self) -> None:
         """Forget every text read (benchmarks time the reading, not the memory)."""
         self._findings.cache_clear()
         self._hits.cache_clear()
+        self._mentions.cache_clear()
 
     def _concepts_hit(self, norm: str) -> tuple[ConceptText, ...]:
         """The concepts with a phrase in the (normalised) text: one search each, remembered, so the
@@ -160,6 +162,11 @@ class Matcher:
                     quote = _quote(norm, sentence, m.start(), m.end())
                     out.append(Mention(concept.id, start, end, quote, ctx.context(m.start(), m.end()), anchor))
         return out
+
+    def remembered_mentions(self, text: str) -> tuple[Mention, ...]:
+        """`mentions`, remembered per text as `findings` is: a coded entry's own text ("Malignant
+        neoplasm of breast") is read for its context on every evaluation of every patient who has it."""
+        return self._mentions(text)
 
     def findings(self, text: str, on_spinal_pain_resource: bool = False,
                  pain_context: str | None = None) -> dict[str, Mention]:

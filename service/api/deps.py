@@ -1,6 +1,8 @@
 """The one injection seam: `Annotated` aliases a route declares to receive its collaborators,
 each read from the `Services` create_app keeps on `app.state.services`, and the callers'
-authentication (CDS clients, the notifying FHIR server, the audit reviewer)."""
+authentication (CDS clients, the notifying FHIR server, the audit reviewer). The CDS Hooks call
+route, the hot path, reads `app.state.services` itself and calls `verify_cds_client`: per call,
+FastAPI's resolution of five dependencies cost more than the reads they wrap."""
 
 from __future__ import annotations
 
@@ -82,7 +84,14 @@ def expected_audience(request: Request, public_base_url: str | None) -> str:
 
 
 async def verified_client(request: Request, services: ServicesDep) -> CdsClient:
-    """The authenticated CDS client (service/infra/jwt.py checks the bearer JWT), or a bare 401."""
+    """`verify_cds_client` as a dependency (discovery, feedback)."""
+    return await verify_cds_client(request, services)
+
+
+async def verify_cds_client(request: Request, services: Services) -> CdsClient:
+    """The authenticated CDS client (service/infra/jwt.py checks the bearer JWT), or a bare 401.
+    A plain call, for the hook route: resolving FastAPI dependencies costs it more than reading
+    the services does."""
     if services.verifier is None:
         return CdsClient(iss="unverified", verified=False)
     throttle.check(request, "cds-hooks", services.audit.event)  # 429, unchecked, past the failure limit

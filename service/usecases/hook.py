@@ -30,6 +30,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 
 import anyio
 import httpx
@@ -38,7 +39,8 @@ from anyio import to_thread
 
 from fhir_mappings.cds.cards import cards_for, xray_card
 from fhir_mappings.cds.evidence_view import evidence_view
-from fhir_mappings.clinical.evaluate import Assessment, assess
+from fhir_mappings.cds.wording import CardSettings
+from fhir_mappings.clinical.evaluate import Assessment, EvaluationSettings, assess
 from fhir_mappings.clinical.terminology import load_terminology
 from fhir_mappings.clinical.orders import MRI_SPINE, XRAY_SPINE, classify_order, draft_resources, reference
 from fhir_mappings.fhir.bundle import patient_key
@@ -70,6 +72,15 @@ class HookServices:
     evidence: EvidenceLinks | None = None  # the cards' "Full evidence" links; None: no links
     fhir_transport: httpx.AsyncBaseTransport | None = None  # tests and the bench may inject one
     releases: ServerReleases = field(default_factory=ServerReleases)  # each fhirServer's FHIR release, remembered
+
+    # Derived from the settings once per process, not once per call.
+    @cached_property
+    def card_wording(self) -> CardSettings:
+        return card_settings(self.settings)
+
+    @cached_property
+    def evaluation_rules(self) -> EvaluationSettings:
+        return evaluation_settings(self.settings)
 
 
 @dataclass(frozen=True)
@@ -107,7 +118,7 @@ async def answer(services: HookServices, audit: AuditLog, call: HookCall, *, iss
     if call.hook == "patient-view":
         assessment, source = await assess_patient(services, call, now)
         link = await evidence_url(services, assessment, now, issued)
-        cards = cards_for(assessment, now, services.settings.card_intent, settings=card_settings(services.settings),
+        cards = cards_for(assessment, now, services.settings.card_intent, settings=services.card_wording,
                           evidence_url=link)
         result = HookAnswer(cards, assessment, source, link)
     else:
@@ -153,7 +164,7 @@ async def assess_patient(services: HookServices, call: HookCall, now: datetime) 
 
     resources = patients_own(gathered.resources, call.patient)
     consulted = await consult(services.terminology, resources)  # bounded; on failure the local sets alone
-    rules = evaluation_settings(settings)
+    rules = services.evaluation_rules
     started = time.perf_counter()
     assessment = await evaluate_within_budget(
         lambda: assess(resources, now, rules, terminology=consulted.terminology),
@@ -237,7 +248,7 @@ async def evidence_url(services: HookServices, assessment: Assessment, now: date
     links = services.evidence
     if links is None or assessment.urgency == "none":
         return None
-    view = evidence_view(assessment, now, xray=xray, settings=card_settings(services.settings))
+    view = evidence_view(assessment, now, xray=xray, settings=services.card_wording)
     if isinstance(links.store, MemoryEvidenceStore):  # no I/O: no thread hop on the latency path
         return links.issue(view, issued)
     return await to_thread.run_sync(links.issue, view, issued)
@@ -266,5 +277,5 @@ async def order_cards(services: HookServices, call: HookCall, now: datetime, iss
     intent = xrays[0].get("intent")
     intent = intent if intent in SERVICE_REQUEST_INTENTS else "order"  # the MRI replaces the X-ray in kind
     link = await evidence_url(services, assessment, now, issued, xray=True)
-    card = xray_card(assessment, refs, now, intent, settings=card_settings(services.settings), evidence_url=link)
+    card = xray_card(assessment, refs, now, intent, settings=services.card_wording, evidence_url=link)
     return HookAnswer([card], assessment, source, link)

@@ -12,9 +12,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from service.api.body import read_json, validate
-from service.api.deps import AuditDep, HookServicesDep, SettingsDep, VerifiedClient
+from service.api.deps import verify_cds_client
 from service.api.models.discovery import HOOKS_BY_SERVICE
 from service.api.models.hooks import HookRequest
+from service.api.services import Services
 from service.core.errors import NotFound, SpineWatchError
 from service.usecases.hook import answer
 
@@ -23,8 +24,11 @@ router = APIRouter(tags=["cds-hooks"])
 
 
 @router.post("/cds-services/{service_id}")
-async def call_service(service_id: str, request: Request, client: VerifiedClient, settings: SettingsDep,
-                       hooks: HookServicesDep, audit: AuditDep) -> JSONResponse:
+async def call_service(service_id: str, request: Request) -> JSONResponse:
+    # The collaborators read and the caller verified by plain calls: as FastAPI dependencies they
+    # cost more per call than the reads themselves (service/api/deps.py, docs/capacity.md M5).
+    services: Services = request.app.state.services
+    client = await verify_cds_client(request, services)
     now = datetime.now(timezone.utc)  # the evaluation time is the request time, passed to the pure core
     started = time.perf_counter()
     hook = hook_instance = None
@@ -32,9 +36,9 @@ async def call_service(service_id: str, request: Request, client: VerifiedClient
     try:
         if service_id not in HOOKS_BY_SERVICE:
             raise NotFound("no such CDS service here; see GET /cds-services")
-        req: HookRequest = validate(HookRequest, await read_json(request, settings.max_body_bytes), "")
+        req: HookRequest = validate(HookRequest, await read_json(request, services.settings.max_body_bytes), "")
         hook, hook_instance = req.loggable()
-        result = await answer(hooks, audit, req.call(service_id), iss=client.iss, now=now)
+        result = await answer(services.hooks, services.audit, req.call(service_id), iss=client.iss, now=now)
     except SpineWatchError as exc:
         log.info("cds.hook_refused", service=service, hook=hook, hookInstance=hook_instance,
                  status=exc.status_code, reason=exc.message)

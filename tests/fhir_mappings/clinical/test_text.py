@@ -118,3 +118,16 @@ def test_mentions_keep_offsets_into_the_text_as_written():
     text = "Mild parasthesia in both feet"
     mention = load_terminology().matcher.findings(text)["sensory-deficit"]
     assert re.fullmatch(r"parasthesia", text[mention.start:mention.end])
+
+
+def test_remembered_mentions_are_the_mentions_read_once_per_text():
+    # A coded entry's own text is checked for a veto ("family history of breast cancer") on every
+    # evaluation: remembered, as `findings` is, and the same mentions as a fresh read.
+    matcher = load_terminology().matcher
+    text = "Family history of breast cancer; no back pain"
+    first = matcher.remembered_mentions(text)
+    assert first == tuple(matcher.mentions(text))
+    assert {m.concept for m in first} >= {"known-cancer", "back-pain"}
+    assert matcher.remembered_mentions(text) is first
+    matcher.clear_caches()
+    assert matcher.remembered_mentions(text) is not first

@@ -9,6 +9,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from fhir_mappings.clinical.evaluate import assess
+from service.api.routes import hooks as hook_routes
 from tests.support.cds_hooks import (ORDER_IMAGING, ORDER_SELECT, ORDER_SIGN, PATIENT_VIEW, PREFETCH_TYPES,
                                      FakeStoredAssessments, hook_request, make_env, prefetch_for, record, reset_audit,
                                      validate_cds_response, validate_discovery)
@@ -206,6 +207,17 @@ def test_unknown_service_is_404(env):
     body = hook_request("patient-view", prefetch=prefetch_for(record("urgent")))
     assert_outcome(env.call("no-such-service", body), 404)
     assert_outcome(env.feedback("no-such-service", {"feedback": []}), 404)
+
+
+def test_the_hook_route_resolves_no_fastapi_dependencies(env):
+    # The hook call is the hot path: it verifies the caller and reads its collaborators by plain
+    # calls (docs/capacity.md M5), and still refuses an unauthenticated caller first, as a bare 401.
+    route = next(r for r in hook_routes.router.routes if r.path == "/cds-services/{service_id}")
+    assert route.dependant.dependencies == []
+    body = json.dumps(hook_request("patient-view", prefetch=prefetch_for(record("urgent"))))
+    refused = env.client.post("/cds-services/no-such-service", content=body,
+                              headers={"Content-Type": "application/json"})
+    assert refused.status_code == 401
 
 
 def test_body_over_the_limit_is_413(tmp_path):
