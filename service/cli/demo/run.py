@@ -75,7 +75,8 @@ class Progress:
 
 STEPS = 14
 # The MRI clock's two stories (service/cli/demo/data): radiology does this patient's MRI in time;
-# nobody orders one for the other, whose note is 30 s short of a day old when the demo loads it.
+# nobody orders one for the other, whose note is 20 s short of a day old when the demo loads it
+# (its alert goes about 5 s after the load, so the breach has an alert to follow up).
 MRI_IN_TIME, MRI_BREACH = "1-emergency", "5-note-only"
 
 

@@ -23,8 +23,8 @@ def test_the_note_patient_s_emergency_is_written_only_in_a_note():
     coded finding, no Observation text. Until the core reads notes it evaluates as `none`."""
     (patient,) = [p for p in load_demo_patients(NOW) if p.key == "5-note-only"]
     (note,) = [e["resource"] for e in patient.report["entry"]]
-    # written 24 h less 30 s before the demo loads it: its MRI clock's deadline falls within the run
-    assert note["resourceType"] == "DocumentReference" and note["date"] == "2030-01-14T12:00:30Z"
+    # written 24 h less 20 s before the demo loads it: its MRI clock's deadline falls within the run
+    assert note["resourceType"] == "DocumentReference" and note["date"] == "2030-01-14T12:00:20Z"
     (content,) = note["content"]
     assert content["attachment"]["contentType"].startswith("text/plain")
     assert "BLE weakness" in base64.b64decode(content["attachment"]["data"]).decode()
@@ -55,7 +55,7 @@ def test_every_demo_patient_has_someone_to_alert():
 
 def test_the_mri_clocks_one_deadline_far_ahead_one_within_the_run():
     """The emergency patient's first Box 2 evidence is 2 h old (24 h deadline: 22 h left, the demo's
-    MRI is in time); the note patient's is 30 s short of 24 h (it breaches during the run)."""
+    MRI is in time); the note patient's is 20 s short of 24 h (it breaches during the run)."""
     from datetime import timedelta
 
     from fhir_mappings.cds.mri_clock import evidence_dates
@@ -65,4 +65,4 @@ def test_the_mri_clocks_one_deadline_far_ahead_one_within_the_run():
     first = {key: min(evidence_dates(assess(by_key[key].resources(), NOW, settings))["emergency"])
              for key in ("1-emergency", "5-note-only")}
     assert first["1-emergency"] == NOW - timedelta(hours=2)
-    assert first["5-note-only"] + timedelta(hours=24) == NOW + timedelta(seconds=30)
+    assert first["5-note-only"] + timedelta(hours=24) == NOW + timedelta(seconds=20)
