@@ -261,3 +261,27 @@ def test_against_the_medplum_stand_in_the_default_scope_alerts_and_the_old_one_n
         assert written == []
         assert w.audits("alert")[0].detail["needed_scope"] == "system/Communication.c"
         assert DeadLetters(w.redis).entries()[0]["retries"] == 0
+
+
+def test_a_note_binary_our_scopes_do_not_allow_is_a_configuration_problem_not_a_silent_miss(world, monkeypatch):
+    """The note's Binary refused (403) for want of Binary read: the evaluation still runs on the rest
+    and names the note unread, and the refusal is recorded as the configuration problem it is (a
+    note-only emergency would otherwise be missed with nothing said to whoever runs SpineWatch)."""
+    from service.infra.fhir.auth import requested_scope
+
+    counted = problems_counted()
+    w0 = world()
+    without_binary = " ".join(s for s in requested_scope(w0.settings).split() if not s.startswith("system/Binary."))
+    with respx.mock(assert_all_called=False) as router:
+        server = EnforcedScopeServer(router, BASE, TOKEN_URL)
+        server.load(*record())
+        w = world(smart_scope=without_binary)
+        result = w.evaluate_task(monkeypatch)
+    assert result.successful() and server.refused == ["GET Binary"]  # the stand-in names the type
+    (evaluation,) = w.audits("evaluation")
+    assert evaluation.detail["problems"] >= 1 and evaluation.detail["tier"] == "emergency"
+    problem = config_problems.last(w.redis)
+    assert (problem["kind"], problem["needed_scope"], problem["task"]) == \
+        ("fhir-scope", "system/Binary.r", tasks.evaluate_patient.name)
+    assert problems_counted() == counted + 1
+    assert DeadLetters(w.redis).entries() == []

@@ -15,6 +15,7 @@ from fhir_mappings.cds.alerts import (Retraction, alert_input, current_assessmen
 from fhir_mappings.clinical.evaluate import Assessment, assess
 from service.core.metrics import EVALUATION_SECONDS, EVALUATIONS
 from service.core.settings import evaluation_settings
+from service.infra import config_problems
 from service.infra.assessments import cited_references
 from service.infra.fhir.terminology import consult_sync
 from workers.alerts import ClientAdapter, alert_if_needed, send_retraction, sent_alerts
@@ -45,10 +46,14 @@ def evaluate_patient(c: Collaborators, patient: str, focus: list[str], trigger: 
     started = time.perf_counter()
     previous = c.store.get(patient)
     unread: list[str] = []  # what a very large record left unread: named in `problems`
+    refusals: list = []  # note Binaries our token may not read: a configuration problem, not the note's
     resources = fetch_record(c.fhir, patient, now, c.settings.lookback_days, focus,
                              note_max_bytes=c.settings.note_max_bytes,
                              max_binary_reads=c.settings.note_max_binary_reads,
-                             max_per_search=c.settings.record_max_resources_per_search, unread=unread)
+                             max_per_search=c.settings.record_max_resources_per_search, unread=unread,
+                             scope_refusals=refusals)
+    if refusals:  # one record per evaluation: /readyz, check-config and the metric then say what to grant
+        config_problems.record(c.queue.redis, config_problems.find(refusals[0]), task="spinewatch.evaluate_patient")
     consulted = consult_sync(c.terminology, resources)  # bounded; on failure the local sets alone
     assessment = assess(resources, now, evaluation_settings(c.settings), terminology=consulted.terminology)
     consulted.note(assessment)

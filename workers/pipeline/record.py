@@ -11,7 +11,7 @@ import structlog
 from fhir_mappings.fhir.bundle import patient_key
 from service.core.errors import is_transient
 from service.infra.fhir.binaries import plan_binaries
-from service.core.errors import FHIRBadRequest, FHIRError, FHIRNotFound, FHIRNotSupported
+from service.core.errors import FHIRBadRequest, FHIRError, FHIRNotFound, FHIRNotSupported, FHIRScopeRefused
 from service.infra.fhir.sync import FHIRClient
 
 log = structlog.get_logger("spinewatch.pipeline")
@@ -107,14 +107,15 @@ def _search_newest_first(fhir: FHIRClient, rtype: str, params: list[tuple[str, s
 def fetch_record(fhir: FHIRClient, patient: str, now: datetime, lookback_days: int,
                  focus: list[str] | tuple[str, ...] = (), *, note_max_bytes: int = 2_000_000,
                  max_binary_reads: int = 50, max_per_search: int = 10_000,
-                 unread: list[str] | None = None) -> list[dict]:
+                 unread: list[str] | None = None, scope_refusals: list[FHIRScopeRefused] | None = None) -> list[dict]:
     """The patient's resources as the rules need them. Each search reads at most `max_per_search`
     resources, and at most the client's max_pages pages, newest first: past either it stops, and
     `unread` (when given) gets one `problems` entry for each type cut short, so that a very large
     record is evaluated on its most recent part rather than not at all. The focus resources of the
     notifications are read again at their current version (a payload may be older than the server's
     present state, and a search index may lag behind a write); a focus that is gone (404/410) is left
-    out. Last, the Binaries the notes name by URL on this FHIR server are read (read_note_binaries)."""
+    out. Last, the Binaries the notes name by URL on this FHIR server are read (read_note_binaries);
+    `scope_refusals` (when given) gets each Binary read our token's scopes did not allow."""
     patient_id = patient.split("/", 1)[1]
     by_ref: dict[str, dict] = {patient: fhir.read("Patient", patient_id)}
     window_start = now - timedelta(days=lookback_days)
@@ -155,16 +156,18 @@ def fetch_record(fhir: FHIRClient, patient: str, now: datetime, lookback_days: i
         if patient_key(current) == patient:
             by_ref[ref] = _newer(current, by_ref[ref]) if ref in by_ref else current
     resources = list(by_ref.values())
-    return resources + read_note_binaries(fhir, patient, resources, note_max_bytes, max_binary_reads)
+    return resources + read_note_binaries(fhir, patient, resources, note_max_bytes, max_binary_reads, scope_refusals)
 
 
 def read_note_binaries(fhir: FHIRClient, patient: str, resources: list[dict], max_bytes: int,
-                       limit: int) -> list[dict]:
+                       limit: int, scope_refusals: list[FHIRScopeRefused] | None = None) -> list[dict]:
     """The Binaries the notes (and report presentedForms) name by `url` on this FHIR server, read
     with the client's authentication: newest notes first, at most `limit`, each at most `max_bytes`
     (service/infra/fhir/binaries.py says which URLs qualify). One that is gone, too large, or refused is
     left out, and the core names its note in `problems` as not read; a transient failure propagates
-    (the task is retried, as for any read). Logs carry references and counts, never content."""
+    (the task is retried, as for any read). A read refused for our token's scopes is also handed to
+    `scope_refusals`: a note-only emergency would be missed for a configuration problem, which the
+    caller records. Logs carry references and counts, never content."""
     plan = plan_binaries(resources, fhir.base_url, limit)
     found: list[dict] = []
     skipped: dict[str, int] = {}
@@ -174,6 +177,8 @@ def read_note_binaries(fhir: FHIRClient, patient: str, resources: list[dict], ma
         except FHIRError as exc:
             if is_transient(exc):
                 raise
+            if isinstance(exc, FHIRScopeRefused) and scope_refusals is not None:
+                scope_refusals.append(exc)
             reason = {"FHIRTooLarge": "too-large", "FHIRNotFound": "gone"}.get(type(exc).__name__, "refused")
             skipped[reason] = skipped.get(reason, 0) + 1
             log.info("fetch.binary_skipped", patient=patient, binary=key, reason=reason)
