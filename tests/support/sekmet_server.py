@@ -86,6 +86,14 @@ def _stop_process(proc: subprocess.Popen, timeout: float) -> None:
     proc.wait(timeout=5)
 
 
+def create(fhir: httpx.Client, resource: dict) -> dict:
+    """POST `resource` with a client on the FHIR base (SekmetServer.client()): the created resource
+    (201 asserted, the server's answer in the failure)."""
+    answer = fhir.post(f"/{resource['resourceType']}", json=resource)
+    assert answer.status_code == 201, answer.text
+    return answer.json()
+
+
 class SekmetServer:
     """One sekmet FHIR server subprocess on 127.0.0.1.
 

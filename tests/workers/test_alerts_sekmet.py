@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import uuid
+from functools import partial
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -22,6 +23,7 @@ from service.infra.fhir.sync import FHIRClient
 from service.infra.queue import WorkQueue, redis_client
 from service.core.settings import Settings
 from service.infra.redis import redis_client as bytes_redis_client
+from tests.support.sekmet_server import create as create_on
 from workers import pipeline
 
 pytestmark = pytest.mark.integration
@@ -85,11 +87,7 @@ def world(fhir_server, redis_url, tmp_path):
     hook = Webhook()
     store = AuditStore(f"sqlite:///{tmp_path}/audit.sqlite")
     with fhir_server.client() as c:
-        def create(resource):
-            r = c.post(f"/{resource['resourceType']}", json=resource)
-            assert r.status_code == 201, r.text
-            return r.json()
-
+        create = partial(create_on, c)
         patient = create({"resourceType": "Patient", "identifier": [{"system": "urn:test", "value": uuid.uuid4().hex}],
                           "generalPractitioner": [{"reference": "Practitioner/gp-should-not-be-used"}]})
         pid = patient["id"]

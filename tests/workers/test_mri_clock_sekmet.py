@@ -31,6 +31,7 @@ from tests.support import cds_hooks as ch
 from tests.support.fault_stack import Stack, wait_for
 from tests.support.fhir_proxy import FhirProxy, Request
 from tests.support.sekmet_server import SekmetServer
+from tests.support.sekmet_server import create as create_on
 from tests.workers.test_alerts_sekmet import communications
 from workers.pipeline.mri_clock import CLOCK_PREFIX, OPEN_CLOCKS
 
@@ -81,9 +82,7 @@ def iso(moment: datetime) -> str:
 
 def create(stack: ClockStack, resource: dict) -> dict:
     with stack.sekmet.client() as fhir:
-        answer = fhir.post(f"/{resource['resourceType']}", json=resource)
-    assert answer.status_code == 201, answer.text
-    return answer.json()
+        return create_on(fhir, resource)
 
 
 def chart(stack: ClockStack, tier: str, evidence_at: datetime) -> str:

@@ -37,7 +37,7 @@ import redis
 from fhir_mappings.cds.alerts import ALERT_ID_SYSTEM
 from tests.support.fault_stack import wait_for as poll
 from tests.support.processes import ROOT, SPINEWATCH, Proc, http_up
-from tests.support.sekmet_server import SekmetServer, free_port
+from tests.support.sekmet_server import SekmetServer, create, free_port
 
 pytestmark = pytest.mark.integration
 DB = 9  # a database of the session's redis-server of its own
@@ -84,12 +84,6 @@ def stack(sekmet_server: SekmetServer, redis_server, tmp_path_factory):
 
 def b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
-
-
-def create(fhir: httpx.Client, resource: dict) -> dict:
-    r = fhir.post(f"/{resource['resourceType']}", json=resource)
-    assert r.status_code == 201, r.text
-    return r.json()
 
 
 def chart(fhir: httpx.Client) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import uuid
+from functools import partial
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -23,6 +24,7 @@ from service.infra.audit.writer import AuditLog
 from service.infra.fhir.sync import FHIRClient
 from service.infra.queue import QUEUE, WorkQueue, redis_client
 from service.infra.redis import redis_client as bytes_redis_client
+from tests.support.sekmet_server import create as create_on
 from workers import pipeline
 
 pytestmark = pytest.mark.integration
@@ -47,11 +49,7 @@ def world(sekmet_server, redis_url, tmp_path):
     """An urgent patient on sekmet (breast cancer in remission, thoracic back pain) with a CareTeam."""
     store = AuditStore(f"sqlite:///{tmp_path}/audit.sqlite")
     with sekmet_server.client() as c:
-        def create(resource):
-            answer = c.post(f"/{resource['resourceType']}", json=resource)
-            assert answer.status_code == 201, answer.text
-            return answer.json()
-
+        create = partial(create_on, c)
         pid = create({"resourceType": "Patient", "identifier": [{"system": "urn:test", "value": uuid.uuid4().hex}]})["id"]
         cancer = create(condition(pid, "http://snomed.info/sct", "254837009", "Malignant neoplasm of breast", iso(800),
                                   status="remission"))
