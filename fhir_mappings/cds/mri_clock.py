@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 
 from fhir_mappings.cds.alerts import communication_base
-from fhir_mappings.cds.wording import DEADLINE
+from fhir_mappings.cds.wording import DEADLINE, PATIENT_DECLINED
 from fhir_mappings.clinical.evaluate import completed_mri, is_spine_mri
 from fhir_mappings.clinical.extract import read_record
 from fhir_mappings.clinical.terminology import Terminology, load_terminology
@@ -44,7 +44,6 @@ _OPEN_ORDER = {"active", "on-hold"}
 ESCALATION_PRIORITY = {"emergency": "stat", "urgent": "asap"}
 TIER_RANK = {"none": 0, "routine": 1, "urgent": 2, "emergency": 3}
 _SENT_FIELDS = {"escalated": ("escalated_at", "escalation"), "breached": ("breached_at", "breach")}
-DECLINED = "patient-declined"  # the card's override reason (OVERRIDE_REASONS) and the clock's close reason
 
 
 @dataclass(frozen=True)
@@ -206,7 +205,7 @@ def _floor(previous: Clock | None, tier: str) -> datetime | None:
     covers nothing."""
     if previous is None:
         return None
-    if previous.close_reason == DECLINED:
+    if previous.close_reason == PATIENT_DECLINED:
         return previous.closed_at if TIER_RANK[tier] <= TIER_RANK[previous.tier] else None
     return {"done": previous.done_at, "expired": previous.closed_at}.get(previous.close_reason or "")
 
@@ -252,8 +251,8 @@ def decline(clock: Clock | None, card_tier: str | None, card_served_at: datetime
     if clock is None or not clock.open or card_tier != clock.tier or card_served_at < clock.first_evidence_at:
         return clock, []
     at = min(declined_at, now)  # a client's clock ahead of ours does not close it in the future
-    clock = close(clock, DECLINED, at)
-    return clock, [Event("closed", clock, at, DECLINED)]
+    clock = close(clock, PATIENT_DECLINED, at)
+    return clock, [Event("closed", clock, at, PATIENT_DECLINED)]
 
 
 def watch(clock: Clock, facts: list[MriFact], now: datetime, settings: ClockSettings) -> tuple[Clock, list[Event]]:

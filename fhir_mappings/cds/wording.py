@@ -74,9 +74,10 @@ MRI_TEXT = {"emergency": "MRI whole spine without contrast",
             "urgent": "MRI whole spine without and with IV contrast",
             "routine": "MRI whole spine without and with IV contrast"}
 
+PATIENT_DECLINED = "patient-declined"  # also what closes the patient's MRI clock episode (mri_clock.py)
 OVERRIDE_REASONS = [
     {"code": "already-imaged", "system": OVERRIDE_SYSTEM, "display": "Already imaged elsewhere"},
-    {"code": "patient-declined", "system": OVERRIDE_SYSTEM, "display": "Patient declined"},
+    {"code": PATIENT_DECLINED, "system": OVERRIDE_SYSTEM, "display": "Patient declined"},
     {"code": "not-clinically-relevant", "system": OVERRIDE_SYSTEM, "display": "Not clinically relevant"},
     {"code": "mri-contraindicated", "system": OVERRIDE_SYSTEM, "display": "MRI contraindicated"},
 ]

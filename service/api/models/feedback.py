@@ -7,8 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from fhir_mappings.cds.mri_clock import DECLINED
-from fhir_mappings.cds.wording import OVERRIDE_SYSTEM
+from fhir_mappings.cds.wording import OVERRIDE_SYSTEM, PATIENT_DECLINED
 from service.api.models.base import Open
 
 
@@ -48,7 +47,7 @@ class Feedback(Open):
         """Overridden because the patient declined the MRI (the card's own override reason; a client
         that drops the Coding's system still means it)."""
         reason = self.overrideReason.reason if self.overrideReason else None
-        return (self.outcome == "overridden" and reason is not None and reason.code == DECLINED
+        return (self.outcome == "overridden" and reason is not None and reason.code == PATIENT_DECLINED
                 and reason.system in (OVERRIDE_SYSTEM, None))
 
     def audit_detail(self, service_id: str) -> dict[str, Any]:
