@@ -1,25 +1,24 @@
-"""Validation and extraction: the raw resources the sieve keeps, validated with the fhir.resources
-R4B models and read into `Clinical` facts (what, when, which resource, which code or quoted text);
+"""Validation and extraction: the raw resources the sieve keeps, validated with the reading models
+(the fhir.resources R4B models cut down to the elements the rules read: fhir_mappings/clinical/
+reading.py) and read into `Clinical` facts (what, when, which resource, which code or quoted text);
 `read_record` is the whole step for one patient's resources.
 
 `_clinical` is the only reader of the models (everything after it, rules, cards, the evidence view,
-the store and the audit, sees `Clinical`, `Evidence` and `Assessment`), so an element it never reads
-is removed from a copy of the raw JSON before validation when it is large: validating it was most of
-an evaluation's time. `warm_models` readies the models at process start-up.
+the store and the audit, sees `Clinical`, `Evidence` and `Assessment`): an element it reads must be
+on its class's reading model (reading.READ). `warm_models` readies the models at process start-up.
 """
 
 from __future__ import annotations
 
-import typing
 from decimal import Decimal
 
-from fhir_core.types import FhirBase
 from pydantic import ValidationError
 
 from fhir_mappings.fhir.bundle import attachments
 from fhir_mappings.fhir.notes import attachment_text
 from fhir_mappings.clinical.terminology import Terminology
-from fhir_mappings.clinical.facts import MODELS, NOTE_MAX_CHARS, NOTE_NEVER_COUNTS, Clinical, Record, latest, to_instant
+from fhir_mappings.clinical.facts import NOTE_MAX_CHARS, NOTE_NEVER_COUNTS, Clinical, Record, latest, to_instant
+from fhir_mappings.clinical.reading import READING_MODELS
 from fhir_mappings.clinical.sieve import is_relevant
 
 # Validation and extraction
@@ -55,8 +54,7 @@ def _number(value) -> float | None:
     return float(value) if isinstance(value, (int, float, Decimal)) and not isinstance(value, bool) else None
 
 
-def _clinical(model) -> Clinical:
-    rtype = model.get_resource_type()
+def _clinical(model, rtype: str) -> Clinical:
     version = model.meta.versionId if model.meta else None
     item = Clinical(rtype, model.id, version, None)
     if rtype == "Condition":
@@ -181,53 +179,6 @@ def _replaced_notes(resources: list[dict]) -> set[str]:
     return out
 
 
-def _without_note_data(raw: dict) -> dict:
-    """The resource to validate, without its notes' base64 (read once, from the raw JSON, by
-    notes.py: decoding it twice was a tenth of reading a Synthea record)."""
-    found = attachments(raw)
-    if not any("data" in a for a in found):
-        return raw
-    copy = dict(raw)
-    if raw.get("resourceType") == "DocumentReference":
-        copy["content"] = [{**c, "attachment": {k: v for k, v in c["attachment"].items() if k != "data"}}
-                           if isinstance(c, dict) and isinstance(c.get("attachment"), dict) else c
-                           for c in raw.get("content") or []]
-    else:
-        copy["presentedForm"] = [{k: v for k, v in a.items() if k != "data"} if isinstance(a, dict) else a
-                                 for a in raw.get("presentedForm") or []]
-    return copy
-
-
-# FHIR R4 Meta's elements (https://hl7.org/fhir/R4/resource.html#Meta), with their primitive
-# extensions (`_lastUpdated`). Servers add their own beside them: Medplum writes meta.author,
-# meta.project, meta.account and meta.compartment (https://www.medplum.com/docs/api/fhir/datatypes/meta).
-_R4_META = frozenset({"id", "extension", "versionId", "lastUpdated", "source", "profile", "security", "tag"})
-
-
-def _with_r4_meta(raw: dict) -> dict:
-    """The resource to validate with only R4's Meta elements. The models refuse any other element
-    ("extra inputs are not permitted"), so a server's own bookkeeping in `meta` would make every
-    one of its resources unreadable, and its patients never assessed above `none`; nothing reads
-    `meta` beyond versionId and lastUpdated."""
-    meta = raw.get("meta")
-    if not isinstance(meta, dict) or all(k.lstrip("_") in _R4_META for k in meta):
-        return raw
-    return {**raw, "meta": {k: v for k, v in meta.items() if k.lstrip("_") in _R4_META}}
-
-
-def _without_instances(raw: dict) -> dict:
-    """The ImagingStudy to validate without its series' DICOM instances (FHIR R4
-    ImagingStudy.series.instance: one entry per image, hundreds in one CT series). Nothing reads
-    them; they are 96% of the ImagingStudy JSON of the Synthea corpus, and validating them took
-    nine tenths of the evaluation time of a Synthea patient with 45 studies (bench/synthea.py)."""
-    series = raw.get("series")
-    if raw.get("resourceType") != "ImagingStudy" or not isinstance(series, list) or \
-            not any(isinstance(s, dict) and "instance" in s for s in series):
-        return raw
-    return {**raw, "series": [{k: v for k, v in s.items() if k != "instance"} if isinstance(s, dict) else s
-                              for s in series]}
-
-
 def _never_counts(raw: dict, replaced: set[str]) -> bool:
     if raw.get("resourceType") != "DocumentReference":
         return False
@@ -266,13 +217,13 @@ def read_record(resources: list[dict], term: Terminology, note_max_chars: int = 
     replaced = _replaced_notes(resources)
     for raw in resources:
         rtype = raw.get("resourceType")
-        if rtype not in MODELS or not is_relevant(raw, term):
+        if rtype not in READING_MODELS or not is_relevant(raw, term):
             continue
         if _never_counts(raw, replaced):
             continue  # entered in error, or superseded by a note in the record
         rid = raw.get("id")
         try:
-            model = MODELS[rtype].model_validate(_with_r4_meta(_without_instances(_without_note_data(raw))))
+            model = READING_MODELS[rtype].model_validate(raw)
         except ValidationError as exc:
             problems.append(describe_validation_error(rtype, rid if isinstance(rid, str) else None, exc))
             continue
@@ -281,7 +232,7 @@ def read_record(resources: list[dict], term: Terminology, note_max_chars: int = 
             if model.id:
                 patients.append(f"Patient/{model.id}")
             continue
-        item = _clinical(model)
+        item = _clinical(model, rtype)
         _read_attachments(item, raw, binaries, note_max_chars, problems)
         items.append(item)
     patient = patients[0] if len(set(patients)) == 1 else None
@@ -302,26 +253,10 @@ _MINIMAL = {
 }
 
 
-def _import_nested(model, found: set) -> None:
-    """Every model class `model` can hold, at any depth (Coding, Period, ImagingStudySeries...),
-    resolved: fhir.resources imports a nested class's module on its first use."""
-    for info in model.model_fields.values():
-        pending = [info.annotation]
-        while pending:
-            annotation = pending.pop()
-            pending.extend(typing.get_args(annotation))
-            if isinstance(annotation, type) and issubclass(annotation, FhirBase):
-                nested = annotation.get_model_klass()
-                if nested not in found:
-                    found.add(nested)
-                    _import_nested(nested, found)
-
-
 def warm_models() -> None:
-    """Ready every model the reading uses at process start-up (the worker's, the API's) rather than
-    in the first evaluation: each nested class imported, and one minimal instance of each resource
-    model validated. Raises if a model refuses its minimal instance."""
-    found: set = set()
-    for rtype, model in MODELS.items():
-        _import_nested(model, found)
+    """Ready the reading models at process start-up (the worker's, the API's) rather than in the
+    first evaluation: building them (fhir_mappings/clinical/reading.py, on import) imports every R4B
+    class they are cut from, and one minimal instance of each is validated here. Raises if a model
+    refuses its minimal instance."""
+    for rtype, model in READING_MODELS.items():
         model.model_validate({"resourceType": rtype, **_MINIMAL[rtype]})

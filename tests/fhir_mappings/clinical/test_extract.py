@@ -1,6 +1,8 @@
-"""Reading a record fast without reading it differently: the ImagingStudy series' DICOM instances are
-not validated (nothing reads them), the caller's resources are never changed, and warm_models()
-leaves nothing for an evaluation to import."""
+"""Reading a record fast without reading it differently: the reading models (the R4B models cut down
+to the elements the rules read) read every record of the repository and of the shared data exactly
+as the full fhir.resources R4B models do; what they no longer refuse is only what nothing reads (a
+study's DICOM instances, a server's own meta elements); the caller's resources are never changed;
+and after warm_models() an evaluation imports nothing."""
 
 from __future__ import annotations
 
@@ -12,11 +14,15 @@ import textwrap
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
+import pytest
+from pydantic import ValidationError
+
 from fhir_mappings.clinical import extract
 from fhir_mappings.clinical.evaluate import EvaluationSettings, assess
 from fhir_mappings.clinical.extract import read_record
+from fhir_mappings.clinical.facts import MODELS
 from fhir_mappings.clinical.terminology import load_terminology
-from fhir_mappings.fhir.bundle import read_path, split_by_patient
+from fhir_mappings.fhir.bundle import InputError, read_path, split_by_patient
 from tests.support.paths import ROOT
 
 NOW = datetime(2026, 6, 1, 12, tzinfo=timezone.utc)
@@ -51,26 +57,36 @@ def outcome(resources: list[dict], settings: EvaluationSettings) -> dict:
     return a.to_json() | {"seen": a.seen}
 
 
+class _FullModel:
+    """A full R4B model in a reading model's place: validates every element the resource has."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def model_validate(self, raw: dict):
+        return self.model.model_validate(raw)
+
+
 @contextmanager
-def instances_validated(monkeypatch):
-    """As before the strip: each study validated with its DICOM instances."""
+def full_r4b_models(monkeypatch):
+    """As before the reading models: each resource validated whole by its fhir.resources R4B model."""
     with monkeypatch.context() as m:
-        m.setattr(extract, "_without_instances", lambda raw: raw)
+        m.setattr(extract, "READING_MODELS", {rtype: _FullModel(model) for rtype, model in MODELS.items()})
         yield
 
 
-def unstripped(monkeypatch, resources: list[dict], settings: EvaluationSettings) -> dict:
-    with instances_validated(monkeypatch):
+def read_by_full_models(monkeypatch, resources: list[dict], settings: EvaluationSettings) -> dict:
+    with full_r4b_models(monkeypatch):
         return outcome(resources, settings)
 
 
-def assert_same_with_and_without_strip(monkeypatch, records: dict[str, list[dict]],
+def assert_read_as_the_full_models_read(monkeypatch, records: dict[str, list[dict]],
                                        settings: tuple[EvaluationSettings, ...] = SETTINGS) -> int:
     compared = 0
     for name, resources in records.items():
         for group in split_by_patient(resources).values():
             for each in settings:
-                assert outcome(group, each) == unstripped(monkeypatch, group, each), name
+                assert outcome(group, each) == read_by_full_models(monkeypatch, group, each), name
                 compared += 1
     return compared
 
@@ -79,7 +95,7 @@ def test_a_spine_mri_read_from_its_series_still_suppresses_with_its_instances_un
     record = [PATIENT, CANCER, BACK_PAIN, spine_mri([instance(n) for n in range(1, 4)])]
     result = outcome(record, SETTINGS[0])
     assert result["suppressed_by"] == ["ImagingStudy/mri"] and result["urgency"] == "none"
-    assert result == unstripped(monkeypatch, record, SETTINGS[0])
+    assert result == read_by_full_models(monkeypatch, record, SETTINGS[0])
 
 
 def test_the_callers_resources_are_never_changed():
@@ -94,41 +110,70 @@ def test_malformed_instances_no_longer_hide_the_study_they_are_in(monkeypatch):
     # the whole study unreadable; nothing reads the instances, so the study now counts.
     record = [PATIENT, CANCER, BACK_PAIN, spine_mri([{"number": 1}])]
     assert outcome(record, SETTINGS[0])["suppressed_by"] == ["ImagingStudy/mri"]
-    before = unstripped(monkeypatch, record, SETTINGS[0])
+    before = read_by_full_models(monkeypatch, record, SETTINGS[0])
     assert before["suppressed_by"] == [] and before["problems"][0].startswith("ImagingStudy/mri skipped")
 
 
-def test_the_repository_records_assess_the_same_without_the_strip(monkeypatch):
+def test_the_repository_records_assess_as_the_full_models_assess_them(monkeypatch):
     clinical = ROOT / "tests" / "fhir_mappings" / "clinical"
     paths = sorted(clinical.glob("rules/fixtures/**/*.json")) + sorted(clinical.glob("corpus/patients/*.json"))
     assert len(paths) > 400
     records = {str(p): read_path(p) for p in paths}
-    assert assert_same_with_and_without_strip(monkeypatch, records) >= 2 * len(paths)
+    assert assert_read_as_the_full_models_read(monkeypatch, records) >= 2 * len(paths)
 
 
-def test_the_shared_synthea_and_hl7_records_read_the_same_without_the_strip(monkeypatch, shared_data):
+def test_the_shared_synthea_and_hl7_records_read_as_the_full_models_read_them(monkeypatch, shared_data):
     # The same Record (every item's dates, statuses, codings, texts, body sites and modalities; the
     # problems; the versions seen) is the same assessment at any time and with any settings.
     synthea = sorted(glob.glob(str(shared_data / "synthea" / "**" / "*.json*"), recursive=True))
-    examples = sorted(glob.glob(str(shared_data / "hl7-r4-examples" / "ImagingStudy-*.json")))
-    assert len(synthea) > 150 and examples
+    examples = sorted(glob.glob(str(shared_data / "hl7-r4-examples" / "*.json")))
+    assert len(synthea) > 150 and len(examples) > 100
     compared = 0
     for path in synthea + examples:  # one at a time: the corpus is 300 MB of JSON
-        resources = read_path(path)
-        # The strip changes only ImagingStudies: a record without one is the same input either way.
-        if any(r["resourceType"] == "ImagingStudy" for r in resources):
-            with instances_validated(monkeypatch):
-                before = read_record(resources, load_terminology())
-            assert read_record(resources, load_terminology()) == before, path
-            compared += 1
-    assert compared > 20 + len(examples)
+        try:
+            resources = read_path(path)
+        except InputError:  # an example that is not a record (a Parameters, a bare Bundle entry ...)
+            continue
+        with full_r4b_models(monkeypatch):
+            before = read_record(resources, load_terminology())
+        assert read_record(resources, load_terminology()) == before, path
+        compared += 1
+    assert compared > 300
 
 
-def test_the_synthea_patient_with_45_studies_assesses_the_same_without_the_strip(monkeypatch, shared_data):
+def test_the_synthea_patient_with_45_studies_assesses_as_the_full_models_assess_it(monkeypatch, shared_data):
     path = shared_data / "synthea" / "samply__blaze__test-data_synthea" / "e5a8d3f4-4484-ebfd-7404-d9f02c9fe6a6.json.bz2"
     resources = read_path(path)
     assert sum(r["resourceType"] == "ImagingStudy" for r in resources) == 45
-    assert assert_same_with_and_without_strip(monkeypatch, {str(path): resources}) >= len(SETTINGS)
+    assert assert_read_as_the_full_models_read(monkeypatch, {str(path): resources}) >= len(SETTINGS)
+
+
+def test_a_resource_invalid_in_an_element_the_rules_read_is_still_refused_and_named():
+    bad_date = {**BACK_PAIN, "onsetDateTime": "2026-13-45"}
+    bad_code = {**CANCER, "verificationStatus": {"coding": [{"code": " confirmed "}]}}
+    no_status = {"resourceType": "Observation", "id": "o", "subject": {"reference": "Patient/p"},
+                 "code": {"text": "Back pain"}}
+    two_onsets = {**BACK_PAIN, "onsetPeriod": {"start": "2026-05-20"}}
+    for resource, where in ((bad_date, "Condition.onsetDateTime"), (bad_code, "Condition.verificationStatus.coding.0.code"),
+                            (no_status, "Observation: "), (two_onsets, "Condition: ")):
+        record = read_record([PATIENT, resource], load_terminology())
+        assert record.items == [], where
+        assert len(record.problems) == 1 and record.problems[0].startswith(
+            f"{resource['resourceType']}/{resource['id']} skipped: {where}"), record.problems
+        assert " confirmed " not in record.problems[0]  # the input value is never quoted
+
+
+def test_a_resource_invalid_only_in_elements_nothing_reads_is_read():
+    # Condition.category's code and an Observation's interpretation are not read by any rule: the
+    # full R4B models refused the whole resource, and with it the patient's cancer or red flag.
+    cancer = {**CANCER, "category": [{"coding": [{"system": SNOMED, "code": " not a code "}]}]}
+    with_r5_element = {**BACK_PAIN, "participant": [{"actor": {"reference": "Practitioner/x"}}]}
+    record = read_record([PATIENT, cancer, with_r5_element], load_terminology())
+    assert record.problems == []
+    assert [i.resource_id for i in record.items] == ["ca", "lbp"]
+    for resource in (cancer, with_r5_element):
+        with pytest.raises(ValidationError):
+            MODELS[resource["resourceType"]].model_validate(resource)
 
 
 def test_after_warm_models_an_evaluation_imports_no_model_module(shared_data):
@@ -160,8 +205,8 @@ def test_after_warm_models_an_evaluation_imports_no_model_module(shared_data):
                               text=True, check=True)
         return done.stdout.strip()
 
-    assert "fhir.resources.R4B.coding" in imported("cold")  # what warm_models is for
-    assert imported("warm") == ""
+    # Building the reading models (on import) imports every R4B class they are cut from.
+    assert imported("cold") == imported("warm") == ""
 
 
 
