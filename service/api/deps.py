@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 from collections.abc import Callable
 from typing import Annotated, NoReturn
 
@@ -15,6 +16,7 @@ import structlog
 from fastapi import Depends, Request
 
 from service.api import throttle
+from service.api.middleware import log_request_as
 from service.api.reviewer import SESSION_COOKIE, authorised, refuse
 from service.api.services import Services
 from service.core.errors import ServiceUnavailable, Unauthorized
@@ -104,7 +106,8 @@ async def verify_cds_client(request: Request, services: Services) -> CdsClient:
     except AuthError as exc:
         # The route template, not the raw path: the caller chose the path, and it may carry any text.
         route = getattr(request.scope.get("route"), "path", "/cds-services")
-        cds_log.warning("cds.auth_failed", reason=exc.reason, path=route, iss=exc.iss)
+        log_request_as(request, cds_log, "cds.auth_failed", level=logging.WARNING, reason=exc.reason, path=route,
+                       iss=exc.iss)
         throttle.refused(request, services.audit.event, "cds-hooks", exc.reason, actor=exc.iss or "unknown",
                          detail={"surface": "cds-hooks", "reason": exc.reason, "path": route})
         raise Unauthorized(exc.reason) from None  # the handler answers a bare 401: the reason stays here

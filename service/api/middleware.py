@@ -1,6 +1,6 @@
 """Request ids: every request gets one (a well-formed incoming X-Request-ID, or a new one), bound
-to the log context and returned on the response; one log line per request. And the CORS policy of
-the CDS Hooks routes."""
+to the log context and returned on the response; one log line per request, which a route may name
+(`log_request_as`). And the CORS policy of the CDS Hooks routes."""
 
 from __future__ import annotations
 
@@ -8,25 +8,50 @@ import logging
 import re
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import HTTPConnection
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")  # anything else could forge log lines
 _QUIET_PATHS = {"/healthz", "/readyz", "/metrics"}  # probes: DEBUG, not INFO
+# Where a route leaves its line: the request's ASGI scope, one dict per request that Starlette's
+# routing updates in place, so the route and this middleware see the same one.
+_REQUEST_LINE = "spinewatch.request_line"
 
 
 def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
+@dataclass(frozen=True, slots=True)
+class RequestLine:
+    """What a route says in its request's log line: whose line, which event, at what level, and
+    its fields. RequestIdMiddleware adds method, route, status and duration_ms."""
+
+    logger: Any
+    event: str
+    level: int
+    fields: dict[str, Any]
+
+
+def log_request_as(request: HTTPConnection, logger: Any, event: str, *, level: int = logging.INFO,
+                   **fields: Any) -> None:
+    """Make this request's one log line `event` from `logger`, with `fields`, instead of `http.request`.
+
+    Nothing is written here: RequestIdMiddleware writes the line when the response is done, with the
+    status actually sent (an exception handler's, too). A later call replaces an earlier one."""
+    request.scope[_REQUEST_LINE] = RequestLine(logger, event, level, fields)
+
+
 class RequestIdMiddleware:
     """ASGI middleware: take a well-formed incoming X-Request-ID or make one, bind it to the log
     context for the request, return it on the response, and log one line per request (route
-    template, never the query string)."""
+    template, never the query string): `http.request`, or the line its route named."""
 
     def __init__(self, app: Any):
         self.app = app
@@ -52,11 +77,19 @@ class RequestIdMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            route = getattr(scope.get("route"), "path", None) or scope.get("path", "")
-            level = logging.DEBUG if scope.get("path") in _QUIET_PATHS else logging.INFO
-            self.log.log(level, "http.request", method=scope.get("method"), route=route, status=status,
-                         duration_ms=round((time.perf_counter() - started) * 1000, 1))
+            self._log_line(scope, status, started)
             structlog.contextvars.reset_contextvars(**tokens)
+
+    def _log_line(self, scope: dict, status: int, started: float) -> None:
+        route = getattr(scope.get("route"), "path", None) or scope.get("path", "")
+        measured = dict(method=scope.get("method"), route=route, status=status,
+                        duration_ms=round((time.perf_counter() - started) * 1000, 1))
+        named: RequestLine | None = scope.get(_REQUEST_LINE)
+        if named is not None:  # the request's own keys last: the status is the one sent
+            named.logger.log(named.level, named.event, **(named.fields | measured))
+        else:
+            level = logging.DEBUG if scope.get("path") in _QUIET_PATHS else logging.INFO
+            self.log.log(level, "http.request", **measured)
 
 
 class CdsHooksCors:

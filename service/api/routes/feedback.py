@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.body import read_json, validate
 from service.api.deps import AuditDep, SettingsDep, VerifiedClient, WorkQueueDep
+from service.api.middleware import log_request_as
 from service.api.models.discovery import HOOKS_BY_SERVICE
 from service.api.models.feedback import FeedbackRequest
 from service.core.errors import NotFound
@@ -33,5 +34,5 @@ async def feedback(service_id: str, request: Request, client: VerifiedClient, se
             await run_in_threadpool(queue.send, TASK_MRI_DECLINED, (item.card, item.outcomeTimestamp.isoformat()))
     for item in items.feedback:
         audit.event("feedback", item.outcome, actor=client.iss, detail=item.audit_detail(service_id))
-    log.info("cds.feedback", service=service_id, items=len(items.feedback), status=200)
+    log_request_as(request, log, "cds.feedback", service=service_id, items=len(items.feedback))
     return Response(status_code=200)

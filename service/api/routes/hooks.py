@@ -1,6 +1,7 @@
 """POST /cds-services/{id}: a CDS Hooks 2.0 call (patient-view; order-select and order-sign), answered
 by service/usecases/hook.py. Logs carry ids, reasons and statuses only: never the body, the bearer
-JWT or the fhirAuthorization token."""
+JWT or the fhirAuthorization token. The call's one log line (`cds.hook`, `cds.hook_refused`) is
+written by RequestIdMiddleware, with the status sent and the request's duration."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from fastapi.responses import JSONResponse
 
 from service.api.body import read_json, validate
 from service.api.deps import verify_cds_client
+from service.api.middleware import log_request_as
 from service.api.models.discovery import HOOKS_BY_SERVICE
 from service.api.models.hooks import HookRequest
 from service.api.services import Services
@@ -40,11 +42,11 @@ async def call_service(service_id: str, request: Request) -> JSONResponse:
         hook, hook_instance = req.loggable()
         result = await answer(services.hooks, services.audit, req.call(service_id), iss=client.iss, now=now)
     except SpineWatchError as exc:
-        log.info("cds.hook_refused", service=service, hook=hook, hookInstance=hook_instance,
-                 status=exc.status_code, reason=exc.message)
+        log_request_as(request, log, "cds.hook_refused", service=service, hook=hook, hookInstance=hook_instance,
+                       reason=exc.message)
         raise
     tier = result.assessment.urgency if result.assessment else None
-    log.info("cds.hook", service=service_id, hook=req.hook, hookInstance=hook_instance, status=200,
-             cards=len(result.cards), tier=tier, source=result.source,
-             ms=round((time.perf_counter() - started) * 1000, 1))
+    log_request_as(request, log, "cds.hook", service=service_id, hook=req.hook, hookInstance=hook_instance,
+                   cards=len(result.cards), tier=tier, source=result.source,
+                   ms=round((time.perf_counter() - started) * 1000, 1))
     return JSONResponse({"cards": result.cards})

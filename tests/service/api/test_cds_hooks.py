@@ -3,6 +3,7 @@ assessments, audit and metrics. Every response is checked with `validate_cds_res
 
 from __future__ import annotations
 
+import io
 import json
 from datetime import datetime, timedelta, timezone
 
@@ -10,6 +11,7 @@ import pytest
 
 from fhir_mappings.clinical.evaluate import assess
 from service.api.routes import hooks as hook_routes
+from service.core.logging import configure_logging
 from tests.support.cds_hooks import (ORDER_IMAGING, ORDER_SELECT, ORDER_SIGN, PATIENT_VIEW, PREFETCH_TYPES,
                                      FakeStoredAssessments, hook_request, make_env, prefetch_for, record, reset_audit,
                                      validate_cds_response, validate_discovery)
@@ -152,6 +154,70 @@ def test_cards_are_audited_counted_and_logged_without_patient_data(env, caplog):
     for secret in ("secret-access-token-123", "leg weakness", "Malignant neoplasm", "Bearer "):
         assert secret not in logged
 
+
+
+# ---------------------------------------------------------------- one log line per request
+
+HOOK_ROUTE = "/cds-services/{service_id}"
+
+
+@pytest.fixture
+def request_lines(env):
+    """The app's JSON log lines go to a buffer; returns the lines of one response's request."""
+    buf = io.StringIO()
+    configure_logging(None, stream=buf)
+
+    def lines(response) -> list[dict]:
+        request_id = response.headers["X-Request-ID"]
+        return [line for line in map(json.loads, buf.getvalue().splitlines()) if line.get("request_id") == request_id]
+    yield lines
+    configure_logging(None)  # back to stderr at INFO for the tests that follow
+
+
+def test_a_patient_view_call_writes_one_line_with_the_hook_and_the_request(env, request_lines):
+    body = hook_request("patient-view", prefetch=prefetch_for(record("emergency")))
+    response = env.call(PATIENT_VIEW, body)
+    assert response.status_code == 200
+    [line] = request_lines(response)
+    assert {k: line.get(k) for k in ("event", "level", "logger", "service", "hook", "hookInstance", "status",
+                                     "cards", "tier", "source", "method", "route")} == {
+        "event": "cds.hook", "level": "info", "logger": "spinewatch.cds_hooks", "service": PATIENT_VIEW,
+        "hook": "patient-view", "hookInstance": body["hookInstance"], "status": 200, "cards": 1,
+        "tier": "emergency", "source": "prefetch", "method": "POST", "route": HOOK_ROUTE}
+    assert len(line["request_id"]) == 32
+    assert 0 <= line["ms"] <= line["duration_ms"]  # the answer's time within the whole request's
+
+
+@pytest.mark.parametrize("call, status, expected", [
+    (lambda env: env.call("no-such-service", hook_request("patient-view")), 404,
+     {"event": "cds.hook_refused", "service": "(unknown)", "hook": None, "hookInstance": None}),
+    (lambda env: env.call(PATIENT_VIEW, {"hook": "patient-view"}), 400,
+     {"event": "cds.hook_refused", "service": PATIENT_VIEW, "hook": None, "hookInstance": None}),
+    (lambda env: env.call(PATIENT_VIEW, hook_request("no-such-hook") | {"hookInstance": "free text"}), 400,
+     {"event": "cds.hook_refused", "service": PATIENT_VIEW, "hook": "(unknown)", "hookInstance": "(not an id)"}),
+    (lambda env: env.client.post(f"/cds-services/{PATIENT_VIEW}", json=hook_request("patient-view")), 401,
+     {"event": "cds.auth_failed", "level": "warning", "reason": "no-bearer", "path": HOOK_ROUTE}),
+])
+def test_a_refused_call_writes_one_line_with_the_real_status(env, request_lines, call, status, expected):
+    response = call(env)
+    assert response.status_code == status
+    [line] = request_lines(response)
+    assert {k: line.get(k) for k in expected} == expected
+    assert (line["status"], line["method"], line["route"]) == (status, "POST", HOOK_ROUTE)
+    assert line["duration_ms"] >= 0
+    if line["event"] == "cds.hook_refused":
+        assert line["level"] == "info" and line["reason"]
+
+
+def test_feedback_writes_one_line(env, request_lines):
+    [card] = validate_cds_response(patient_view(env, "emergency").json())
+    response = env.feedback(PATIENT_VIEW, {"feedback": [
+        {"card": card["uuid"], "outcome": "overridden", "outcomeTimestamp": "2026-01-05T10:06:00Z"}]})
+    assert response.status_code == 200
+    [line] = request_lines(response)
+    assert {k: line.get(k) for k in ("event", "service", "items", "status", "method", "route")} == {
+        "event": "cds.feedback", "service": PATIENT_VIEW, "items": 1, "status": 200, "method": "POST",
+        "route": "/cds-services/{service_id}/feedback"}
 
 # ---------------------------------------------------------------- robustness
 

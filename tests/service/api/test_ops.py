@@ -144,3 +144,21 @@ def test_access_log_line_has_request_id_and_route_but_no_query(app):
     assert access[-1]["route"] == "/healthz" and access[-1]["status"] == 200
     assert "Smith" not in buf.getvalue()
     configure_logging(None)  # back to stderr at INFO for the tests that follow
+
+
+def test_a_route_that_names_no_line_gets_one_http_request_line(app):
+    import io
+
+    from service.core.logging import configure_logging
+
+    buf = io.StringIO()
+    configure_logging(None, stream=buf)
+    with TestClient(app) as client:
+        response = client.get("/openapi.json", headers={"X-Request-ID": "rid-2"})
+    configure_logging(None)
+    assert response.status_code == 200
+    [line] = [line for line in map(json.loads, buf.getvalue().splitlines()) if line.get("request_id") == "rid-2"]
+    assert {k: v for k, v in line.items() if k not in ("timestamp", "duration_ms")} == {
+        "event": "http.request", "level": "info", "logger": "spinewatch.http", "request_id": "rid-2",
+        "method": "GET", "route": "/openapi.json", "status": 200}
+    assert line["duration_ms"] >= 0

@@ -3,11 +3,14 @@
 import io
 import json
 import logging
+import re
+import sys
 
 import pytest
 import structlog
 
-from service.core.logging import REDACTED, PatientDataGuard, SensitiveLogData, configure_logging, is_sensitive_key
+from service.core.logging import (REDACTED, PatientDataGuard, SensitiveLogData, configure_logging, holds_token,
+                                  is_sensitive_key)
 from workers.celery_app import connect_celery_signals
 
 JWT = "eyJhbGciOiJSUzM4NCJ9.eyJpc3MiOiJodHRwczovL2VociJ9.c2lnbmF0dXJlLWJ5dGVz"
@@ -67,9 +70,43 @@ def test_tokens_are_scrubbed_from_any_string_even_the_message():
     assert set(out["redacted"]) == {"event", "why"}
 
 
+def test_a_jwt_and_a_bearer_token_in_one_value_are_both_redacted():
+    out = guard(why=f"got {JWT} and then BeArEr abc.def-123~ too")
+    assert out["why"] == f"got {REDACTED} and then {REDACTED} too"
+    assert out["redacted"] == ["why"]
+
+
+def test_a_jwt_running_into_a_bearer_token_leaves_nothing_of_either():
+    # The bearer token is replaced first, then what is left of the JWT: "xyz" must not survive.
+    assert guard(why="eyJab.cd.bearer xyz")["why"] == REDACTED + REDACTED
+
+
+def test_tokens_and_secret_keys_are_found_in_any_value_type():
+    out = guard(count=3, flags=["ok", f"Bearer {JWT}"], detail={"why": JWT, "n": 1}, password=42, api_key=None)
+    assert out["count"] == 3 and out["flags"] == ["ok", REDACTED] and out["detail"] == {"why": REDACTED, "n": 1}
+    assert out["password"] == REDACTED and out["api_key"] == REDACTED
+    assert out["redacted"] == ["api_key", "detail.why", "flags[1]", "password"]
+
+
+@pytest.mark.parametrize("text, holds", [
+    (JWT, True), (f"x{JWT}y", True), ("Bearer abc", True), ("BEARER\tabc", True), ("bEaReR\u00a0abc", True),
+    ("token: bearer abc", True), ("xbearer abc", False), ("Bearer", False), ("eyJab.c", False),
+    ("Patient/123", False), ("d1577c69-dfbe-44ad-ba6d-3e05e953b2ea", False), ("", False)])
+def test_holds_token(text, holds):
+    assert holds_token(text) is holds
+
+
+def test_the_substring_test_before_the_bearer_search_misses_nothing():
+    """holds_token looks for "bearer" in the lower-cased text before the case-insensitive search:
+    sound only while no character but the ASCII ones matches b, e, a or r under re.IGNORECASE."""
+    letters = re.compile("(?i)[aber]")
+    assert sorted(c for c in map(chr, range(sys.maxunicode + 1)) if letters.fullmatch(c)) == list("ABERaber")
+
+
 def test_clean_events_are_left_alone():
     event = {"event": "evaluation.done", "patient": "Patient/1", "tier": "urgent", "flags": ["nocturnal-pain"]}
     assert PatientDataGuard()(None, "info", dict(event)) == event
+    assert PatientDataGuard()(None, "info", event) is event  # nothing found: not copied
 
 
 def test_strict_guard_refuses():
