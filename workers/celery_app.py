@@ -88,9 +88,12 @@ def _warm_up(**_: Any) -> None:
     """Compile the clinical vocabulary once, in the worker's main process before the pool forks
     (worker_init): the pool processes inherit it, and each is up at once rather than seconds later
     (a pool process that is not up within worker_proc_alive_timeout, 4 s, is killed and replaced).
-    The FHIR models too: their first evaluation would otherwise import their nested classes."""
+    The FHIR models too: their first evaluation would otherwise import their nested classes.
+    Then frozen out of the collector's sight: full collections stop rescanning them, and the forked
+    pool processes stop copying the pages a collection would touch (https://docs.python.org/3/library/gc.html#gc.freeze)."""
     load_terminology()
     warm_models()
+    gc.freeze()
 
 
 def check_redis_durability(settings: Settings) -> str | None:

