@@ -155,7 +155,6 @@ def test_cards_are_audited_counted_and_logged_without_patient_data(env, caplog):
         assert secret not in logged
 
 
-
 # ---------------------------------------------------------------- one log line per request
 
 HOOK_ROUTE = "/cds-services/{service_id}"
