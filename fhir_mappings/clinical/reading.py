@@ -103,6 +103,7 @@ def _complex_class(annotation) -> type | None:
 
 
 def _is_list(annotation) -> bool:
+    """Whether an element's annotation is a list (0..* or 1..*), looking through Optional."""
     pending = [annotation]
     while pending:
         candidate = pending.pop()
