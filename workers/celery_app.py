@@ -18,6 +18,7 @@ process without that signal (the solo pool, a task applied in-process) makes the
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import structlog

@@ -407,3 +407,14 @@ def test_without_events_operation_a_gap_is_recovered_by_last_updated(stack):
     assert wait_for(lambda: stored(stack, missed), what="the missed patient evaluated")["urgency"] == "urgent"
     assert fhir.count(f"GET Subscription/{sid}/$events") == 1  # 404: the stub has no $events for it
     assert fhir.count("GET Condition") >= 1
+
+
+def test_the_worker_start_up_warms_the_models_and_freezes_what_it_built():
+    """worker_init's handler: an error there is only logged by Celery, and the pool forks without it."""
+    import gc
+
+    from workers import celery_app
+
+    gc.unfreeze()
+    celery_app._warm_up()
+    assert gc.get_freeze_count() > 0

@@ -162,3 +162,12 @@ def test_a_route_that_names_no_line_gets_one_http_request_line(app):
         "event": "http.request", "level": "info", "logger": "spinewatch.http", "request_id": "rid-2",
         "method": "GET", "route": "/openapi.json", "status": 200}
     assert line["duration_ms"] >= 0
+
+
+def test_start_up_freezes_what_it_built_out_of_the_collectors_sight(app):
+    import gc
+
+    gc.unfreeze()  # an earlier test's app may have frozen this process already
+    assert gc.get_freeze_count() == 0
+    with TestClient(app):
+        assert gc.get_freeze_count() > 0
