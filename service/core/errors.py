@@ -26,6 +26,7 @@
         ├── SessionStoreUnavailable      the shared store of signed-out reviewer sessions   transient
         ├── EvidenceStoreUnavailable     the full-evidence page store                      transient
         ├── TerminologyUnavailable       the optional terminology server (never required)  transient
+        │   └── TerminologyRefused       it refused our credentials (401/403): set up wrong   not transient
         ├── AuditKeyError                the audit log is keyed with another key (or none): nothing appended
         └── AlertError                   a care-team alert could not be delivered
             ├── AlertRetry                                                                  transient
@@ -127,6 +128,12 @@ class EvidenceStoreUnavailable(DependencyError):
 class TerminologyUnavailable(DependencyError):
     """The terminology server could not be consulted; the message says why, without codes or patient data."""
     transient = True
+
+
+class TerminologyRefused(TerminologyUnavailable):
+    """The terminology server refused our credentials (401/403): SpineWatch is set up wrong for it,
+    and no retry fixes that (service/infra/config_problems.py)."""
+    transient = False
 
 
 class AuditKeyError(DependencyError):

@@ -24,7 +24,7 @@ SUBSCRIPTIONS = Gauge("spinewatch_subscriptions", "Watched Subscriptions by last
                       multiprocess_mode="mostrecent")
 CONFIGURATION_PROBLEMS = Counter("spinewatch_configuration_problems_total", "Failures no retry can fix: SpineWatch "
                                  "is set up wrong for a server it calls (service/infra/config_problems.py)",
-                                 ["kind"])  # kind: fhir-scope|fhir-auth
+                                 ["kind"])  # kind: fhir-scope|fhir-auth|terminology-auth
 
 
 def exposition_registry():

@@ -5,11 +5,16 @@ it calls. Kinds:
                  insufficient_scope); the problem names the interaction and the SMART scope it needed
     fhir-auth    any other FHIRAuthError: the token endpoint refused us (invalid_client,
                  invalid_scope, ...), or the server refused a freshly issued token
+    terminology-auth  the terminology server (SPINEWATCH_TERMINOLOGY_URL) refused our credentials
+                 (401/403): the evaluation goes on with the local value sets alone, so SNOMED CT
+                 codes they do not know (a cancer among them) go unresolved until it is fixed
 
 The task layer records each one that ends a task (workers/tasks.py on_failure): logged, counted
 (spinewatch_configuration_problems_total{kind}) and kept in Redis as the last one (KEY, for
 PROBLEM_TTL_SECONDS: a problem that persists is recorded again at each failure, one that was fixed
 fades within a day), so every process can show it: /readyz in the API, `spinewatch check-config`.
+Those that do not end the task (a note's Binary our scopes do not allow, a terminology server that
+refuses us) are recorded by the evaluation, which goes on without them (workers/pipeline/evaluate.py).
 Messages name interactions, statuses and scopes; never a token, an id or patient data.
 """
 
@@ -49,6 +54,12 @@ def find(exc: BaseException) -> Problem | None:
             return Problem("fhir-auth", seen.message)
         seen = seen.__cause__
     return None
+
+
+def terminology_refused(detail: str | None) -> Problem:
+    """The problem of a terminology server that refused our credentials; `detail` says how."""
+    return Problem("terminology-auth", f"{detail or 'the terminology server refused our credentials'}; it "
+                   "shares the FHIR client's SMART token only when it is on the FHIR server's origin")
 
 
 def record(redis_client, problem: Problem, *, task: str) -> None:

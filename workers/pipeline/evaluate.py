@@ -55,6 +55,9 @@ def evaluate_patient(c: Collaborators, patient: str, focus: list[str], trigger: 
     if refusals:  # one record per evaluation: /readyz, check-config and the metric then say what to grant
         config_problems.record(c.queue.redis, config_problems.find(refusals[0]), task="spinewatch.evaluate_patient")
     consulted = consult_sync(c.terminology, resources)  # bounded; on failure the local sets alone
+    if consulted.refused:  # codes the local sets do not know go unresolved until it is set up right
+        config_problems.record(c.queue.redis, config_problems.terminology_refused(consulted.problem),
+                               task="spinewatch.evaluate_patient")
     assessment = assess(resources, now, evaluation_settings(c.settings), terminology=consulted.terminology)
     consulted.note(assessment)
     assessment.problems += unread

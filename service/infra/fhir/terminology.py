@@ -37,7 +37,7 @@ import httpx
 import structlog
 
 from fhir_mappings.clinical.terminology import SNOMED, Terminology, load_terminology
-from service.core.errors import TerminologyUnavailable
+from service.core.errors import TerminologyRefused, TerminologyUnavailable
 from service.infra.fhir.auth import Auth, auth_from_settings
 from service.infra.fhir.base import FHIR_JSON, USER_AGENT, origin, tls_context
 from service.infra.fhir.terminology_roots import Roots, load_roots, questions, record_codes
@@ -96,6 +96,7 @@ class Consultation:
     added: int = 0  # codes the server placed in a concept
     asked: int = 0  # requests made for this evaluation
     roots_version: str | None = None
+    refused: bool = False  # not consulted because it refused our credentials: a configuration problem
 
     def note(self, assessment) -> None:
         """Record it on the assessment: the problems line, and the roots' version when they counted."""
@@ -154,6 +155,8 @@ class TerminologyServer:
                     answers |= await self._ask_all(unknown)
         except TimeoutError:
             return self._not_consulted(f"no answer within {self.budget:g} s", started)
+        except TerminologyRefused as exc:
+            return self._not_consulted(str(exc), started, refused=True)
         except TerminologyUnavailable as exc:
             return self._not_consulted(str(exc), started)
         except Exception as exc:  # never a single point of failure
@@ -197,9 +200,10 @@ class TerminologyServer:
             # close(), not asyncio.run(): it does not wait for a token fetch still running in a thread.
             loop.close()
 
-    def _not_consulted(self, reason: str, started: float) -> Consultation:
+    def _not_consulted(self, reason: str, started: float, refused: bool = False) -> Consultation:
         log.warning("terminology.not_consulted", reason=reason, ms=round((time.monotonic() - started) * 1000, 1))
-        return Consultation(problem=f"terminology server not consulted ({reason}): the local value sets decided alone")
+        return Consultation(problem=f"terminology server not consulted ({reason}): the local value sets decided alone",
+                            refused=refused)
 
     # -- HTTP --
 
@@ -235,7 +239,7 @@ class TerminologyServer:
             auth = self._resolved_auth()
             if auth is not None:
                 auth.invalidate()  # the next evaluation fetches a new token
-            raise TerminologyUnavailable(f"HTTP {r.status_code} (not authorised)")
+            raise TerminologyRefused(f"HTTP {r.status_code} (not authorised)")
         if r.status_code != 200:
             raise TerminologyUnavailable(f"HTTP {r.status_code}")
         try:

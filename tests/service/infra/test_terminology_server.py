@@ -11,13 +11,16 @@ from datetime import datetime, timedelta, timezone
 
 import httpx
 import pytest
+import redis
 import respx
+from prometheus_client import REGISTRY
 
 from fhir_mappings.clinical.evaluate import assess
 from fhir_mappings.clinical.schema import TerminologyRootsFile, load
 from fhir_mappings.clinical.terminology import SNOMED, load_terminology
 from service.infra.fhir.sync import FHIRClient
 from service.core.settings import Settings
+from service.infra import config_problems
 from service.infra.fhir.terminology import LOCAL, AnswerCache, TerminologyServer, consult_sync
 from service.infra.fhir.terminology_roots import ROOTS_PATH, load_roots, questions, record_codes
 from tests.support.cds_hooks import PATIENT_VIEW, hook_request, make_env, prefetch_for, reset_audit, validate_cds_response
@@ -85,6 +88,9 @@ def tx(**kw) -> TerminologyServer:
 
 
 class _Queue:
+    def __init__(self, redis_client=None):
+        self.redis = redis_client  # where a configuration problem is kept (none expected: None)
+
     def take_pending(self, patient):
         return []
 
@@ -122,7 +128,7 @@ def worker(monkeypatch, tmp_path, mock):
     settings = Settings(environment="test", fhir_base_url=EHR, audit_db_url=f"sqlite:///{tmp_path}/a.sqlite")
     fhir = FHIRClient(EHR)
 
-    def evaluate(resources: list[dict], terminology: TerminologyServer | None):
+    def evaluate(resources: list[dict], terminology: TerminologyServer | None, queue: _Queue | None = None):
         by_type: dict[str, list[dict]] = {}
         for r in resources:
             by_type.setdefault(r["resourceType"], []).append(r)
@@ -130,7 +136,7 @@ def worker(monkeypatch, tmp_path, mock):
         mock.get(host="ehr.test", path__regex=r"^/fhir/[A-Za-z]+$").mock(side_effect=lambda request: httpx.Response(
             200, json={"resourceType": "Bundle", "type": "searchset",
                        "entry": [{"resource": r} for r in by_type.get(request.url.path.rsplit("/", 1)[1], [])]}))
-        d = pipeline.Collaborators(settings, fhir, _Queue(), _Store(), _Audit(), _NoAlertsSent(), terminology)
+        d = pipeline.Collaborators(settings, fhir, queue or _Queue(), _Store(), _Audit(), _NoAlertsSent(), terminology)
         return pipeline.evaluate_patient(d, "Patient/p1", [], {"kind": "test"}, NOW)
 
     yield evaluate
@@ -201,6 +207,26 @@ def test_failure_leaves_the_local_decision_with_one_problem_within_the_bound(wor
     [problem] = assessment.problems
     assert problem.startswith("terminology server not consulted") and "local value sets decided alone" in problem
     assert UNKNOWN_OTHER not in problem and "terminology-roots" not in assessment.rule_versions
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_server_refusing_our_credentials_is_a_configuration_problem(worker, mock, redis_url, status):
+    """Set up wrong, not down: the local decision stands as for any failure, and the refusal is also
+    recorded where /readyz and `spinewatch check-config` show it (the codes it would resolve, a
+    cancer among them, go unresolved until it is fixed)."""
+    server(mock, status=status, body={"resourceType": "OperationOutcome", "issue": []})
+    client = redis.Redis.from_url(redis_url)
+    counted = REGISTRY.get_sample_value("spinewatch_configuration_problems_total", {"kind": "terminology-auth"}) or 0
+    resources = record("254837009", condition("other", SNOMED, UNKNOWN_OTHER))
+    assessment = worker(resources, tx(), queue=_Queue(client))
+    assert assessment.urgency == assess(resources, NOW).urgency == "routine"
+    [problem] = assessment.problems
+    assert f"HTTP {status} (not authorised)" in problem
+    recorded = config_problems.last(client)
+    assert (recorded["kind"], recorded["task"]) == ("terminology-auth", "spinewatch.evaluate_patient")
+    assert f"HTTP {status} (not authorised)" in recorded["message"] and UNKNOWN_OTHER not in recorded["message"]
+    assert REGISTRY.get_sample_value("spinewatch_configuration_problems_total", {"kind": "terminology-auth"}) == counted + 1
+    client.close()
 
 
 def test_a_failure_half_way_uses_no_answer_now_and_keeps_them_for_next_time(worker, mock):
