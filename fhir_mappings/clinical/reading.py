@@ -68,10 +68,16 @@ READ: dict[str, frozenset[str]] = {name: frozenset(fields) for name, fields in {
 
 
 class ReadingModel(BaseModel):
-    """Base of the reading models: unread elements ignored; the raw-JSON rules checked first."""
+    """Base of the reading models: unread elements ignored."""
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
-    # Filled in per class by `_reading_model`: the R4B class's required primitives and choice groups.
+
+
+class CheckedReadingModel(ReadingModel):
+    """Base of the reading models whose R4B class has required primitives or choice groups: those
+    rules checked on the raw JSON first. The others (Coding, Period ...) skip this Python call."""
+
+    # Filled in per class by `_reading_model`.
     _required_primitives: typing.ClassVar[tuple[str, ...]] = ()
     _choice_groups: typing.ClassVar[tuple[tuple[str, tuple[str, ...]], ...]] = ()
 
@@ -91,26 +97,17 @@ class ReadingModel(BaseModel):
         return data
 
 
-def _complex_class(annotation) -> type | None:
-    """The R4B class of a complex element's annotation (X, X | None, list[X]), or None for a primitive."""
-    pending = [annotation]
+def _element_type(annotation) -> tuple[type | None, bool]:
+    """(the R4B class of a complex element, or None for a primitive; whether it repeats), looking
+    through Optional and List: X, X | None, list[X], list[X] | None."""
+    pending, repeats = [annotation], False
     while pending:
         candidate = pending.pop()
         if isinstance(candidate, type) and issubclass(candidate, FhirBase):
-            return candidate.get_model_klass()
+            return candidate.get_model_klass(), repeats
+        repeats = repeats or typing.get_origin(candidate) in (list, typing.List)
         pending.extend(typing.get_args(candidate))
-    return None
-
-
-def _is_list(annotation) -> bool:
-    """Whether an element's annotation is a list (0..* or 1..*), looking through Optional."""
-    pending = [annotation]
-    while pending:
-        candidate = pending.pop()
-        if typing.get_origin(candidate) in (list, typing.List):
-            return True
-        pending.extend(a for a in typing.get_args(candidate) if not isinstance(a, type) or not issubclass(a, FhirBase))
-    return False
+    return None, repeats
 
 
 _BUILT: dict[type, type[ReadingModel]] = {}
@@ -126,7 +123,7 @@ def _reading_model(r4b: type) -> type[ReadingModel]:
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
         if "one_of_many" in extra:
             choices.setdefault(extra["one_of_many"], []).append(info.alias or name)
-        nested = _complex_class(info.annotation)
+        nested, repeats = _element_type(info.annotation)
         required = info.is_required() or extra.get("element_required", False)
         if nested is None and extra.get("element_required", False):
             required_primitives.append(info.alias or name)
@@ -136,12 +133,14 @@ def _reading_model(r4b: type) -> type[ReadingModel]:
             fields[name] = (info.annotation, Field(None, alias=info.alias))
             continue
         model = _reading_model(nested)
-        annotation = list[model] if _is_list(info.annotation) else model
+        annotation = list[model] if repeats else model
         fields[name] = ((annotation, Field(alias=info.alias)) if info.is_required()
                         else (annotation | None, Field(None, alias=info.alias)))
-    model = create_model(f"Reading{r4b.__name__}", __base__=ReadingModel, **fields)
-    model._required_primitives = tuple(required_primitives)
-    model._choice_groups = tuple((prefix, tuple(aliases)) for prefix, aliases in choices.items() if len(aliases) > 1)
+    choice_groups = tuple((prefix, tuple(aliases)) for prefix, aliases in choices.items() if len(aliases) > 1)
+    checked = bool(required_primitives or choice_groups)
+    model = create_model(f"Reading{r4b.__name__}", __base__=CheckedReadingModel if checked else ReadingModel, **fields)
+    if checked:
+        model._required_primitives, model._choice_groups = tuple(required_primitives), choice_groups
     _BUILT[r4b] = model
     return model
 

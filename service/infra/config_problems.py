@@ -56,10 +56,10 @@ def find(exc: BaseException) -> Problem | None:
     return None
 
 
-def terminology_refused(detail: str | None) -> Problem:
+def terminology_refused(detail: str) -> Problem:
     """The problem of a terminology server that refused our credentials; `detail` says how."""
-    return Problem("terminology-auth", f"{detail or 'the terminology server refused our credentials'}; it "
-                   "shares the FHIR client's SMART token only when it is on the FHIR server's origin")
+    return Problem("terminology-auth", f"{detail}; it shares the FHIR client's SMART token only when it is on "
+                   "the FHIR server's origin")
 
 
 def record(redis_client, problem: Problem, *, task: str) -> None:
